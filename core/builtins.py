@@ -1,0 +1,107 @@
+"""Components that ship with core: the CPU device, the transformers rollout engine and the
+``accuracy`` router reward. Registered by the plugin host like any plugin (as ``vlmr1``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.hookspecs import hookimpl
+from core.interfaces import Device, Reward, RewardBatch, RewardContext
+
+
+class CPUDevice(Device):
+    """The CPU, always available; ``gloo`` for multi-process runs."""
+
+    name = "cpu"
+    description = "CPU (always available; gloo for multi-process)"
+    priority = 0
+    distributed_backend = "gloo"
+
+    def supported_dtypes(self) -> list[str]:
+        """bfloat16 works on CPU but is slow; float32 is the default."""
+        return ["float32", "bfloat16"]
+
+    def memory_stats(self) -> dict[str, float]:
+        """Resident set size of this process."""
+        try:
+            import psutil
+
+            return {"rss_gib": psutil.Process().memory_info().rss / 2**30}
+        except ImportError:  # psutil is optional
+            return {}
+
+
+class AccuracyRouter(Reward):
+    """Routes each sample to the reward registered for its ``accu_reward_method``.
+
+    VLM-R1 JSONL rows name an accuracy method per row (``iou``, ``map``, ``math``, ``mcq``
+    ...). Every installed reward lists the methods it answers for in ``Reward.methods``;
+    this router dispatches each row there, so mixed datasets train with one config entry.
+    Rows without a method use ``default_method``. A method no installed reward serves is
+    an error naming it and the methods that exist.
+    """
+
+    name = "accuracy"
+    description = "dispatch each row to the reward serving its accu_reward_method"
+
+    class Options(BaseModel):
+        """``routes`` overrides method -> reward name; ``default_method`` serves rows without one."""
+
+        model_config = ConfigDict(extra="forbid")
+        default_method: str = "default"
+        routes: dict[str, str] = Field(default_factory=dict)
+        reward_options: dict[str, dict] = Field(default_factory=dict, description="options per reward name")
+
+    thread_safe: ClassVar[bool] = True
+
+    def setup(self, ctx: RewardContext) -> None:
+        """Build the method -> reward table from the registry."""
+        self._table: dict[str, Reward] = {}
+        built: dict[str, Reward] = {}
+        if ctx.registry is None:
+            return
+        methods: dict[str, str] = {}
+        for entry in ctx.registry.entries("rewards"):
+            for m in getattr(entry.cls, "methods", ()):
+                methods.setdefault(m, entry.name)
+        methods.update(self.options.routes)
+        for method, rname in methods.items():
+            if rname not in built:
+                built[rname] = ctx.registry.create("rewards", rname, self.options.reward_options.get(rname))
+                built[rname].setup(ctx)
+            self._table[method] = built[rname]
+
+    def score(self, batch: RewardBatch) -> list[float | None]:
+        """Score each item with the reward its method routes to."""
+        out: list[float | None] = [None] * len(batch)
+        by_reward: dict[int, tuple[Reward, list[int]]] = {}
+        for i, item in enumerate(batch):
+            method = item.reward_method or self.options.default_method
+            reward = self._table.get(method)
+            if reward is None:
+                raise KeyError(f"no installed reward serves accu_reward_method {method!r}; "
+                               f"known methods: {', '.join(sorted(self._table)) or '(none)'}")
+            by_reward.setdefault(id(reward), (reward, []))[1].append(i)
+        for reward, idx in by_reward.values():
+            scores = reward.score(RewardBatch([batch.items[i] for i in idx]))
+            for i, s in zip(idx, scores, strict=True):
+                out[i] = s
+        return out
+
+
+@hookimpl
+def vlmr1_register_devices(register) -> None:
+    """CPU device and the transformers ``generate`` rollout engine."""
+    from core.grpo.rollout import TransformersRollout
+
+    register(CPUDevice)
+    register(TransformersRollout)
+
+
+@hookimpl
+def vlmr1_register_rewards(register) -> None:
+    """The ``accuracy`` router."""
+    register(AccuracyRouter)

@@ -1,0 +1,112 @@
+"""The built-in rollout engine: transformers ``generate`` on the live policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.interfaces import Completion, PromptInput, RolloutEngine, SamplingParams
+
+
+def split_completions(seqs: Any, eos_ids: set[int], pad_id: int | None) -> list[tuple[list[int], bool]]:
+    """Cut each generated row after its first EOS; return ``(ids, truncated)`` per row.
+
+    The EOS token is kept (the policy must learn to stop). A row with no EOS is truncated;
+    its padding, if any, is removed.
+    """
+    out = []
+    for row in seqs.tolist():
+        ids: list[int] = []
+        truncated = True
+        for tok in row:
+            ids.append(tok)
+            if tok in eos_ids:
+                truncated = False
+                break
+        if truncated and pad_id is not None and pad_id not in eos_ids:
+            while ids and ids[-1] == pad_id:
+                ids.pop()
+        out.append((ids, truncated))
+    return out
+
+
+def eos_token_ids(model: Any, processor: Any) -> set[int]:
+    """All EOS ids: the generation config's (may be a list) and the tokenizer's."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    tok = getattr(processor, "tokenizer", processor)
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return ids
+
+
+class TransformersRollout(RolloutEngine):
+    """Samples with ``model.generate``; prompts are batched ``prompt_batch_size`` at a time.
+
+    Each prompt is encoded once and expanded to ``n`` rows by ``num_return_sequences``.
+    """
+
+    name = "transformers"
+    description = "transformers generate on the policy (built in)"
+
+    class Options(BaseModel):
+        """``prompt_batch_size`` bounds memory: prompts per generate call (x n rows)."""
+
+        model_config = ConfigDict(extra="forbid")
+        prompt_batch_size: int = Field(64, ge=1)
+
+    def generate(self, prompts: list[PromptInput], sampling: SamplingParams) -> list[list[Completion]]:
+        """``sampling.n`` completions per prompt."""
+        import torch
+
+        ctx = self.ctx
+        model, processor, family = ctx.model, ctx.processor, ctx.family
+        tok = getattr(processor, "tokenizer", processor)
+        eos = eos_token_ids(model, processor)
+        results: list[list[Completion]] = []
+        bs = self.options.prompt_batch_size
+        for start in range(0, len(prompts), bs):
+            chunk = prompts[start:start + bs]
+            inputs = family.process(processor, [p.text for p in chunk], [p.images for p in chunk])
+            inputs = inputs.to(ctx.device)
+            gen_kwargs: dict[str, Any] = dict(
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=sampling.do_sample,
+                num_return_sequences=sampling.n,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=sorted(eos),
+                repetition_penalty=sampling.repetition_penalty,
+            )
+            if sampling.do_sample:
+                gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
+                                  top_k=sampling.top_k if sampling.top_k else 0)
+            else:
+                gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+            if ctx.suppressed_token_ids:
+                gen_kwargs["suppress_tokens"] = ctx.suppressed_token_ids
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                out = _unwrap(model).generate(**inputs, **gen_kwargs)
+            if was_training:
+                model.train()
+            gen = out[:, inputs["input_ids"].shape[1]:]
+            rows = split_completions(gen, eos, tok.pad_token_id)
+            texts = tok.batch_decode([r[0] for r in rows], skip_special_tokens=True)
+            for p in range(len(chunk)):
+                group = []
+                for j in range(sampling.n):
+                    ids, trunc = rows[p * sampling.n + j]
+                    group.append(Completion(ids=ids, text=texts[p * sampling.n + j], truncated=trunc))
+                results.append(group)
+        return results
+
+
+def _unwrap(model: Any) -> Any:
+    """The underlying model of a DDP/accelerate wrapper (generate lives there)."""
+    return getattr(model, "module", model)

@@ -1,0 +1,51 @@
+"""pluggy hook specifications for vlmr1 plugins.
+
+Registration hooks only, one per kind (the style of simonw/llm and hatch): each receives a
+``register`` callable and hands it component *classes*. Behaviour lives in those classes;
+the engine calls them directly and never a hook inside the training loop.
+
+A plugin module looks like::
+
+    from core.hookspecs import hookimpl
+
+    @hookimpl
+    def vlmr1_register_rewards(register):
+        register(MyReward)
+
+Hook modules must import nothing heavy (torch_npu, vllm, openai ...) at import time; import
+such libraries inside the component's methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+PROJECT = "vlmr1"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+#: Decorator for plugin hook implementations.
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[[type], None]
+
+
+@hookspec
+def vlmr1_register_models(register: Register) -> None:
+    """Register :class:`core.interfaces.ModelFamily` subclasses."""
+
+
+@hookspec
+def vlmr1_register_rewards(register: Register) -> None:
+    """Register :class:`core.interfaces.Reward` subclasses."""
+
+
+@hookspec
+def vlmr1_register_tasks(register: Register) -> None:
+    """Register :class:`core.interfaces.TaskFormat` subclasses."""
+
+
+@hookspec
+def vlmr1_register_devices(register: Register) -> None:
+    """Register :class:`core.interfaces.Device` and :class:`core.interfaces.RolloutEngine` subclasses."""

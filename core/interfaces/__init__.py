@@ -1,0 +1,37 @@
+"""The abstract interfaces plugins implement. Import them from here."""
+
+from core.interfaces.base import Component, NoOptions
+from core.interfaces.device import Device
+from core.interfaces.model import BoxConvention, ModelFamily
+from core.interfaces.reward import (
+    BoxTransform,
+    Reward,
+    RewardBatch,
+    RewardContext,
+    RewardItem,
+    identity_box_transform,
+)
+from core.interfaces.rollout import Completion, PromptInput, RolloutContext, RolloutEngine, SamplingParams
+from core.interfaces.task import DataError, Sample, TaskFormat
+
+__all__ = [
+    "BoxConvention",
+    "BoxTransform",
+    "Completion",
+    "Component",
+    "DataError",
+    "Device",
+    "ModelFamily",
+    "NoOptions",
+    "PromptInput",
+    "Reward",
+    "RewardBatch",
+    "RewardContext",
+    "RewardItem",
+    "RolloutContext",
+    "RolloutEngine",
+    "SamplingParams",
+    "Sample",
+    "TaskFormat",
+    "identity_box_transform",
+]

@@ -1,0 +1,146 @@
+"""The component registry: which plugin provides which named component of which kind.
+
+Names are addressed as ``name`` or ``distribution:name``. Two providers of one bare name
+are both kept; asking for the bare name is then an error that lists them (never a silent
+overwrite).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from core.interfaces import Device, ModelFamily, Reward, RolloutEngine, TaskFormat
+
+#: kind name -> interface base class. ``devices`` and ``rollouts`` share one hook.
+KINDS: dict[str, type] = {
+    "models": ModelFamily,
+    "rewards": Reward,
+    "tasks": TaskFormat,
+    "devices": Device,
+    "rollouts": RolloutEngine,
+}
+HOOK_KINDS = {
+    "vlmr1_register_models": ("models",),
+    "vlmr1_register_rewards": ("rewards",),
+    "vlmr1_register_tasks": ("tasks",),
+    "vlmr1_register_devices": ("devices", "rollouts"),
+}
+SINGULAR = {"models": "model family", "rewards": "reward", "tasks": "task", "devices": "device",
+            "rollouts": "rollout engine"}
+
+
+class ComponentError(LookupError):
+    """A component name that is unknown, ambiguous, or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered component: its kind, name, class and providing distribution."""
+
+    kind: str
+    name: str
+    cls: type
+    provider: str
+
+    @property
+    def qualified(self) -> str:
+        """``distribution:name``."""
+        return f"{self.provider}:{self.name}"
+
+
+class Registry:
+    """Components by kind, each possibly provided by several distributions."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, list[Entry]] = {k: [] for k in KINDS}
+        # Notes about plugins that failed, appended to lookup errors so a user learns that
+        # the component they want may live in a plugin that did not load.
+        self.failure_notes: list[str] = []
+
+    def registrar(self, provider: str, kinds: tuple[str, ...]):
+        """Return the ``register`` callable handed to one plugin's hook."""
+
+        def register(cls: type) -> None:
+            for kind in kinds:
+                if isinstance(cls, type) and issubclass(cls, KINDS[kind]):
+                    self.add(kind, cls, provider)
+                    return
+            wanted = " or ".join(KINDS[k].__name__ for k in kinds)
+            raise TypeError(f"{provider}: register() got {cls!r}, expected a subclass of {wanted}")
+
+        return register
+
+    def add(self, kind: str, cls: type, provider: str) -> None:
+        """Register ``cls`` under its ``name``; the same provider may not register a name twice."""
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name or ":" in name:
+            raise TypeError(f"{provider}: {cls.__qualname__} needs a class attribute `name` without ':'")
+        for e in self._entries[kind]:
+            if e.name == name and e.provider == provider:
+                raise ValueError(f"{provider} registers {SINGULAR[kind]} {name!r} twice")
+        self._entries[kind].append(Entry(kind, name, cls, provider))
+
+    def entries(self, kind: str | None = None) -> list[Entry]:
+        """All entries, or those of one kind, in registration order."""
+        if kind is not None:
+            return list(self._entries[kind])
+        return [e for k in KINDS for e in self._entries[k]]
+
+    def names(self, kind: str) -> list[str]:
+        """Addressable names of one kind (bare where unique, qualified where ambiguous)."""
+        out = []
+        for e in self._entries[kind]:
+            dup = sum(1 for o in self._entries[kind] if o.name == e.name) > 1
+            out.append(e.qualified if dup else e.name)
+        return out
+
+    def resolve(self, kind: str, ref: str) -> Entry:
+        """Find the entry for ``name`` or ``distribution:name``; raise a helpful error otherwise."""
+        what = SINGULAR[kind]
+        if ":" in ref:
+            provider, name = ref.split(":", 1)
+            hits = [e for e in self._entries[kind] if e.name == name and _same_dist(e.provider, provider)]
+        else:
+            hits = [e for e in self._entries[kind] if e.name == ref]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            provs = ", ".join(e.qualified for e in hits)
+            raise ComponentError(
+                f"{what} {ref!r} is ambiguous: it is provided by {provs}. "
+                f"Name one of them as 'distribution:{ref}'."
+            )
+        known = self.names(kind)
+        msg = f"no {what} named {ref!r}."
+        close = difflib.get_close_matches(ref, known, n=3, cutoff=0.5)
+        if close:
+            msg += f" Did you mean {' or '.join(repr(c) for c in close)}?"
+        msg += f" Available {kind}: {', '.join(known) if known else '(none)'}."
+        if self.failure_notes:
+            msg += " Note: " + "; ".join(self.failure_notes)
+        raise ComponentError(msg)
+
+    def get(self, kind: str, ref: str) -> type:
+        """The class registered as ``ref``."""
+        return self.resolve(kind, ref).cls
+
+    def create(self, kind: str, ref: str, options: dict[str, Any] | None = None) -> Any:
+        """Instantiate ``ref`` with its options validated against its ``Options`` model."""
+        return self.get(kind, ref).from_options(options)
+
+
+def normalize_dist(name: str) -> str:
+    """Canonical distribution name: lower case, ``_``/``.`` -> ``-``, ``vlmr1-plugin-`` kept."""
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def short_dist(name: str) -> str:
+    """Distribution name without the ``vlmr1-plugin-`` prefix (for ``--plugins``)."""
+    n = normalize_dist(name)
+    return n[len("vlmr1-plugin-"):] if n.startswith("vlmr1-plugin-") else n
+
+
+def _same_dist(a: str, b: str) -> bool:
+    return short_dist(a) == short_dist(b)

@@ -1,0 +1,1 @@
+"""Helpers for plugin authors: a fresh plugin host, tiny offline models, conformance checks."""
