@@ -1,0 +1,159 @@
+"""Offline building blocks for tiny, randomly initialised test checkpoints.
+
+Nothing can be downloaded in tests or in the CPU quickstart, so model families build their
+tiny checkpoints from parts made here. :func:`build_tiny_tokenizer` trains a small byte-level
+BPE tokenizer with the ``tokenizers`` library on a built-in corpus (chat-template words,
+reasoning/answer tags, digits, JSON/box punctuation, colours, shapes, question words) plus
+whatever a family adds, and wraps it in a ``transformers.PreTrainedTokenizerFast`` that
+saves and reloads through ``AutoTokenizer`` / ``AutoProcessor`` like a real one.
+
+Example (a family's tiny builder)::
+
+    tok = build_tiny_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"],
+        eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    )
+    tok.convert_tokens_to_ids("<|image_pad|>")  # one id; the token is never split
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+#: Words every tiny tokenizer learns, so typical prompts and answers tokenise into few ids.
+BASE_CORPUS: tuple[str, ...] = (
+    # chat template and roles
+    "system user assistant You are a helpful assistant.",
+    # R1-style reasoning/answer tags and their usual instruction text
+    "<think> </think> <answer> </answer> <think>reasoning</think><answer>answer</answer>",
+    "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags.",
+    # digits and numbers, JSON and box punctuation
+    "0 1 2 3 4 5 6 7 8 9 10 12 28 56 100 1000 0.5 3.14 -1",
+    '[ ] { } ( ) , : ; . " \' ? ! = + - * / < > _ # @ % &',
+    '[{"bbox_2d": [10, 20, 30, 40], "label": "red circle"}]',
+    '{"bbox_2d": [0, 0, 56, 56], "label": "object"}',
+    # question words and common short English
+    "What Which Where How Who Why When Is Are Does Do Can Please the a an of in on is are this that",
+    "what which where how who why when colour color shape image picture answer question object box",
+    "Locate the object and output its bbox coordinates in JSON format.",
+    "What colour is this image? What shape is in the picture? How many objects are there?",
+    # colours, shapes, yes/no, letters
+    "red green blue yellow purple orange black white",
+    "circle square triangle rectangle star ellipse line dot",
+    "yes no Yes No true false none",
+    "A B C D E (A) (B) (C) (D) (E) A. B. C. D. E.",
+)
+
+
+def build_tiny_tokenizer(
+    special_tokens: Sequence[str],
+    extra_corpus: Iterable[str] = (),
+    vocab_size: int = 512,
+    *,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+    bos_token: str | None = None,
+    unk_token: str | None = None,
+    model_max_length: int = 4096,
+    pre_tokenizer_regex: str | None = None,
+    tokenizer_class: type | None = None,
+) -> PreTrainedTokenizerFast:
+    """Train a small byte-level BPE tokenizer offline and wrap it for transformers.
+
+    Args:
+        special_tokens: tokens that must each be ONE id and never be split or merged (chat
+            markers, image placeholders ...). They get the first ids, in the order given, and
+            are dropped by ``decode(..., skip_special_tokens=True)``.
+        extra_corpus: family-specific text added to :data:`BASE_CORPUS` (e.g. template words).
+        vocab_size: target vocabulary size including the 256 byte symbols and the special
+            tokens (the trainer may stop earlier when the corpus has no more merges).
+        eos_token: the EOS token (must be one of ``special_tokens``); likewise
+        pad_token: the padding token,
+        bos_token: the BOS token (most chat models have none) and
+        unk_token: the UNK token (byte-level BPE never needs one).
+        model_max_length: stored in the tokenizer config.
+        pre_tokenizer_regex: the split pattern applied before the byte-level mapping, to
+            match a real family's tokenizer (e.g. Qwen2's, which splits digits one by one, so
+            the tiny vocabulary can be loaded by that family's tokenizer class). Default:
+            the GPT-2 pattern built into ``ByteLevel``.
+        tokenizer_class: a transformers byte-level BPE tokenizer class built from
+            ``vocab=`` and ``merges=`` (e.g. ``Qwen2Tokenizer``) to return instead of the
+            generic ``PreTrainedTokenizerFast``, so the checkpoint reloads as that class like
+            a real one. Such a class installs its own pre-tokenizer: pass the matching
+            ``pre_tokenizer_regex``; a mismatch is detected on the corpus and raised.
+
+    Returns:
+        A ``PreTrainedTokenizerFast``. Byte-level BPE has no unknown input: every string
+        encodes, and ``decode(encode(s))`` returns ``s`` exactly (no whitespace clean-up).
+
+    Raises:
+        ValueError: duplicate special tokens, a named token missing from ``special_tokens``
+            and the vocabulary, or a ``vocab_size`` too small for the byte alphabet.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(special_tokens)
+    if len(set(specials)) != len(specials):
+        dupes = sorted({t for t in specials if specials.count(t) > 1})
+        raise ValueError(f"build_tiny_tokenizer: duplicate special_tokens {dupes}")
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(specials):
+        raise ValueError(
+            f"build_tiny_tokenizer: vocab_size={vocab_size} is smaller than the 256 byte symbols "
+            f"plus {len(specials)} special tokens"
+        )
+    for role, tok in (("eos_token", eos_token), ("pad_token", pad_token),
+                      ("bos_token", bos_token), ("unk_token", unk_token)):
+        if tok is not None and tok not in specials:
+            raise ValueError(f"build_tiny_tokenizer: {role}={tok!r} is not one of special_tokens")
+
+    # Byte-level BPE (GPT-2/Qwen style): the byte alphabet covers every input, so there is no
+    # UNK and decoding is an exact inverse of encoding.
+    tk = Tokenizer(models.BPE())
+    if pre_tokenizer_regex is None:
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pre_tokenizer_regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    corpus = list(BASE_CORPUS) + [str(t) for t in extra_corpus]
+    # Repeat the corpus a little so frequent words win merges over one-off strings.
+    tk.train_from_iterator(corpus * 4, trainer=trainer)
+
+    common = dict(
+        eos_token=eos_token,
+        pad_token=pad_token,
+        bos_token=bos_token,
+        unk_token=unk_token,
+        extra_special_tokens=[t for t in specials if t not in {eos_token, pad_token, bos_token, unk_token}],
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
+    generic = PreTrainedTokenizerFast(tokenizer_object=tk, **common)
+    if tokenizer_class is None:
+        return generic
+    state = json.loads(tk.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tok = tokenizer_class(vocab=state["vocab"], merges=merges, **common)
+    probe = [*corpus, "".join(specials) + " 0123 x\n\n  y"]
+    if [tok(t)["input_ids"] for t in probe] != [generic(t)["input_ids"] for t in probe]:
+        raise ValueError(
+            f"build_tiny_tokenizer: {tokenizer_class.__name__} tokenises differently from the trained "
+            "tokenizer; pass the pre_tokenizer_regex that class uses"
+        )
+    return tok

@@ -1,0 +1,494 @@
+"""Model families for Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+
+All three share one processor design (``<|vision_start|><|image_pad|>…<|vision_end|>``
+placeholders expanded by the processor, dynamic resolution via ``smart_resize``, 3-D
+multimodal RoPE driven by ``mm_token_type_ids``), so one base class carries the behaviour and
+the subclasses state what differs: ``model_type``, box convention and the tiny architecture.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from core.interfaces import ModelFamily
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+#: The special tokens of the real Qwen2-VL / Qwen2.5-VL / Qwen3-VL tokenizers that the
+#: processors and chat templates use (tiny checkpoints carry the same strings).
+QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+#: Vision placeholder tokens: generation emitting one breaks the next forward ("Image
+#: features and image tokens do not match") or corrupts the multimodal positions.
+VISION_TOKENS: tuple[str, ...] = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# The chat template of Qwen2-VL-Instruct (Qwen2.5-VL's is the same), with the default system
+# prompt made switchable because Qwen3-VL's template adds none.
+_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' and DEFAULT_SYSTEM %}"
+    "<|im_start|>system\nDEFAULT_SYSTEM<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen_chat_template(default_system: str | None) -> str:
+    """The Qwen-VL chat template; ``default_system`` is inserted when a chat has no system turn."""
+    if default_system:
+        return _CHAT_TEMPLATE.replace("and DEFAULT_SYSTEM %}", "%}").replace("DEFAULT_SYSTEM", default_system)
+    return _CHAT_TEMPLATE.replace(
+        "{% if loop.first and message['role'] != 'system' and DEFAULT_SYSTEM %}"
+        "<|im_start|>system\nDEFAULT_SYSTEM<|im_end|>\n{% endif %}",
+        "",
+    )
+
+
+class QwenVLOptions(BaseModel):
+    """Options of every Qwen-VL family.
+
+    ``min_pixels`` / ``max_pixels`` bound the area an image is resized to (the processor's
+    ``size.shortest_edge`` / ``size.longest_edge``); ``None`` keeps the checkpoint's values.
+    VLM-R1's REC recipe uses ``max_pixels = 12845056`` and ``min_pixels = 3136``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> QwenVLOptions:
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        return self
+
+
+class TinyQwenOptions(BaseModel):
+    """Options of :meth:`QwenVLFamily.build_tiny_checkpoint` (all overridable).
+
+    ``rope_theta`` is tiny on purpose: with the real 1e6 a 2-layer, 16-dim-head model cannot
+    tell nearby positions apart, so it cannot resolve which image token is where.
+    ``mrope_section`` defaults to the real checkpoints' split scaled to ``head_dim / 2``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=1)
+    rope_theta: float = Field(3.0, gt=0)
+    mrope_section: list[int] | None = None
+    vision_hidden_size: int = Field(32, ge=8)
+    vision_depth: int = Field(2, ge=1)
+    vision_heads: int = Field(2, ge=1)
+    vocab_size: int = Field(512, ge=300)
+    extra_corpus: list[str] = Field(default_factory=list)
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _shapes(self) -> TinyQwenOptions:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        if self.vision_hidden_size % self.vision_heads:
+            raise ValueError("vision_hidden_size must be divisible by vision_heads")
+        half = self.hidden_size // self.num_heads // 2
+        if self.mrope_section is not None and (len(self.mrope_section) != 3 or sum(self.mrope_section) != half):
+            raise ValueError(f"mrope_section {self.mrope_section} must be 3 ints summing to head_dim/2 = {half}")
+        return self
+
+
+class QwenVLFamily(ModelFamily):
+    """Shared behaviour of the Qwen-VL families (not registered itself)."""
+
+    Options = QwenVLOptions
+    #: Text of the default system turn the family's chat template inserts (None: none).
+    default_system: ClassVar[str | None] = "You are a helpful assistant."
+    #: Vision patch size and default tiny image-area bounds (multiples of (patch * 2)^2).
+    tiny_patch_size: ClassVar[int] = 14
+    #: Whether the text RoPE interleaves the T/H/W sections (Qwen3-VL) or concatenates them.
+    mrope_interleaved: ClassVar[bool] = False
+
+    # ---- loading ---------------------------------------------------------------------
+    def load_model(
+        self, path: str | Path, *, dtype: torch.dtype, attn_implementation: str | None = None
+    ) -> Any:
+        """Load with ``AutoModelForImageTextToText`` after checking ``config.model_type``.
+
+        Real checkpoints and the tiny ones take exactly this path.
+        """
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(str(path)).model_type
+        if not self.handles(model_type):
+            raise ValueError(
+                f"{path}: config.model_type is {model_type!r}, but model family {self.name!r} "
+                f"handles {list(self.model_types)}"
+            )
+        return super().load_model(path, dtype=dtype, attn_implementation=attn_implementation)
+
+    def load_processor(self, path: str | Path) -> Any:
+        """``AutoProcessor`` (left padding) with ``min_pixels`` / ``max_pixels`` applied.
+
+        The bounds are set on the loaded image processor's ``size`` (``shortest_edge`` /
+        ``longest_edge``) rather than passed to ``from_pretrained``: transformers 5 would
+        also keep them as per-call kwargs and warn on every processor call.
+        """
+        proc = super().load_processor(path)
+        updates = {}
+        if self.options.min_pixels is not None:
+            updates["shortest_edge"] = self.options.min_pixels
+        if self.options.max_pixels is not None:
+            updates["longest_edge"] = self.options.max_pixels
+        if updates:
+            ip = proc.image_processor
+            merged = {**dict(ip.size), **updates}
+            if merged.get("shortest_edge", 0) > merged.get("longest_edge", float("inf")):
+                raise ValueError(
+                    f"{path}: min_pixels {merged['shortest_edge']} exceeds max_pixels {merged['longest_edge']} "
+                    "(one of them comes from the checkpoint's preprocessor config)"
+                )
+            ip.size = type(ip.size)(**merged)
+        return proc
+
+    # ---- processing ------------------------------------------------------------------
+    def resized_image_size(self, processor: Any, image: Image.Image) -> tuple[int, int]:
+        """``(width, height)`` after the image processor's ``smart_resize``.
+
+        Calls the ``smart_resize`` of the module that defines the processor's own class (the
+        torchvision or the PIL backend), so the result is what the model saw.
+        """
+        ip = processor.image_processor
+        module = importlib.import_module(type(ip).__module__)
+        smart_resize = getattr(module, "smart_resize", None)
+        if smart_resize is None:  # a subclass defined elsewhere: use the reference one
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        min_px, max_px = ip.size.get("shortest_edge"), ip.size.get("longest_edge")
+        width, height = image.size
+        h, w = smart_resize(height, width, factor=ip.patch_size * ip.merge_size, min_pixels=min_px, max_pixels=max_px)
+        return int(w), int(h)
+
+    # ---- facts for training ----------------------------------------------------------
+    def vision_module_names(self, model: Any) -> list[str]:
+        """The vision tower (``model.visual`` in transformers 5) and its merger(s).
+
+        The tower comes first; its projectors (``merger`` and, for Qwen3-VL, the
+        ``deepstack_merger_list``) live inside it and are listed too for callers that treat
+        the projector separately. Works on wrapped models (PEFT, DDP) since names are taken
+        from ``named_modules()``.
+        """
+        names = [n for n, _ in model.named_modules()]
+        towers = [n for n in names if n.rsplit(".", 1)[-1] == "visual"]
+        if not towers:
+            raise ValueError(f"model family {self.name!r}: no `visual` module in {type(model).__name__}")
+        tower = min(towers, key=lambda n: n.count("."))
+        present = set(names)
+        subs = [f"{tower}.{sub}" for sub in ("merger", "deepstack_merger_list")]
+        return [tower] + [n for n in subs if n in present]
+
+    def suppressed_token_ids(self, processor: Any, model: Any) -> list[int]:
+        """Ids of the vision placeholders (image/video pads, vision start/end/pad).
+
+        Taken from the model config (``image_token_id`` …) and the processor's tokenizer,
+        never hard-coded, so the tiny and the real vocabularies both work.
+        """
+        ids: set[int] = set()
+        cfg = getattr(model, "config", None)
+        for attr in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            for src in (cfg, processor):
+                val = getattr(src, attr, None)
+                if isinstance(val, int):
+                    ids.add(val)
+        tok = getattr(processor, "tokenizer", processor)
+        vocab = tok.get_vocab()
+        ids.update(vocab[t] for t in VISION_TOKENS if t in vocab)
+        return sorted(ids)
+
+    # ---- offline tiny checkpoints ----------------------------------------------------
+    @classmethod
+    def _tiny_configs(cls, o: TinyQwenOptions, text: dict[str, Any], token_ids: dict[str, int]) -> Any:
+        """The model config of the tiny architecture (per family)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _tiny_processor(cls, tokenizer: Any, min_pixels: int, max_pixels: int, chat_template: str) -> Any:
+        """The real processor class of the family around the tiny tokenizer."""
+        raise NotImplementedError
+
+    @classmethod
+    def _mrope_section(cls, half: int) -> list[int]:
+        """The T/H/W split of ``head_dim / 2`` frequencies, scaled from the real checkpoints."""
+        if cls.mrope_interleaved:  # Qwen3-VL: [24, 20, 20] of 64
+            hw = max(1, round(half * 20 / 64))
+            return [half - 2 * hw, hw, hw]
+        t = max(1, half // 4)  # Qwen2/2.5-VL: [16, 24, 24] of 64
+        h = (half - t) // 2
+        return [t, h, half - t - h]
+
+    @classmethod
+    def build_tiny_checkpoint(cls, path: str | Path, **options: Any) -> Path:
+        """Write a tiny random checkpoint of this architecture to ``path`` and return it.
+
+        Text: ``hidden_size`` 64, 2 layers, 4 heads (head_dim 16), ``rope_theta`` 3; vision:
+        depth 2, hidden 32, spatial merge 2, real patch size; a tiny byte-level BPE tokenizer
+        with the real Qwen special tokens and a Qwen chat template; the real image/video
+        processor classes with small pixel bounds (a 56x56 image is 4 image tokens); EOS
+        ``<|im_end|>``. Options: see :class:`TinyQwenOptions`. Reloads with
+        ``AutoModelForImageTextToText`` / ``AutoProcessor`` offline.
+        """
+        import torch
+        from transformers import AutoModelForImageTextToText, GenerationConfig
+
+        from core.testing.tiny import build_tiny_tokenizer
+
+        try:
+            o = TinyQwenOptions.model_validate(options)
+        except Exception as exc:  # pydantic's message names the bad option
+            raise ValueError(f"{cls.__name__}.build_tiny_checkpoint: invalid options: {exc}") from exc
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        factor = cls.tiny_patch_size * 2  # patch * spatial merge
+        min_px = o.min_pixels if o.min_pixels is not None else factor * factor
+        max_px = o.max_pixels if o.max_pixels is not None else (2 * factor) ** 2
+
+        template = qwen_chat_template(cls.default_system)
+        from transformers import Qwen2Tokenizer
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+        # The real Qwen tokenizer class and split pattern (digits one by one), so tiny and
+        # real checkpoints tokenise boxes and numbers the same way.
+        tok = build_tiny_tokenizer(
+            list(QWEN_SPECIAL_TOKENS),
+            pre_tokenizer_regex=PRETOKENIZE_REGEX,
+            tokenizer_class=Qwen2Tokenizer,
+            extra_corpus=["Picture 1: Picture 2: Video 1:", *o.extra_corpus],
+            vocab_size=o.vocab_size,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+        )
+        tok.chat_template = template
+        ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+        token_ids = {
+            "image_token_id": ids["<|image_pad|>"],
+            "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"],
+            "vision_end_token_id": ids["<|vision_end|>"],
+        }
+        head_dim = o.hidden_size // o.num_heads
+        rope: dict[str, Any] = {
+            "rope_type": "default",
+            "rope_theta": o.rope_theta,
+            "mrope_section": o.mrope_section or cls._mrope_section(head_dim // 2),
+        }
+        if cls.mrope_interleaved:
+            rope["mrope_interleaved"] = True
+        text = {
+            "vocab_size": len(tok),
+            "hidden_size": o.hidden_size,
+            "intermediate_size": o.intermediate_size,
+            "num_hidden_layers": o.num_layers,
+            "num_attention_heads": o.num_heads,
+            "num_key_value_heads": o.num_kv_heads,
+            "max_position_embeddings": 4096,
+            "rope_parameters": rope,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        }
+        config = cls._tiny_configs(o, text, token_ids)
+        torch.manual_seed(o.seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        model.generation_config = GenerationConfig(
+            eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+            pad_token_id=ids["<|endoftext|>"],
+            bos_token_id=ids["<|endoftext|>"],
+            do_sample=True,
+            temperature=1.0,
+        )
+        model.save_pretrained(path)
+        cls._tiny_processor(tok, min_px, max_px, template).save_pretrained(path)
+        return path
+
+
+class Qwen2VLFamily(QwenVLFamily):
+    """Qwen2-VL: boxes in 0-1000 normalised coordinates."""
+
+    name = "qwen2_vl"
+    description = "Qwen2-VL (boxes 0-1000 normalised)"
+    model_types = ("qwen2_vl",)
+    box_convention = "normalized_1000"
+
+    @classmethod
+    def _tiny_configs(cls, o: TinyQwenOptions, text: dict[str, Any], token_ids: dict[str, int]) -> Any:
+        from transformers import Qwen2VLConfig
+
+        vision = {
+            "depth": o.vision_depth,
+            "embed_dim": o.vision_hidden_size,
+            "hidden_size": o.hidden_size,  # Qwen2-VL's vision `hidden_size` is the merger output
+            "num_heads": o.vision_heads,
+            "mlp_ratio": 2,
+            "patch_size": cls.tiny_patch_size,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        }
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids)
+
+    @classmethod
+    def _tiny_processor(cls, tokenizer: Any, min_pixels: int, max_pixels: int, chat_template: str) -> Any:
+        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+        kw = {"patch_size": cls.tiny_patch_size, "merge_size": 2, "temporal_patch_size": 2}
+        return Qwen2VLProcessor(
+            image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, **kw),
+            tokenizer=tokenizer,
+            video_processor=Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels * 2, **kw),
+            chat_template=chat_template,
+        )
+
+
+class Qwen25VLFamily(QwenVLFamily):
+    """Qwen2.5-VL: boxes in absolute pixels of the resized image the model saw."""
+
+    name = "qwen2_5_vl"
+    description = "Qwen2.5-VL (boxes in resized-image pixels)"
+    model_types = ("qwen2_5_vl",)
+    box_convention = "absolute_resized"
+
+    @classmethod
+    def _tiny_configs(cls, o: TinyQwenOptions, text: dict[str, Any], token_ids: dict[str, int]) -> Any:
+        from transformers import Qwen2_5_VLConfig
+
+        vision = {
+            "depth": o.vision_depth,
+            "hidden_size": o.vision_hidden_size,
+            "intermediate_size": 2 * o.vision_hidden_size,
+            "num_heads": o.vision_heads,
+            "out_hidden_size": o.hidden_size,
+            "patch_size": cls.tiny_patch_size,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 4 * cls.tiny_patch_size,  # 2x2 merged windows: exercises windowing
+            "fullatt_block_indexes": [o.vision_depth - 1],
+        }
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
+
+    @classmethod
+    def _tiny_processor(cls, tokenizer: Any, min_pixels: int, max_pixels: int, chat_template: str) -> Any:
+        from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+        kw = {"patch_size": cls.tiny_patch_size, "merge_size": 2, "temporal_patch_size": 2}
+        return Qwen2_5_VLProcessor(
+            image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, **kw),
+            tokenizer=tokenizer,
+            video_processor=Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels * 2, **kw),
+            chat_template=chat_template,
+        )
+
+
+class Qwen3VLFamily(QwenVLFamily):
+    """Qwen3-VL: boxes in 0-1000 normalised coordinates; patch 16; interleaved M-RoPE."""
+
+    name = "qwen3_vl"
+    description = "Qwen3-VL (boxes 0-1000 normalised)"
+    model_types = ("qwen3_vl",)
+    box_convention = "normalized_1000"
+    default_system = None
+    tiny_patch_size = 16
+    mrope_interleaved = True
+
+    @classmethod
+    def _tiny_configs(cls, o: TinyQwenOptions, text: dict[str, Any], token_ids: dict[str, int]) -> Any:
+        from transformers import Qwen3VLConfig
+
+        text = {**text, "head_dim": o.hidden_size // o.num_heads}
+        vision = {
+            "depth": o.vision_depth,
+            "hidden_size": o.vision_hidden_size,
+            "intermediate_size": 2 * o.vision_hidden_size,
+            "num_heads": o.vision_heads,
+            "out_hidden_size": o.hidden_size,
+            "patch_size": cls.tiny_patch_size,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,  # an 8x8 grid, interpolated like the real 48x48
+            "deepstack_visual_indexes": [0],
+        }
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids)
+
+    @classmethod
+    def _tiny_processor(cls, tokenizer: Any, min_pixels: int, max_pixels: int, chat_template: str) -> Any:
+        from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+        kw = {"patch_size": cls.tiny_patch_size, "merge_size": 2, "temporal_patch_size": 2}
+        return Qwen3VLProcessor(
+            image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, **kw),
+            tokenizer=tokenizer,
+            video_processor=Qwen3VLVideoProcessor(
+                size={"shortest_edge": min_pixels, "longest_edge": max_pixels * 2}, **kw
+            ),
+            chat_template=chat_template,
+        )
+
+
+def qwen3_vl_available() -> tuple[bool, str]:
+    """Whether the installed transformers has the Qwen3-VL classes, and if not, why not.
+
+    Looks the modules up with ``importlib.util.find_spec`` so nothing heavy is imported.
+    """
+    from importlib.util import find_spec
+
+    try:
+        found = all(
+            find_spec(f"transformers.models.qwen3_vl.{mod}") is not None
+            for mod in ("configuration_qwen3_vl", "modeling_qwen3_vl", "processing_qwen3_vl")
+        )
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        return False, "the installed transformers has no Qwen3-VL classes (they need transformers>=4.57)"
+    return True, ""
