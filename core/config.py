@@ -1,9 +1,13 @@
 """Typed run configuration: pydantic models, YAML loading, dotted CLI overrides, validation.
 
 A run config is YAML (or the built-in default) plus ``a.b.c=value`` overrides, where a value
-is parsed as YAML (``1e-5``, ``true``, ``[a, b]``). Unknown keys are errors with a
-did-you-mean; each component's ``options`` are validated against its ``Options`` model by
-:func:`validate_components` once plugins are loaded, before any weights load.
+is parsed as YAML (``1e-5``, ``true``, ``[a, b]``) and a number in a dotted path indexes a
+list (``rewards.0.weight=2``; the index one past the end appends). Unknown keys are errors
+with a did-you-mean; every error names the file and line (or the override) it came from.
+Each component's ``options`` are validated against its ``Options`` model by
+:func:`core.plan.make_plan` once plugins are loaded, before any weights load.
+
+``python -m core.config --markdown`` prints the field reference used in ``docs/config.md``.
 """
 
 from __future__ import annotations
@@ -11,17 +15,94 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
+import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticUndefined
 
 
 class ConfigError(ValueError):
     """An invalid configuration, with a one-paragraph message naming the key."""
 
 
+# ---- YAML -------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-5`` as a float.
+
+    PyYAML implements YAML 1.1, where a float needs a dot (``1e-5`` is a *string*); every
+    learning rate would then reach an ``options`` dict as text. YAML 1.2's float rule fixes it.
+    """
+
+
+_FLOAT_12 = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in list("-+0123456789."):
+    _Loader.yaml_implicit_resolvers[_first] = [
+        (tag, rx) for tag, rx in _Loader.yaml_implicit_resolvers.get(_first, []) if tag != "tag:yaml.org,2002:float"
+    ]
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML safely, with YAML 1.2 floats (``1e-5`` is a number)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map each dotted key path of a YAML mapping (``train.learning_rate``, ``rewards.0``) to its line."""
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return {}
+    out: dict[str, int] = {}
+
+    def walk(node: yaml.Node | None, path: list[str]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = [*path, str(k.value)]
+                out[".".join(p)] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                p = [*path, str(i)]
+                out[".".join(p)] = v.start_mark.line + 1
+                walk(v, p)
+
+    walk(root, [])
+    return out
+
+
+class RawConfig(dict):
+    """A config mapping read from a file, remembering the file and the line of every key."""
+
+    def __init__(self, data: dict[str, Any], source: str = "config", lines: dict[str, int] | None = None) -> None:
+        super().__init__(data)
+        self.source = source
+        self.lines = lines or {}
+
+
+# ---- models -----------------------------------------------------------------------------
 class Strict(BaseModel):
     """Base of every config section: unknown keys are errors."""
 
@@ -31,8 +112,9 @@ class Strict(BaseModel):
 class ComponentRef(Strict):
     """A component by name (``name`` or ``distribution:name``) with its options."""
 
-    name: str
-    options: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="component name, or `distribution:name` when two plugins provide it")
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="validated against the component's `Options` model")
 
 
 class ModelConfig(Strict):
@@ -40,8 +122,10 @@ class ModelConfig(Strict):
 
     path: str | None = Field(None, description="checkpoint folder or hub id; default: a tiny build under .cache/")
     family: str | None = Field(None, description="model family; default: chosen by config.model_type")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="training dtype; `auto` = bfloat16 on an accelerator that supports it, float32 on CPU")
+    attn_implementation: str | None = Field(
+        None, description="transformers attention kernel (`sdpa`, `eager`, `flash_attention_2`); default: the model's")
     options: dict[str, Any] = Field(default_factory=dict, description="the family's Options")
     tiny: dict[str, Any] | None = Field(
         None, description="build a tiny random checkpoint of `family` at `path` if missing (offline demos)")
@@ -59,7 +143,7 @@ class ModelConfig(Strict):
 class RewardConfig(ComponentRef):
     """One reward term of the weighted sum."""
 
-    weight: float = 1.0
+    weight: float = Field(1.0, description="weight of this reward in the summed reward")
     timeout_s: float = Field(30.0, gt=0, description="time limit for scoring one step")
     on_error: Literal["zero", "skip", "raise"] = Field(
         "zero", description="score of a completion whose reward timed out, raised or gave NaN")
@@ -69,30 +153,44 @@ class GRPOConfig(Strict):
     """GRPO hyper-parameters (names follow TRL's GRPOConfig where they mean the same)."""
 
     num_generations: int = Field(8, ge=2, description="G: completions per prompt")
-    max_prompt_length: int | None = None
-    max_completion_length: int = Field(256, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int | None = None
-    repetition_penalty: float = 1.0
+    max_prompt_length: int | None = Field(None, ge=1, description="truncate prompts to this many tokens")
+    max_completion_length: int = Field(256, ge=1, description="max new tokens per completion")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    top_k: int | None = Field(None, ge=0, description="top-k sampling; null/0 = off")
+    repetition_penalty: float = Field(1.0, gt=0, description="1.0 = off")
     beta: float = Field(0.04, ge=0, description="KL coefficient; 0 loads no reference model")
     epsilon: float = Field(0.2, ge=0, description="clip range (low)")
-    epsilon_high: float | None = Field(None, description="clip range (high); default = epsilon")
+    epsilon_high: float | None = Field(None, ge=0, description="clip range (high); default = epsilon")
     num_iterations: int = Field(1, ge=1, description="mu: optimisation passes per rollout")
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    loss_type: str = Field("grpo", description="loss aggregation: grpo | bnpo | dr_grpo | dapo")
-    importance_sampling_level: Literal["token", "sequence"] = "token"
-    mask_truncated_completions: bool = False
-    advantage_eps: float = 1e-4
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="divide advantages by the group's std, the batch's std, or not at all")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("grpo", description="loss aggregation")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="importance ratio per token (GRPO) or per sequence (GSPO)")
+    mask_truncated_completions: bool = Field(False, description="exclude completions without EOS from the loss")
+    advantage_eps: float = Field(1e-4, gt=0, description="added to the std before dividing")
+    zero_variance_groups: Literal["keep", "drop", "resample"] = Field(
+        "keep", description="groups whose rewards are all equal: keep (zero advantage), drop from the loss, or "
+                            "resample new prompts for them (DAPO dynamic sampling), up to resample_budget rounds")
+    resample_budget: int = Field(2, ge=0, description="extra rollout rounds per step for zero_variance_groups=resample")
+
+    @model_validator(mode="after")
+    def _check_clip(self) -> GRPOConfig:
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
+            raise ValueError(f"grpo.epsilon_high ({self.epsilon_high}) must be >= grpo.epsilon ({self.epsilon})")
+        return self
 
 
 class LoraConfig(Strict):
     """peft LoRA settings (used when ``train.mode == "lora"``)."""
 
-    r: int = 64
-    alpha: int = 128
-    dropout: float = 0.05
-    target_modules: list[str] | str | None = None
+    r: int = Field(64, ge=1, description="rank")
+    alpha: int = Field(128, ge=1, description="scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str | None = Field(
+        None, description="module names or regex; default: every Linear of the language model "
+                          "(not vision, not lm_head)")
 
 
 class TrainConfig(Strict):
@@ -103,15 +201,16 @@ class TrainConfig(Strict):
     divided by ``grpo.num_generations`` prompts.
     """
 
-    mode: Literal["full", "lora", "frozen_vision"] = "full"
+    mode: Literal["full", "lora", "frozen_vision"] = Field(
+        "full", description="train everything, a LoRA adapter (vision frozen), or all but the vision tower")
     learning_rate: float = Field(1e-6, gt=0)
-    lr_scheduler: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    per_device_batch_size: int = Field(8, ge=1)
+    lr_scheduler: str = Field("constant", description="a transformers scheduler name (constant, linear, cosine ...)")
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, description="gradient clipping; null = off")
+    per_device_batch_size: int = Field(8, ge=1, description="completions per micro-batch on each process")
     gradient_accumulation_steps: int = Field(1, ge=1)
-    max_steps: int = Field(100, ge=1)
+    max_steps: int = Field(100, ge=1, description="optimizer steps (each on a fresh rollout)")
     seed: int = 0
     gradient_checkpointing: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -120,19 +219,19 @@ class TrainConfig(Strict):
 class LoggingConfig(Strict):
     """Where and what to log."""
 
-    output_dir: str = "runs/quickstart"
+    output_dir: str = Field("runs/quickstart", description="metrics, completions, checkpoints and plots go here")
     log_completions_every: int = Field(10, ge=0, description="steps between completions.jsonl dumps; 0 = never")
     tensorboard: bool = True
     wandb: bool = False
     progress_bar: bool = True
-    plot: bool = True
+    plot: bool = Field(True, description="write a reward curve PNG at the end")
 
 
 class CheckpointConfig(Strict):
     """Checkpointing and resume."""
 
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
-    keep_last: int = Field(2, ge=1)
+    keep_last: int = Field(2, ge=1, description="older checkpoints are deleted")
     resume: bool | Literal["auto"] | str = Field(False, description="true/auto = latest in output_dir, or a path")
     save_final: bool = True
 
@@ -143,7 +242,7 @@ class EvalConfig(Strict):
     enabled: bool = True
     num_samples: int = Field(64, ge=1)
     batch_size: int = Field(16, ge=1)
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = Field(None, ge=1, description="default: grpo.max_completion_length")
     reward: str | None = Field(None, description="reward whose score >= threshold counts as correct; "
                                                    "default: the first configured reward")
     threshold: float = 1.0
@@ -153,16 +252,33 @@ class RunConfig(Strict):
     """A whole run: ``python -m core.train`` validates and executes one of these."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
-    task: ComponentRef
-    rewards: list[RewardConfig] = Field(min_length=1)
+    task: ComponentRef = Field(description="the data: a task format and its options")
+    rewards: list[RewardConfig] = Field(min_length=1, description="reward terms, summed with their weights")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    device: ComponentRef = Field(default_factory=lambda: ComponentRef(name="auto"))
-    rollout: ComponentRef = Field(default_factory=lambda: ComponentRef(name="transformers"))
+    device: ComponentRef = Field(default_factory=lambda: ComponentRef(name="auto"),
+                                 description="compute device; `auto` = the highest-priority usable one")
+    rollout: ComponentRef = Field(default_factory=lambda: ComponentRef(name="transformers"),
+                                  description="rollout engine that generates completions")
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    plugins: list[str] | None = Field(None, description="distributions to load (default: all installed)")
+    plugins: list[str] | None = Field(
+        None, description="distributions to load (default: all installed; `none` = built-ins only); "
+                          "`--plugins` on the command line wins")
+
+    # Where each key came from, for error messages after validation (make_plan).
+    _source: str = PrivateAttr("config")
+    _lines: dict[str, int] = PrivateAttr(default_factory=dict)
+    _overrides: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _split_plugins(cls, v: Any) -> Any:
+        # `plugins=a,b` on the command line and `plugins: none` in YAML are plain strings.
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
 
     @model_validator(mode="after")
     def _check_model(self) -> RunConfig:
@@ -170,24 +286,30 @@ class RunConfig(Strict):
             raise ValueError("model.tiny needs model.family (the family that builds the checkpoint)")
         return self
 
+    def origin(self, key: str) -> str:
+        """Where ``key`` (dotted) was set: ``file:line``, the command-line override, or the source."""
+        return _origin(key, self._source, self._lines, self._overrides)
+
     def batch_plan(self, num_processes: int = 1) -> dict[str, int]:
         """Batch and step arithmetic; raises :class:`ConfigError` if it does not divide."""
         g = self.grpo.num_generations
-        per_step = num_processes * self.train.per_device_batch_size * self.train.gradient_accumulation_steps
+        ga = self.train.gradient_accumulation_steps
+        per_step = num_processes * self.train.per_device_batch_size * ga
         if per_step % g:
-            valid = [b for b in range(1, 4 * g + 1) if (num_processes * b * self.train.gradient_accumulation_steps) % g == 0][:4]
+            valid = [b for b in range(1, 4 * g + 1) if (num_processes * b * ga) % g == 0][:4]
             raise ConfigError(
-                f"train.per_device_batch_size: {num_processes} process(es) x batch "
-                f"{self.train.per_device_batch_size} x accumulation {self.train.gradient_accumulation_steps} = "
-                f"{per_step} completions per step, which is not divisible by grpo.num_generations={g}, "
-                f"so groups would be split unevenly. Valid per-device batch sizes here: "
-                f"{', '.join(map(str, valid))} ...")
+                f"{self.origin('train.per_device_batch_size')}: batch arithmetic: {num_processes} process(es) x "
+                f"train.per_device_batch_size {self.train.per_device_batch_size} x "
+                f"train.gradient_accumulation_steps {ga} = {per_step} completions per step, which is not "
+                f"divisible by grpo.num_generations={g}, so a group of {g} completions of one prompt would be "
+                f"split across steps. Valid per-device batch sizes here: {', '.join(map(str, valid))} ... "
+                f"(or change grpo.num_generations / gradient_accumulation_steps).")
         return {
             "num_processes": num_processes,
             "completions_per_step": per_step,
             "prompts_per_step": per_step // g,
             "completions_per_micro_batch": self.train.per_device_batch_size,
-            "micro_batches_per_step": self.train.gradient_accumulation_steps,
+            "micro_batches_per_step": ga,
             "optimizer_steps": self.train.max_steps,
             "optimizer_updates_per_step": self.grpo.num_iterations,
             "total_completions": per_step * self.train.max_steps,
@@ -196,82 +318,182 @@ class RunConfig(Strict):
 
 # ---- loading ------------------------------------------------------------------------
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in nested dicts/lists, creating missing sections; an index may append."""
     keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"override {dotted!r}: empty key segment")
     cur: Any = data
-    for i, k in enumerate(keys[:-1]):
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        here = ".".join(keys[: i + 1])
         if isinstance(cur, list):
-            cur = cur[int(k)]
+            if not k.isdigit():
+                raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i])} is a list; "
+                                  f"use a number (0..{len(cur)}) instead of {k!r}")
+            idx = int(k)
+            if idx > len(cur):
+                raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i])} has {len(cur)} item(s); "
+                                  f"index {idx} is out of range (use {len(cur)} to append one)")
+            if idx == len(cur):
+                cur.append(None if last else {})
+            if last:
+                cur[idx] = value
+            elif not isinstance(cur[idx], dict | list):
+                cur[idx] = {}
+            cur = cur[idx]
             continue
+        if not isinstance(cur, dict):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i])} is a value, not a section")
+        if last:
+            cur[k] = value
+            return
         nxt = cur.get(k)
         if nxt is None:
             nxt = cur[k] = {}
         elif not isinstance(nxt, dict | list):
-            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is a value, not a section")
+            raise ConfigError(f"override {dotted!r}: {here} is a value ({nxt!r}), not a section")
         cur = nxt
-    if isinstance(cur, list):
-        cur[int(keys[-1])] = value
-    else:
-        cur[keys[-1]] = value
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Parse ``key.path=value`` strings; values are YAML scalars/lists."""
+    """Parse ``key.path=value`` strings; values are YAML scalars/lists/mappings."""
     out = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. train.learning_rate=1e-5)")
         key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError:
-            value = raw
-        out.append((key.strip(), value))
+            value = raw  # an unparseable value is a plain string (e.g. a path with a colon)
+        out.append((key, value))
     return out
 
 
-def load_raw(path: str | Path | None, default: str | Path | None = None) -> dict[str, Any]:
-    """Read a YAML config file into a dict (``default`` when ``path`` is None)."""
+def load_raw(path: str | Path | None, default: str | Path | None = None) -> RawConfig:
+    """Read a YAML config file into a :class:`RawConfig` (``default`` when ``path`` is None)."""
     src = Path(path) if path else (Path(default) if default else None)
     if src is None:
-        return {}
+        return RawConfig({})
     if not src.is_file():
         raise ConfigError(f"config file {src} does not exist")
+    text = src.read_text()
     try:
-        data = yaml.safe_load(src.read_text()) or {}
+        data = yaml_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{src}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{src}: the top level must be a mapping of sections (model, task, rewards, ...)")
-    return data
+    return RawConfig(data, str(src), _key_lines(text))
 
 
-def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> RunConfig:
-    """Apply overrides to ``raw`` and validate it into a :class:`RunConfig`."""
-    data = json.loads(json.dumps(raw))  # deep copy of plain data
-    for key, value in parse_overrides(overrides or []):
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str | None = None) -> RunConfig:
+    """Apply overrides to ``raw`` and validate it into a :class:`RunConfig`.
+
+    Errors (:class:`ConfigError`) name each offending key with its ``file:line`` (when
+    ``raw`` came from :func:`load_raw`) or the override that set it.
+    """
+    src = source or getattr(raw, "source", "config")
+    lines = dict(getattr(raw, "lines", {}))
+    data = json.loads(json.dumps(dict(raw)))  # deep copy of plain data
+    applied: dict[str, str] = {}
+    for (key, value), text in zip(parse_overrides(overrides or []), overrides or [], strict=True):
         _set_dotted(data, key, value)
+        applied[key] = text
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, RunConfig, source)) from None
+        raise ConfigError(format_validation_error(exc, RunConfig, src, lines=lines, overrides=applied)) from None
+    cfg._source, cfg._lines, cfg._overrides = src, lines, applied
+    return cfg
 
 
-def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str, prefix: str = "") -> str:
-    """One paragraph per problem: the dotted key, what is wrong, and what would be valid."""
-    lines = []
+def _origin(key: str, source: str, lines: dict[str, int] | None, overrides: dict[str, str] | None) -> str:
+    """``override 'k=v'`` if an override set ``key`` (or a parent), else ``file:line`` of the nearest key."""
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if overrides and prefix in overrides:
+            return f"override {overrides[prefix]!r}"
+        if lines and prefix in lines:
+            return f"{source}:{lines[prefix]}"
+    return source
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str, prefix: str = "", *,
+                            lines: dict[str, int] | None = None, overrides: dict[str, str] | None = None) -> str:
+    """One line per problem: where, the dotted key, what is wrong, and what would be valid."""
+    out: list[str] = []
+    # Value errors grouped per key: a union field fails once per member and should read as one line.
+    value_errors: dict[str, tuple[str, Any, list[str]]] = {}
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
+        # Unions add the member type to loc (``resume.bool``); keep only real field names/indices.
+        loc = _strip_union_tags(model, [str(p) for p in err["loc"]])
         key = ".".join(([prefix] if prefix else []) + loc)
+        where = _origin(key, source, lines, overrides)
         if err["type"] == "extra_forbidden":
             fields = _fields_at(model, loc[:-1])
             close = difflib.get_close_matches(loc[-1], fields, n=1, cutoff=0.5)
-            hint = f" Did you mean {'.'.join(([prefix] if prefix else []) + loc[:-1] + [close[0]])!r}?" if close else ""
-            lines.append(f"{source}: unknown key {key!r}.{hint} Valid keys here: {', '.join(fields)}.")
+            parent = ".".join(([prefix] if prefix else []) + loc[:-1])
+            hint = f" Did you mean {'.'.join(([parent] if parent else []) + [close[0]])!r}?" if close else ""
+            valid = ", ".join(fields) if fields else "(none: this section takes no keys)"
+            out.append(f"{where}: unknown key {key!r}.{hint} Valid keys{' in ' + parent if parent else ''}: {valid}.")
         elif err["type"] == "missing":
-            lines.append(f"{source}: {key!r} is required.")
+            desc = _field_doc(model, loc)
+            out.append(f"{where}: {key!r} is required{' (' + desc + ')' if desc else ''}.")
         else:
-            lines.append(f"{source}: {key} = {err.get('input')!r}: {err['msg']}.")
-    return "\n".join(lines)
+            value_errors.setdefault(key, (where, err.get("input"), []))[2].append(err["msg"])
+    for key, (where, value, msgs) in value_errors.items():
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        out.append(f"{where}: {key or '(top level)'} = {shown}: {_join_messages(msgs)}.")
+    return "\n".join(dict.fromkeys(out))
+
+
+def _join_messages(msgs: list[str]) -> str:
+    """``Input should be a valid boolean, 'auto' or a valid string`` from pydantic's per-member messages."""
+    msgs = list(dict.fromkeys(m.rstrip(".") for m in msgs))
+    head = "Input should be "
+    if len(msgs) > 1 and all(m.startswith(head) for m in msgs):
+        rest = [m[len(head):] for m in msgs]
+        return head + ", ".join(rest[:-1]) + " or " + rest[-1]
+    return "; ".join(msgs)
+
+
+def _strip_union_tags(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """Drop pydantic's union-member tags (``bool``, ``literal['auto']``) from an error location.
+
+    Walks the models along ``loc``: list indices and field names are kept; a part met inside
+    a non-model value (where pydantic puts the union member it tried) is dropped.
+    """
+    out: list[str] = []
+    cur: Any = model
+    for part in loc:
+        if part.isdigit():
+            out.append(part)
+            continue
+        fields = getattr(cur, "model_fields", None) if cur is not None else None
+        if fields is None:
+            continue
+        out.append(part)
+        cur = _model_in(fields[part].annotation) if part in fields else None
+    return out
+
+
+def _field_doc(model: type[BaseModel], loc: list[str]) -> str:
+    """The description of the field at ``loc``, if any."""
+    if not loc:
+        return ""
+    cur: Any = model
+    for part in loc[:-1]:
+        if part.isdigit():
+            continue
+        f = getattr(cur, "model_fields", {}).get(part)
+        cur = _model_in(f.annotation) if f else None
+    f = getattr(cur, "model_fields", {}).get(loc[-1]) if cur else None
+    return (f.description or "") if f else ""
 
 
 def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
@@ -283,8 +505,7 @@ def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
         field = getattr(cur, "model_fields", {}).get(part)
         if field is None:
             return []
-        ann = field.annotation
-        cur = _model_in(ann)
+        cur = _model_in(field.annotation)
         if cur is None:
             return []
     return sorted(getattr(cur, "model_fields", {}))
@@ -303,3 +524,87 @@ def _model_in(ann: Any) -> type[BaseModel] | None:
 def to_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML (what ``--dry-run`` prints and runs save)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---- reference documentation ---------------------------------------------------------
+def _type_name(ann: Any) -> str:
+    """A short, readable rendering of a field annotation (``int | None``, ``'a' | 'b'``)."""
+    origin = typing.get_origin(ann)
+    if origin is Literal:
+        return " \\| ".join(repr(a) for a in typing.get_args(ann))
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(a) for a in typing.get_args(ann))
+    if origin in (list, dict):
+        args = ", ".join(_type_name(a) for a in typing.get_args(ann))
+        return f"{origin.__name__}[{args}]"
+    if ann is type(None):
+        return "null"
+    if ann is Any:
+        return "any"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _default_text(field: Any) -> str:
+    if field.default is PydanticUndefined and field.default_factory is None:
+        return "**required**"
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if isinstance(value, BaseModel):
+        return "(section)" if not isinstance(value, ComponentRef) else f"`{json.dumps(value.model_dump())}`"
+    return f"`{json.dumps(value)}`"
+
+
+def _constraints(field: Any) -> str:
+    out = []
+    for m in field.metadata:
+        for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("min_length", "min items")):
+            v = getattr(m, attr, None)
+            if v is not None:
+                out.append(f"{sym} {v}")
+    return ", ".join(out)
+
+
+def markdown_reference() -> str:
+    """Markdown tables of every config section and field, generated from the pydantic models."""
+    sections: list[tuple[str, type[BaseModel]]] = [("(top level)", RunConfig)]
+    for name, f in RunConfig.model_fields.items():
+        sub = _model_in(f.annotation)
+        if sub is not None:
+            sections.append((name if sub is not RewardConfig else "rewards[i]", sub))
+    sections.append(("train.lora", LoraConfig))
+    parts = []
+    for title, model in sections:
+        doc = (model.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        rows = ["| key | type | default | constraints | meaning |", "|---|---|---|---|---|"]
+        for fname, f in model.model_fields.items():
+            meaning = (f.description or "").replace("|", "\\|")
+            rows.append(f"| `{fname}` | {_type_name(f.annotation)} | {_default_text(f)} | {_constraints(f)} | "
+                        f"{meaning} |")
+        parts.append(f"### `{title}`\n\n{doc}\n\n" + "\n".join(rows))
+    return "\n\n".join(parts) + "\n"
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m core.config", description="config tools")
+    p.add_argument("--markdown", action="store_true", help="print the field reference as Markdown tables")
+    p.add_argument("--check", metavar="FILE", help="validate a config file (no plugins: components unchecked)")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    if args.markdown:
+        sys.stdout.write(markdown_reference())
+        return 0
+    if args.check:
+        try:
+            cfg = build_config(load_raw(args.check), args.overrides)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        sys.stdout.write(to_yaml(cfg))
+        return 0
+    p.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

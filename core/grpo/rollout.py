@@ -55,10 +55,16 @@ class TransformersRollout(RolloutEngine):
     description = "transformers generate on the policy (built in)"
 
     class Options(BaseModel):
-        """``prompt_batch_size`` bounds memory: prompts per generate call (x n rows)."""
+        """``prompt_batch_size`` bounds memory: prompts per generate call (x n rows).
+
+        ``seed_per_prompt`` generates each prompt in its own call after seeding torch with the
+        prompt's ``seed``: sampling then no longer depends on how prompts are batched or split
+        over processes (at the cost of batching), which makes runs comparable across world sizes.
+        """
 
         model_config = ConfigDict(extra="forbid")
         prompt_batch_size: int = Field(64, ge=1)
+        seed_per_prompt: bool = False
 
     def generate(self, prompts: list[PromptInput], sampling: SamplingParams) -> list[list[Completion]]:
         """``sampling.n`` completions per prompt."""
@@ -69,9 +75,11 @@ class TransformersRollout(RolloutEngine):
         tok = getattr(processor, "tokenizer", processor)
         eos = eos_token_ids(model, processor)
         results: list[list[Completion]] = []
-        bs = self.options.prompt_batch_size
+        bs = 1 if self.options.seed_per_prompt else self.options.prompt_batch_size
         for start in range(0, len(prompts), bs):
             chunk = prompts[start:start + bs]
+            if self.options.seed_per_prompt and chunk[0].seed is not None:
+                torch.manual_seed(chunk[0].seed)
             inputs = family.process(processor, [p.text for p in chunk], [p.images for p in chunk])
             inputs = inputs.to(ctx.device)
             gen_kwargs: dict[str, Any] = dict(

@@ -38,6 +38,9 @@ class PromptInput:
     messages: list[dict[str, Any]]
     text: str
     images: list[Image.Image] = field(default_factory=list)
+    #: Seed for this prompt's samples, derived by the trainer from (run seed, step, group): an engine
+    #: that honours it makes sampling independent of batching and of the number of processes.
+    seed: int | None = None
 
 
 @dataclass

@@ -94,6 +94,10 @@ class TaskFormat(Component):
     def load(self, split: str = "train") -> Sequence[Sample]:
         """Return the samples of ``split`` (``"train"`` or ``"eval"``)."""
 
+    def splits(self) -> tuple[str, ...]:
+        """The splits :meth:`load` can return; a task without held-out data returns ``("train",)``."""
+        return ("train", "eval")
+
     def stats(self) -> dict[str, int]:
         """Counters for the logs, e.g. ``{"skipped_rows": 3}``."""
         return {}

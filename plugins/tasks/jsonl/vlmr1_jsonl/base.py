@@ -53,6 +53,11 @@ class FileTask(TaskFormat):
         return iter_jsonl(src.path, read_bytes(src.path))
 
     # ---- TaskFormat -------------------------------------------------------------------------
+    def splits(self) -> tuple[str, ...]:
+        """``("train", "eval")`` when eval files or a validation ratio are configured, else ``("train",)``."""
+        o = self.options
+        return ("train", "eval") if (o.eval_files or o.val_split_ratio > 0) else ("train",)
+
     def load(self, split: str = "train") -> Sequence[Sample]:
         """The samples of ``split``; files are parsed once per task object and cached."""
         split = canonical_split(split)

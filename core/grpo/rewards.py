@@ -1,0 +1,340 @@
+"""The engine's reward runner: every configured reward, under a time limit, combined by weight.
+
+One call scores one step's completions with every reward and returns a ``[N, R]`` table, the
+weighted total and per-reward metrics. A reward that is slow, raises, returns NaN or a list
+of the wrong length never stops training: the affected completions are scored by that
+reward's ``on_error`` policy and counted in the metrics.
+
+How time limits work (and their limits)
+---------------------------------------
+Each reward call runs in its own **daemon thread**; the runner waits for it until the
+reward's ``timeout_s`` and then *abandons* it. Python threads cannot be killed, so an
+abandoned call keeps running (and using CPU and memory) until it returns by itself; it can
+never block the step, the process exit (daemon thread) or later steps. To bound the leak,
+a reward whose previous call is still running is **not called again**: its completions are
+scored by the policy at once (reason "previous call still running", counted as a timeout)
+until the stuck call returns. A thread pool is deliberately not used: a stuck call would
+hold one of its workers forever and starve every later step.
+
+Threads were chosen over processes because rewards receive closures (the model family's box
+transform) and hold clients and caches that do not pickle, and because starting or forking a
+process per call costs far more than typical rule-based rewards. A reward that needs a *hard*
+stop of pathological work (e.g. a sympy simplification that never returns) isolates that work
+in a subprocess it can kill itself, as ``vlmr1-plugin-math`` does.
+
+Parallelism: rewards with ``thread_safe = True`` run concurrently (at most ``max_workers``
+calls at once). Rewards with ``thread_safe = False`` run one at a time, in order (never two
+of them at once, and never two calls of one reward at once), beside the thread-safe ones.
+Pure-Python rewards gain little from threads (the GIL); I/O-bound rewards (an LLM judge)
+and C-backed ones (pycocotools) do.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import Literal
+
+import numpy as np
+import torch
+
+from core.interfaces import Reward, RewardBatch
+
+logger = logging.getLogger(__name__)
+
+OnError = Literal["zero", "skip", "raise"]
+
+# Calls that were abandoned after their time limit and are still running, per reward object.
+# Module-level (not per runner) because the trainer shares reward objects between its
+# training and evaluation runners, and a non-thread-safe reward must not be re-entered.
+_INFLIGHT: weakref.WeakKeyDictionary[Reward, threading.Thread] = weakref.WeakKeyDictionary()
+_INFLIGHT_LOCK = threading.Lock()
+
+
+class RewardError(RuntimeError):
+    """A reward failed and its policy is ``on_error: raise``; the message names the reward."""
+
+
+class RewardTimeoutError(RewardError):
+    """A reward exceeded its time limit and its policy is ``on_error: raise``."""
+
+
+@dataclass
+class RewardSpec:
+    """One term of the weighted sum: a built reward, its weight, time limit and error policy."""
+
+    name: str
+    reward: Reward
+    weight: float
+    timeout_s: float
+    on_error: OnError
+
+
+@dataclass
+class RewardResult:
+    """What one runner call returns.
+
+    Attributes:
+        per_reward: ``[N, R]`` float32, NaN where a reward does not apply (``None``) or
+            where its error policy is ``skip``.
+        total: ``[N]`` weighted sum over the applicable terms (a NaN term counts 0; a
+            completion no reward applies to gets 0).
+        metrics: ``rewards/<name>`` (mean over applicable completions, NaN if none),
+            ``rewards/<name>_std`` (sample std, 0 for one value, NaN for none),
+            ``rewards/<name>_applicable_frac``, ``rewards/<name>_errors`` (completions scored
+            by the error policy: timeouts, exceptions, wrong-length results, NaN/inf or
+            non-numeric scores) and ``rewards/<name>_timeouts`` (completions affected by a
+            timeout). Counts are floats, per call.
+        names: the column names of ``per_reward`` (spec names, made unique with ``_2``...).
+    """
+
+    per_reward: torch.Tensor
+    total: torch.Tensor
+    metrics: dict[str, float]
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Job:
+    index: int
+    spec: RewardSpec
+    name: str
+    serial: bool
+    thread: threading.Thread | None = None
+    deadline: float = 0.0
+    done: bool = False
+
+
+class _Outcome:
+    """Per-reward bookkeeping of one call: scores plus error counts."""
+
+    def __init__(self, n: int) -> None:
+        self.scores: list[float] = [math.nan] * n
+        self.errors = 0
+        self.timeouts = 0
+
+
+class RewardRunner:
+    """Score a batch with every reward under its time limit; combine by weight.
+
+    Args:
+        specs: the reward terms, in column order.
+        max_workers: the most reward calls running at once in one step (>= 1).
+    """
+
+    def __init__(self, specs: list[RewardSpec], max_workers: int = 4) -> None:
+        if max_workers < 1:
+            raise ValueError(f"RewardRunner: max_workers must be >= 1, got {max_workers}")
+        for s in specs:
+            if s.on_error not in ("zero", "skip", "raise"):
+                raise ValueError(f"reward {s.name!r}: on_error must be zero, skip or raise, got {s.on_error!r}")
+            if not (s.timeout_s > 0):
+                raise ValueError(f"reward {s.name!r}: timeout_s must be > 0, got {s.timeout_s!r}")
+            if not math.isfinite(s.weight):
+                raise ValueError(f"reward {s.name!r}: weight must be finite, got {s.weight!r}")
+        self.specs = list(specs)
+        self.max_workers = max_workers
+        self.names = _unique_names([s.name for s in self.specs])
+        self._warned: set[tuple[str, str]] = set()
+        self._closed = False
+
+    # ---- public API --------------------------------------------------------------------
+    def __call__(self, batch: RewardBatch) -> RewardResult:
+        """Score ``batch`` with every reward; see :class:`RewardResult`."""
+        if self._closed:
+            raise RuntimeError("RewardRunner is closed")
+        n = len(batch)
+        outcomes = [_Outcome(n) for _ in self.specs]
+        if n:
+            self._run_all(batch, outcomes)
+        per = torch.tensor([o.scores for o in outcomes], dtype=torch.float32).T.reshape(n, len(self.specs))
+        weights = torch.tensor([s.weight for s in self.specs], dtype=torch.float32)
+        total = (torch.nan_to_num(per, nan=0.0) * weights).sum(dim=1)
+        return RewardResult(per, total, self._metrics(per, outcomes), list(self.names))
+
+    def close(self) -> None:
+        """Release rewards that hold resources (calls ``close()`` where a reward has one).
+
+        Abandoned calls are daemon threads and are not waited for.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        seen: set[int] = set()
+        for s in self.specs:
+            closer = getattr(s.reward, "close", None)
+            if callable(closer) and id(s.reward) not in seen:
+                seen.add(id(s.reward))
+                try:
+                    closer()
+                except Exception:  # closing must not mask the run's own outcome
+                    logger.warning("reward %r: close() failed", s.name, exc_info=True)
+
+    # ---- scheduling --------------------------------------------------------------------
+    def _run_all(self, batch: RewardBatch, outcomes: list[_Outcome]) -> None:
+        n = len(batch)
+        # A fresh queue per call: results of calls abandoned in earlier steps land in
+        # their own (now unread) queue and can never be mistaken for this step's.
+        results: queue.Queue[tuple[int, object, BaseException | None]] = queue.Queue()
+        jobs = [_Job(i, s, self.names[i], serial=not getattr(s.reward, "thread_safe", True))
+                for i, s in enumerate(self.specs)]
+        parallel = [j for j in jobs if not j.serial]
+        serial = [j for j in jobs if j.serial]
+        running: dict[int, _Job] = {}
+
+        def start(job: _Job) -> bool:
+            with _INFLIGHT_LOCK:
+                stuck = _INFLIGHT.get(job.spec.reward)
+                if stuck is not None and stuck.is_alive():
+                    busy = True
+                else:
+                    _INFLIGHT.pop(job.spec.reward, None)
+                    busy = False
+            if busy:
+                self._fail(job, outcomes[job.index], n, "timeout",
+                           f"its previous call is still running after exceeding {job.spec.timeout_s:g} s", None)
+                return False
+            t = threading.Thread(target=_call, args=(job.index, job.spec.reward, batch, results),
+                                 name=f"vlmr1-reward-{job.name}", daemon=True)
+            job.thread = t
+            job.deadline = time.monotonic() + job.spec.timeout_s
+            running[job.index] = job
+            t.start()
+            return True
+
+        serial_running = False
+        while parallel or serial or running:
+            # Fill free slots: at most one serial job, the rest thread-safe ones.
+            while serial and not serial_running and len(running) < self.max_workers:
+                serial_running = start(serial.pop(0))
+            while parallel and len(running) < self.max_workers:
+                start(parallel.pop(0))
+            if not running:
+                continue
+            wait = max(0.0, min(j.deadline for j in running.values()) - time.monotonic())
+            try:
+                idx, value, exc = results.get(timeout=wait)
+            except queue.Empty:
+                idx = None
+            if idx is not None and idx in running:
+                job = running.pop(idx)
+                job.done = True
+                serial_running = serial_running and not job.serial
+                self._collect(job, outcomes[idx], n, value, exc)
+            now = time.monotonic()
+            for job in [j for j in running.values() if j.deadline <= now]:
+                running.pop(job.index)
+                serial_running = serial_running and not job.serial
+                with _INFLIGHT_LOCK:
+                    if job.thread is not None and job.thread.is_alive():
+                        _INFLIGHT[job.spec.reward] = job.thread
+                self._fail(job, outcomes[job.index], n, "timeout",
+                           f"no result within its time limit of {job.spec.timeout_s:g} s (call abandoned)", None)
+
+    # ---- result handling ---------------------------------------------------------------
+    def _collect(self, job: _Job, out: _Outcome, n: int, value: object, exc: BaseException | None) -> None:
+        if exc is not None:
+            self._fail(job, out, n, "exception", f"raised {type(exc).__name__}: {exc}", exc)
+            return
+        values: list[object] | None = None
+        if not isinstance(value, (str, bytes, dict)):
+            try:
+                values = list(value)  # type: ignore[call-overload]
+            except TypeError:
+                values = None
+        if values is None:
+            self._fail(job, out, n, "wrong_result", f"returned {type(value).__name__}, expected a list of {n} scores",
+                       None)
+            return
+        if len(values) != n:
+            self._fail(job, out, n, "wrong_result", f"returned {len(values)} scores for {n} completions", None)
+            return
+        bad: list[int] = []
+        for i, v in enumerate(values):
+            if v is None:
+                continue  # not applicable: stays NaN, not an error
+            f = _as_float(v)
+            if f is None or not math.isfinite(f):
+                bad.append(i)
+            else:
+                out.scores[i] = f
+        if bad:
+            sample = values[bad[0]]
+            self._fail(job, out, n, "bad_value",
+                       f"returned {len(bad)} non-finite or non-numeric score(s), e.g. {sample!r} at index {bad[0]}",
+                       None, indices=bad)
+
+    def _fail(self, job: _Job, out: _Outcome, n: int, kind: str, reason: str, exc: BaseException | None,
+              indices: list[int] | None = None) -> None:
+        spec = job.spec
+        idx = list(range(n)) if indices is None else indices
+        msg = f"reward {job.name!r} {reason}"
+        if spec.on_error == "raise":
+            err_cls = RewardTimeoutError if kind == "timeout" else RewardError
+            raise err_cls(f"{msg} (on_error: raise)") from exc
+        fill = 0.0 if spec.on_error == "zero" else math.nan
+        for i in idx:
+            out.scores[i] = fill
+        out.errors += len(idx)
+        if kind == "timeout":
+            out.timeouts += len(idx)
+        key = (job.name, kind)
+        policy = "scored 0" if spec.on_error == "zero" else "skipped (not applicable)"
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("%s; %d completion(s) %s (on_error: %s). Further %s problems of this reward are "
+                           "counted in rewards/%s_errors without a warning.", msg, len(idx), policy, spec.on_error,
+                           kind.replace("_", " "), job.name, exc_info=exc)
+        else:
+            logger.debug("%s; %d completion(s) %s", msg, len(idx), policy)
+
+    def _metrics(self, per: torch.Tensor, outcomes: list[_Outcome]) -> dict[str, float]:
+        m: dict[str, float] = {}
+        n = per.shape[0]
+        for j, name in enumerate(self.names):
+            col = per[:, j]
+            vals = col[~torch.isnan(col)]
+            k = int(vals.numel())
+            m[f"rewards/{name}"] = float(vals.mean()) if k else math.nan
+            m[f"rewards/{name}_std"] = float(vals.std()) if k > 1 else (0.0 if k == 1 else math.nan)
+            m[f"rewards/{name}_applicable_frac"] = k / n if n else math.nan
+            m[f"rewards/{name}_errors"] = float(outcomes[j].errors)
+            m[f"rewards/{name}_timeouts"] = float(outcomes[j].timeouts)
+        return m
+
+
+def _call(index: int, reward: Reward, batch: RewardBatch, results: queue.Queue) -> None:
+    """Worker-thread body: run one reward and post its result (or exception)."""
+    try:
+        value = reward.score(batch)
+    except BaseException as e:  # noqa: BLE001 - every failure is reported to the runner
+        results.put((index, None, e))
+    else:
+        results.put((index, value, None))
+
+
+def _as_float(v: object) -> float | None:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, Real):
+        return float(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return float(v.item())
+    if isinstance(v, np.number):  # numpy scalars that are not registered as numbers.Real
+        return float(v)
+    return None
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for nm in names:
+        seen[nm] = seen.get(nm, 0) + 1
+        out.append(nm if seen[nm] == 1 else f"{nm}_{seen[nm]}")
+    return out

@@ -1,0 +1,111 @@
+"""Run logs: ``metrics.jsonl`` (one object per optimizer step), ``completions.jsonl``,
+TensorBoard (and optionally W&B) scalars, and the reward-curve PNG written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    """Appends metrics and completions; only the main process writes."""
+
+    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, wandb: bool = False,
+                 is_main: bool = True, run_config: dict[str, Any] | None = None) -> None:
+        self.dir = Path(output_dir)
+        self.is_main = is_main
+        self._tb = None
+        self._wandb = None
+        if not is_main:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+        if wandb:
+            import wandb as wb  # optional extra: pip install vlmr1[wandb]
+
+            self._wandb = wb.init(config=run_config or {}, dir=str(self.dir))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records of steps after ``step`` (written before a crash)."""
+        if not self.is_main:
+            return
+        for name in ("metrics.jsonl", "completions.jsonl"):
+            path = self.dir / name
+            if not path.exists():
+                continue
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Write one step's metrics."""
+        if not self.is_main:
+            return
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, int | float) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def log_completions(self, records: list[dict[str, Any]]) -> None:
+        """Append sampled prompts, completions and their rewards."""
+        if not self.is_main or not records:
+            return
+        with open(self.dir / "completions.jsonl", "a") as f:
+            for r in records:
+                f.write(json.dumps(r, default=str) + "\n")
+
+    def close(self) -> None:
+        """Flush and close the writers."""
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def plot_rewards(output_dir: str | Path, keys: tuple[str, ...] = ("reward",)) -> Path | None:
+    """Plot reward (and per-reward) curves from ``metrics.jsonl`` into ``reward_curve.png``."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    if not rows:
+        return None
+    names = list(keys) + sorted({k for r in rows for k in r if k.startswith("rewards/") and k.count("/") == 1
+                                 and not k.endswith(("_std", "_frac", "_errors", "_timeouts"))})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    for name in names:
+        ys = [r.get(name) for r in rows]
+        if any(y is not None for y in ys):
+            ax.plot(steps, [float("nan") if y is None else y for y in ys], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_title("GRPO training reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(output_dir) / "reward_curve.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
