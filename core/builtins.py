@@ -1,9 +1,11 @@
-"""Components that ship with core: the CPU device, the transformers rollout engine and the
-``accuracy`` router reward. Registered by the plugin host like any plugin (as ``vlmr1``).
+"""Components that ship with core: CPU device, transformers rollout engine, ``accuracy`` router.
+
+They are registered by the plugin host like any plugin (as the distribution ``vlmr1``).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,32 +60,51 @@ class AccuracyRouter(Reward):
     thread_safe: ClassVar[bool] = True
 
     def setup(self, ctx: RewardContext) -> None:
-        """Build the method -> reward table from the registry."""
-        self._table: dict[str, Reward] = {}
-        built: dict[str, Reward] = {}
+        """Build the method -> reward-name table; each reward is built on first use.
+
+        Building lazily means an installed reward that needs options of its own (an LLM
+        judge's endpoint) or resources (a worker process) costs nothing, and cannot fail
+        the run, unless a row actually routes to it. ``reward_options`` are validated now.
+        """
+        self._ctx = ctx
+        self._names: dict[str, str] = {}
+        self._built: dict[str, Reward] = {}
+        self._lock = threading.Lock()
         if ctx.registry is None:
             return
-        methods: dict[str, str] = {}
         for entry in ctx.registry.entries("rewards"):
             for m in getattr(entry.cls, "methods", ()):
-                methods.setdefault(m, entry.name)
-        methods.update(self.options.routes)
-        for method, rname in methods.items():
-            if rname not in built:
-                built[rname] = ctx.registry.create("rewards", rname, self.options.reward_options.get(rname))
-                built[rname].setup(ctx)
-            self._table[method] = built[rname]
+                self._names.setdefault(m, entry.name)
+        self._names.update(self.options.routes)
+        for rname, opts in self.options.reward_options.items():
+            ctx.registry.get("rewards", rname).Options.model_validate(opts)
+
+    def reward_for(self, method: str) -> Reward:
+        """The (built and set up) reward serving ``method``."""
+        rname = self._names.get(method)
+        if rname is None:
+            raise KeyError(f"no installed reward serves accu_reward_method {method!r}; "
+                           f"known methods: {', '.join(sorted(self._names)) or '(none)'}")
+        with self._lock:
+            if rname not in self._built:
+                reward = self._ctx.registry.create("rewards", rname, self.options.reward_options.get(rname))
+                reward.setup(self._ctx)
+                self._built[rname] = reward
+            return self._built[rname]
+
+    def close(self) -> None:
+        """Close the rewards built so far (those that hold resources)."""
+        for reward in self._built.values():
+            closer = getattr(reward, "close", None)
+            if callable(closer):
+                closer()
 
     def score(self, batch: RewardBatch) -> list[float | None]:
         """Score each item with the reward its method routes to."""
         out: list[float | None] = [None] * len(batch)
         by_reward: dict[int, tuple[Reward, list[int]]] = {}
         for i, item in enumerate(batch):
-            method = item.reward_method or self.options.default_method
-            reward = self._table.get(method)
-            if reward is None:
-                raise KeyError(f"no installed reward serves accu_reward_method {method!r}; "
-                               f"known methods: {', '.join(sorted(self._table)) or '(none)'}")
+            reward = self.reward_for(item.reward_method or self.options.default_method)
             by_reward.setdefault(id(reward), (reward, []))[1].append(i)
         for reward, idx in by_reward.values():
             scores = reward.score(RewardBatch([batch.items[i] for i in idx]))

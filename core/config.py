@@ -117,6 +117,18 @@ class ComponentRef(Strict):
                                     description="validated against the component's `Options` model")
 
 
+class DeviceRef(ComponentRef):
+    """The compute device (``auto`` = the highest-priority usable one) and its options."""
+
+    name: str = Field("auto", description="device name, or `auto`")
+
+
+class RolloutRef(ComponentRef):
+    """The rollout engine that generates completions, and its options."""
+
+    name: str = Field("transformers", description="rollout engine name (built-in: `transformers`)")
+
+
 class ModelConfig(Strict):
     """The policy checkpoint and how to load it."""
 
@@ -256,10 +268,9 @@ class RunConfig(Strict):
     rewards: list[RewardConfig] = Field(min_length=1, description="reward terms, summed with their weights")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    device: ComponentRef = Field(default_factory=lambda: ComponentRef(name="auto"),
-                                 description="compute device; `auto` = the highest-priority usable one")
-    rollout: ComponentRef = Field(default_factory=lambda: ComponentRef(name="transformers"),
-                                  description="rollout engine that generates completions")
+    device: DeviceRef = Field(default_factory=DeviceRef,
+                              description="compute device; `auto` = the highest-priority usable one")
+    rollout: RolloutRef = Field(default_factory=RolloutRef, description="rollout engine that generates completions")
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -413,6 +424,11 @@ def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source
 
 def _origin(key: str, source: str, lines: dict[str, int] | None, overrides: dict[str, str] | None) -> str:
     """``override 'k=v'`` if an override set ``key`` (or a parent), else ``file:line`` of the nearest key."""
+    if overrides:
+        # An override that set this key or something inside it (`trian.seed=3` for key `trian`).
+        for okey, text in overrides.items():
+            if okey.startswith(key + ".") and key:
+                return f"override {text!r}"
     parts = key.split(".")
     for i in range(len(parts), 0, -1):
         prefix = ".".join(parts[:i])
@@ -549,7 +565,7 @@ def _default_text(field: Any) -> str:
         return "**required**"
     value = field.default_factory() if field.default_factory is not None else field.default
     if isinstance(value, BaseModel):
-        return "(section)" if not isinstance(value, ComponentRef) else f"`{json.dumps(value.model_dump())}`"
+        return "(section)"
     return f"`{json.dumps(value)}`"
 
 

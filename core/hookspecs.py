@@ -13,7 +13,9 @@ A plugin module looks like::
         register(MyReward)
 
 Hook modules must import nothing heavy (torch_npu, vllm, openai ...) at import time; import
-such libraries inside the component's methods.
+such libraries inside the component's methods. Every hook function needs ``@hookimpl`` and a
+parameter named ``register``; the plugin host reports an undecorated hook or a misspelt hook
+name as a failed plugin (pluggy alone would ignore both). See ``docs/plugins.md``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.config import ConfigError, RunConfig, format_validation_error
-from core.registry import ComponentError, Entry, Registry
+from core.registry import SINGULAR, ComponentError, Entry, Registry
 
 
 @dataclass
@@ -43,80 +43,124 @@ class Plan:
             },
             "task": self.task.qualified,
             "rewards": [
-                {"name": e.qualified, "weight": r.weight} for e, r in zip(self.rewards, self.config.rewards, strict=True)
+                {"name": e.qualified, "weight": r.weight}
+                for e, r in zip(self.rewards, self.config.rewards, strict=True)
             ],
             "device": self.device.qualified,
             "rollout": self.rollout.qualified,
+            "options": {k: v.model_dump(mode="json") for k, v in self.options.items()},
             "batch": self.batch,
             "notes": self.notes,
         }
 
 
-def _validate_options(entry: Entry, raw: dict[str, Any], key: str) -> Any:
+def _validate_options(entry: Entry, raw: dict[str, Any], key: str, cfg: RunConfig | None = None) -> Any:
     try:
         return entry.cls.Options.model_validate(raw or {})
     except ValidationError as exc:
-        raise ConfigError(
-            format_validation_error(exc, entry.cls.Options, f"options of {entry.kind[:-1]} {entry.qualified}", key)
-        ) from None
+        # Name the place in the file/override; the message lists the component's valid options.
+        if cfg is None:
+            msg = format_validation_error(exc, entry.cls.Options, "config", key)
+        else:
+            msg = format_validation_error(exc, entry.cls.Options, cfg._source, key,
+                                          lines=cfg._lines, overrides=cfg._overrides)
+        fields = ", ".join(entry.cls.Options.model_fields) or "none"
+        raise ConfigError(f"{msg} ({SINGULAR[entry.kind]} {entry.qualified} takes the options: {fields}.)") from None
 
 
-def _resolve(registry: Registry, kind: str, ref: str, key: str) -> Entry:
+def _resolve(registry: Registry, kind: str, ref: str, key: str, cfg: RunConfig | None = None) -> Entry:
     try:
         return registry.resolve(kind, ref)
     except ComponentError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
+        where = f"{cfg.origin(key)}: " if cfg is not None else ""
+        raise ConfigError(f"{where}{key}: {exc}") from None
 
 
-def pick_device(registry: Registry, ref: str) -> tuple[Entry, list[str]]:
-    """Resolve ``auto`` to the highest-priority usable device; check a named one is usable."""
+def pick_device(registry: Registry, ref: str, options: dict[str, Any] | None = None,
+                cfg: RunConfig | None = None, *, require_available: bool = True) -> tuple[Entry, list[str]]:
+    """Resolve ``auto`` to the highest-priority usable device; check a named one is usable.
+
+    ``available()`` is asked of an instance built with ``options`` where they validate (a
+    device's availability may depend on them, e.g. which accelerator index), else defaults.
+    Ties in priority go to the first registered (deterministic: entry points load sorted).
+    With ``require_available=False`` (``--dry-run``: validate a GPU config on a laptop) a
+    named device that is not usable here is accepted with a note instead of an error.
+    """
     notes = []
+
+    def usable(e: Entry) -> tuple[bool, str]:
+        try:
+            inst = e.cls.from_options(options or {})
+        except ValidationError:
+            inst = e.cls()
+        return inst.available()
+
     if ref == "auto":
-        usable = []
+        ok_entries = []
         for e in registry.entries("devices"):
-            ok, why = e.cls().available()
+            ok, why = usable(e)
             if ok:
-                usable.append(e)
+                ok_entries.append(e)
             else:
                 notes.append(f"device {e.qualified} not usable: {why}")
-        if not usable:
-            raise ConfigError("device: auto found no usable device")
-        return max(usable, key=lambda e: e.cls.priority), notes
-    entry = _resolve(registry, "devices", ref, "device.name")
-    ok, why = entry.cls().available()
-    if not ok:
-        raise ConfigError(f"device.name: {entry.qualified} is not usable here: {why}")
+        if not ok_entries:
+            raise ConfigError("device: auto found no usable device: " + "; ".join(notes))
+        best = max(e.cls.priority for e in ok_entries)
+        return next(e for e in ok_entries if e.cls.priority == best), notes
+    entry = _resolve(registry, "devices", ref, "device.name", cfg)
+    ok, why = usable(entry)
+    if not ok and not require_available:
+        notes.append(f"device {entry.qualified} is not usable on this machine ({why}); a real run here would stop")
+    elif not ok:
+        usable_names = [e.qualified for e in registry.entries("devices") if usable(e)[0]]
+        raise ConfigError(f"device.name: {entry.qualified} is not usable here: {why}. "
+                          f"Usable devices: {', '.join(usable_names) or '(none)'} (or device.name=auto).")
     return entry, notes
 
 
-def make_plan(cfg: RunConfig, registry: Registry, num_processes: int = 1) -> Plan:
-    """Resolve and validate every component of ``cfg``; raise :class:`ConfigError` on any problem."""
+def make_plan(cfg: RunConfig, registry: Registry, num_processes: int = 1, *,
+              require_available: bool = True) -> Plan:
+    """Resolve and validate every component of ``cfg``; raise :class:`ConfigError` on any problem.
+
+    ``require_available=False`` (for ``--dry-run``) accepts a named device this machine lacks,
+    with a note in :attr:`Plan.notes`, so a GPU recipe validates on a CPU-only machine.
+    """
     opts: dict[str, Any] = {}
     fam = None
+    if not cfg.model.path and cfg.model.tiny is None:
+        raise ConfigError(f"{cfg.origin('model')}: model.path is required: a checkpoint folder or hub id "
+                          "(or set model.family and model.tiny to build a tiny random checkpoint offline).")
     if cfg.model.family:
-        fam = _resolve(registry, "models", cfg.model.family, "model.family")
-        opts["model"] = _validate_options(fam, cfg.model.options, "model.options")
+        fam = _resolve(registry, "models", cfg.model.family, "model.family", cfg)
+        opts["model"] = _validate_options(fam, cfg.model.options, "model.options", cfg)
     elif cfg.model.options:
-        raise ConfigError("model.options given without model.family; name the family so they can be validated")
+        raise ConfigError(f"{cfg.origin('model.options')}: model.options given without model.family; "
+                          "name the family so they can be validated")
     elif cfg.model.path and Path(cfg.model.path, "config.json").is_file():
         fam = registry_family_for(registry, cfg.model.path)
-        opts["model"] = _validate_options(fam, {}, "model.options")
-    task = _resolve(registry, "tasks", cfg.task.name, "task.name")
-    opts["task"] = _validate_options(task, cfg.task.options, "task.options")
+        opts["model"] = _validate_options(fam, {}, "model.options", cfg)
+    task = _resolve(registry, "tasks", cfg.task.name, "task.name", cfg)
+    opts["task"] = _validate_options(task, cfg.task.options, "task.options", cfg)
     rewards = []
     for i, r in enumerate(cfg.rewards):
-        e = _resolve(registry, "rewards", r.name, f"rewards[{i}].name")
-        opts[f"rewards.{i}"] = _validate_options(e, r.options, f"rewards.{i}.options")
+        e = _resolve(registry, "rewards", r.name, f"rewards.{i}.name", cfg)
+        opts[f"rewards.{i}"] = _validate_options(e, r.options, f"rewards.{i}.options", cfg)
         rewards.append(e)
-    device, notes = pick_device(registry, cfg.device.name)
-    opts["device"] = _validate_options(device, cfg.device.options, "device.options")
-    rollout = _resolve(registry, "rollouts", cfg.rollout.name, "rollout.name")
-    opts["rollout"] = _validate_options(rollout, cfg.rollout.options, "rollout.options")
-    if cfg.model.dtype not in ("auto", "float32"):
-        supported = device.cls().supported_dtypes()
+    if cfg.eval.enabled and cfg.eval.reward is not None and cfg.eval.reward not in [r.name for r in cfg.rewards]:
+        raise ConfigError(f"{cfg.origin('eval.reward')}: eval.reward {cfg.eval.reward!r} is not one of the "
+                          f"configured rewards ({', '.join(r.name for r in cfg.rewards)}).")
+    device, notes = pick_device(registry, cfg.device.name, cfg.device.options, cfg,
+                                require_available=require_available)
+    opts["device"] = _validate_options(device, cfg.device.options, "device.options", cfg)
+    device_here = not any(n.startswith(f"device {device.qualified} is not usable") for n in notes)
+    rollout = _resolve(registry, "rollouts", cfg.rollout.name, "rollout.name", cfg)
+    opts["rollout"] = _validate_options(rollout, cfg.rollout.options, "rollout.options", cfg)
+    # Which dtypes a device supports may depend on the hardware, so ask only a usable one.
+    if cfg.model.dtype not in ("auto", "float32") and device_here:
+        supported = device.cls(opts["device"]).supported_dtypes()
         if cfg.model.dtype not in supported:
-            raise ConfigError(f"model.dtype: {cfg.model.dtype} is not supported by device {device.qualified} "
-                              f"(supported: {', '.join(supported)})")
+            raise ConfigError(f"{cfg.origin('model.dtype')}: model.dtype: {cfg.model.dtype} is not supported by "
+                              f"device {device.qualified} (supported: {', '.join(supported)})")
     batch = cfg.batch_plan(num_processes)
     return Plan(cfg, fam, task, rewards, device, rollout, opts, batch, notes)
 

@@ -8,12 +8,14 @@ Loading is deterministic (entry points sorted by distribution then name, so ever
 a distributed run registers components in the same order). A plugin that fails to import,
 whose hooks raise, or that requires an incompatible ``vlmr1`` is recorded with its
 distribution, version and traceback and skipped; it breaks only runs that need one of its
-components (``strict=True`` makes any failure fatal).
+components (``strict=True`` makes any failure fatal). ``list`` exits 0 even then: it is
+the tool for finding out what is broken.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.metadata as md
 import json
@@ -30,21 +32,24 @@ from core import __version__, hookspecs
 from core.registry import HOOK_KINDS, KINDS, Registry, normalize_dist, short_dist
 
 ENTRY_POINT_GROUP = "vlmr1"
+#: The distribution name under which core's built-in components are registered.
 BUILTIN = "vlmr1"
+#: Load states a plugin can end in.
+STATUSES = ("loaded", "failed", "incompatible", "not selected")
 
 
 class PluginError(RuntimeError):
-    """A plugin could not be loaded (raised in strict mode, or for an explicitly selected plugin)."""
+    """A plugin could not be loaded (strict mode), or ``--plugins`` names one that is not installed."""
 
 
 @dataclass
 class PluginInfo:
-    """What ``core.plugins list`` reports for one plugin."""
+    """What ``core.plugins list`` reports for one plugin (one entry point)."""
 
     distribution: str
     version: str
     entry_point: str
-    status: str = "loaded"  # loaded | failed | incompatible | not selected
+    status: str = "loaded"  # one of STATUSES
     error: str | None = None
     hooks: list[str] = field(default_factory=list)
     components: dict[str, list[str]] = field(default_factory=dict)
@@ -63,20 +68,33 @@ class PluginInfo:
 
 
 def parse_selection(plugins: str | list[str] | None) -> set[str] | None:
-    """``None`` = load all; empty set = built-ins only (``none``); else short dist names."""
+    """``None`` = load all; empty set = built-ins only (``none``); else short dist names.
+
+    Names may carry the ``vlmr1-plugin-`` prefix or not, and any case or ``_``/``-`` spelling
+    (``vlmr1-plugin-qwen-vl``, ``qwen_vl`` and ``Qwen-VL`` select the same distribution).
+    Naming core itself (``vlmr1``) is allowed and changes nothing: built-ins always load.
+    """
     if plugins is None:
         return None
     items = plugins.split(",") if isinstance(plugins, str) else list(plugins)
-    items = [p.strip() for p in items if p.strip()]
-    if items == ["all"]:
+    items = [p.strip() for p in items if p and p.strip()]
+    if [i.lower() for i in items] == ["all"]:
         return None
-    if items in ([], ["none"]):
+    if [i.lower() for i in items] in ([], ["none"]):
         return set()
-    return {short_dist(p) for p in items}
+    return {short_dist(p) for p in items} - {BUILTIN}
 
 
 class PluginHost:
-    """Loads plugins into a pluggy manager and collects their components into a registry."""
+    """Loads plugins into a pluggy manager and collects their components into a registry.
+
+    Args:
+        plugins: ``None`` (every installed plugin), ``"none"`` (built-ins only), or the
+            distributions to load as a comma-separated string or a list.
+        strict: raise :class:`PluginError` at the first plugin that fails or is refused.
+        autoload: load entry points now; ``False`` gives a host with only the built-ins
+            (tests register plugin objects with :meth:`register`).
+    """
 
     def __init__(self, plugins: str | list[str] | None = None, *, strict: bool = False,
                  autoload: bool = True) -> None:
@@ -86,6 +104,7 @@ class PluginHost:
         self.pm.add_hookspecs(hookspecs)
         self.registry = Registry()
         self.infos: list[PluginInfo] = []
+        self._entry_points_loaded = False
         self._register_object(importlib.import_module("core.builtins"), BUILTIN, __version__, "core.builtins")
         if autoload:
             self.load_entry_points()
@@ -93,13 +112,18 @@ class PluginHost:
     # ---- loading -----------------------------------------------------------------
     def load_entry_points(self) -> None:
         """Load every (selected) entry point of the ``vlmr1`` group, in a fixed order."""
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        # importlib.metadata already de-duplicates distributions by name (first on sys.path
+        # wins); sorting makes the order independent of sys.path and filesystem order.
         eps = sorted(md.entry_points(group=ENTRY_POINT_GROUP),
-                     key=lambda ep: (normalize_dist(ep.dist.name if ep.dist else ""), ep.name))
-        seen: set[str] = set()
+                     key=lambda ep: (normalize_dist(ep.dist.name if ep.dist else ""), ep.name, ep.value))
+        seen: dict[str, str] = {}
         for ep in eps:
             dist = ep.dist.name if ep.dist else ep.name
             version = ep.dist.version if ep.dist else "?"
-            seen.add(short_dist(dist))
+            seen[short_dist(dist)] = dist
             if self.selection is not None and short_dist(dist) not in self.selection:
                 self.infos.append(PluginInfo(dist, version, ep.value, status="not selected"))
                 continue
@@ -111,50 +135,81 @@ class PluginHost:
                 module = ep.load()
             except Exception:
                 self._fail(PluginInfo(dist, version, ep.value, status="failed",
-                                      error=traceback.format_exc()))
+                                      error=f"importing entry point {ep.name} = {ep.value} failed:\n"
+                                            + traceback.format_exc()))
                 continue
             self._register_object(module, dist, version, ep.value)
         if self.selection:
-            missing = sorted(self.selection - seen)
+            missing = sorted(self.selection - set(seen))
             if missing:
-                installed = sorted(seen) or ["(none)"]
+                hints = []
+                for m in missing:
+                    close = difflib.get_close_matches(m, list(seen), n=1, cutoff=0.6)
+                    if close:
+                        hints.append(f"{m!r} -> did you mean {close[0]!r}?")
+                installed = ", ".join(sorted(seen.values())) or "(none)"
                 raise PluginError(
-                    f"--plugins names {', '.join(missing)}, which is not installed. "
-                    f"Installed vlmr1 plugins: {', '.join(installed)}."
+                    f"--plugins names {', '.join(missing)}, which is not installed"
+                    + (f" ({'; '.join(hints)})" if hints else "")
+                    + f". Installed vlmr1 plugins: {installed}. Install it (pip install vlmr1-plugin-NAME) "
+                    "or leave it out of --plugins / the config's `plugins:` list."
                 )
 
     def register(self, obj: Any, distribution: str, version: str = "0") -> PluginInfo:
-        """Register an in-process plugin object or module (tests, notebooks)."""
-        return self._register_object(obj, distribution, version, repr(obj))
+        """Register an in-process plugin object or module (tests, notebooks).
+
+        Failures are handled as for installed plugins: recorded in :attr:`infos` (check
+        ``info.status``), or raised as :class:`PluginError` in strict mode.
+        """
+        return self._register_object(obj, distribution, version, getattr(obj, "__name__", repr(obj)))
 
     def _register_object(self, obj: Any, dist: str, version: str, ep_value: str) -> PluginInfo:
         info = PluginInfo(dist, version, ep_value)
+        problem = self._hook_problems(obj)
+        if problem:
+            info.status, info.error = "failed", problem
+            return self._fail(info)
         try:
             self.pm.register(obj, name=f"{dist}:{ep_value}")
-        except ValueError as exc:  # pluggy: already registered / no hookimpl with that name
-            info.status, info.error = "failed", str(exc)
+        except Exception as exc:  # pluggy: already registered (ValueError), bad hook signature (PluginValidationError)
+            info.status, info.error = "failed", f"{type(exc).__name__}: {exc}"
             return self._fail(info)
         # Call each hook of this one plugin ourselves so every component is attributed to
         # its distribution (a plain pm.hook call would merge all providers anonymously).
         before = {k: len(self.registry.entries(k)) for k in KINDS}
         try:
             for hook_name, kinds in HOOK_KINDS.items():
-                impl = getattr(obj, hook_name, None)
-                if impl is None:
+                if self.pm.parse_hookimpl_opts(obj, hook_name) is None:
                     continue
                 info.hooks.append(hook_name)
-                impl(register=self.registry.registrar(dist, kinds))
+                getattr(obj, hook_name)(register=self.registry.registrar(dist, kinds))
         except Exception:
             self.pm.unregister(obj)
-            # Drop the half-registered components of this plugin.
+            # Drop the half-registered components of this plugin: all or nothing.
             for k in KINDS:
                 self.registry._entries[k] = self.registry._entries[k][: before[k]]
-            info.status, info.error = "failed", traceback.format_exc()
+            hook = info.hooks[-1] if info.hooks else "registration"
+            info.status, info.error = "failed", f"hook {hook} raised:\n" + traceback.format_exc()
             return self._fail(info)
-        info.components = {k: [e.name for e in self.registry.entries(k)[before[k]:]] for k in KINDS}
-        info.components = {k: v for k, v in info.components.items() if v}
+        comps = {k: [e.name for e in self.registry.entries(k)[before[k]:]] for k in KINDS}
+        info.components = {k: v for k, v in comps.items() if v}
         self.infos.append(info)
         return info
+
+    def _hook_problems(self, obj: Any) -> str | None:
+        """Reject hook-like functions pluggy would silently ignore (typos, missing ``@hookimpl``)."""
+        problems = []
+        for attr in sorted(a for a in dir(obj) if a.startswith("vlmr1_")):
+            marked = self.pm.parse_hookimpl_opts(obj, attr) is not None
+            if attr in HOOK_KINDS:
+                if not marked and callable(getattr(obj, attr)):
+                    problems.append(f"{attr} is not decorated with @hookimpl "
+                                    "(from core.hookspecs import hookimpl)")
+            elif marked:
+                close = difflib.get_close_matches(attr, list(HOOK_KINDS), n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                problems.append(f"unknown hook {attr}{hint} Hooks are: {', '.join(HOOK_KINDS)}")
+        return "; ".join(problems) or None
 
     def _fail(self, info: PluginInfo) -> PluginInfo:
         self.infos.append(info)
@@ -164,13 +219,37 @@ class PluginHost:
             "run `python -m core.plugins list` for the traceback"
         )
         if self.strict:
-            raise PluginError(f"plugin {info.distribution} {info.version} {info.status}:\n{info.error}")
+            raise PluginError(f"plugin {info.distribution} {info.version} {info.status} "
+                              f"(strict mode):\n{info.error}")
         return info
 
     # ---- reporting -----------------------------------------------------------------
     def failures(self) -> list[PluginInfo]:
         """Plugins that failed or were refused."""
         return [i for i in self.infos if i.status in ("failed", "incompatible")]
+
+    def as_json(self, kind: str | None = None) -> dict[str, Any]:
+        """What ``list --json`` prints: plugins with status, plus every component by kind.
+
+        With ``kind``, plugins that loaded but provide nothing of that kind are left out
+        (failed ones stay: what they would have provided is unknown).
+        """
+        plugins = []
+        for info in self.infos:
+            d = info.as_dict()
+            if kind:
+                d["components"] = {k: v for k, v in d["components"].items() if k == kind}
+                if info.status in ("loaded", "not selected") and not d["components"]:
+                    continue
+            plugins.append(d)
+        components: dict[str, list[dict[str, str]]] = {}
+        for k in KINDS if kind is None else (kind,):
+            addressable = self.registry.names(k)
+            components[k] = [
+                {"name": a, "qualified": e.qualified, "provider": e.provider, "description": e.description}
+                for a, e in zip(addressable, self.registry.entries(k), strict=True)
+            ]
+        return {"vlmr1": __version__, "plugins": plugins, "components": components}
 
 
 def _incompatibility(dist: md.Distribution | None) -> str | None:
@@ -186,7 +265,8 @@ def _incompatibility(dist: md.Distribution | None) -> str | None:
             continue
         if req.specifier and not req.specifier.contains(Version(__version__), prereleases=True):
             return (f"{dist.name} {dist.version} requires vlmr1{req.specifier}, but vlmr1 {__version__} "
-                    f"is installed; upgrade the plugin or install a matching vlmr1")
+                    f"is installed; install a release of {dist.name} built for vlmr1 {__version__} "
+                    f"or a vlmr1 that matches {req.specifier}. The plugin was not imported.")
     return None
 
 
@@ -200,7 +280,7 @@ def _print_table(host: PluginHost, kind: str | None) -> None:
         table.add_column(col)
     for info in host.infos:
         comps = {k: v for k, v in info.components.items() if kind in (None, k)}
-        if kind and not comps and info.status == "loaded":
+        if kind and not comps and info.status in ("loaded", "not selected"):
             continue
         comp_text = "\n".join(f"{k}: {', '.join(v)}" for k, v in comps.items())
         if info.error:
@@ -208,7 +288,12 @@ def _print_table(host: PluginHost, kind: str | None) -> None:
         style = {"loaded": "green", "not selected": "dim"}.get(info.status, "red")
         table.add_row(info.distribution, info.version, f"[{style}]{info.status}[/]",
                       "\n".join(h.replace("vlmr1_register_", "") for h in info.hooks), comp_text)
-    Console().print(table)
+    # A wide fixed width keeps the table readable when stdout is a pipe (CI logs).
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    for info in host.failures():
+        console.print(f"[red]{info.distribution} {info.version} {info.status}:[/]")
+        console.print(info.error or "", markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,20 +302,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     lst = sub.add_parser("list", help="list installed plugins, their components and load status")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
-    lst.add_argument("--kind", choices=sorted(KINDS), help="only components of this kind")
-    lst.add_argument("--plugins", default=None, help="comma-separated distributions to load (default: all)")
+    lst.add_argument("--kind", choices=list(KINDS), help="only components of this kind")
+    lst.add_argument("--plugins", default=None,
+                     help="comma-separated distributions to load ('none' = built-ins only; default: all)")
+    lst.add_argument("--strict", action="store_true", help="exit non-zero if any plugin fails to load")
     args = parser.parse_args(argv)
     try:
-        host = PluginHost(args.plugins)
+        host = PluginHost(args.plugins, strict=args.strict)
     except PluginError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        infos = [i.as_dict() for i in host.infos]
-        if args.kind:
-            for d in infos:
-                d["components"] = {k: v for k, v in d["components"].items() if k == args.kind}
-        json.dump({"vlmr1": __version__, "plugins": infos}, sys.stdout, indent=2)
+        json.dump(host.as_json(args.kind), sys.stdout, indent=2)
         print()
     else:
         _print_table(host, args.kind)

@@ -8,8 +8,12 @@ overwrite).
 from __future__ import annotations
 
 import difflib
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic import BaseModel
 
 from core.interfaces import Device, ModelFamily, Reward, RolloutEngine, TaskFormat
 
@@ -49,6 +53,12 @@ class Entry:
         """``distribution:name``."""
         return f"{self.provider}:{self.name}"
 
+    @property
+    def description(self) -> str:
+        """The class's one-line ``description`` (or the first line of its docstring)."""
+        text = getattr(self.cls, "description", "") or (inspect.getdoc(self.cls) or "")
+        return text.strip().splitlines()[0] if text.strip() else ""
+
 
 class Registry:
     """Components by kind, each possibly provided by several distributions."""
@@ -59,7 +69,7 @@ class Registry:
         # the component they want may live in a plugin that did not load.
         self.failure_notes: list[str] = []
 
-    def registrar(self, provider: str, kinds: tuple[str, ...]):
+    def registrar(self, provider: str, kinds: tuple[str, ...]) -> Callable[[type], None]:
         """Return the ``register`` callable handed to one plugin's hook."""
 
         def register(cls: type) -> None:
@@ -73,10 +83,27 @@ class Registry:
         return register
 
     def add(self, kind: str, cls: type, provider: str) -> None:
-        """Register ``cls`` under its ``name``; the same provider may not register a name twice."""
+        """Register ``cls`` under its ``name``; the same provider may not register a name twice.
+
+        Raises ``TypeError`` for a class that cannot work as a component (no usable ``name``,
+        ``Options`` not a pydantic model, abstract methods left unimplemented), so the plugin
+        fails at load time with a message instead of at the first training step.
+        """
+        if not (isinstance(cls, type) and issubclass(cls, KINDS[kind])):
+            raise TypeError(f"{provider}: {cls!r} is not a subclass of {KINDS[kind].__name__}")
         name = getattr(cls, "name", None)
-        if not isinstance(name, str) or not name or ":" in name:
-            raise TypeError(f"{provider}: {cls.__qualname__} needs a class attribute `name` without ':'")
+        if not isinstance(name, str) or not name or ":" in name or name != name.strip() or " " in name:
+            raise TypeError(
+                f"{provider}: {cls.__qualname__} needs a class attribute `name` (a non-empty string "
+                f"without ':' or spaces), got {name!r}")
+        options = getattr(cls, "Options", None)
+        if not (isinstance(options, type) and issubclass(options, BaseModel)):
+            raise TypeError(f"{provider}: {cls.__qualname__}.Options must be a pydantic BaseModel subclass, "
+                            f"got {options!r}")
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+            raise TypeError(f"{provider}: {SINGULAR[kind]} {name!r} ({cls.__qualname__}) does not implement "
+                            f"the abstract method(s) {missing}")
         for e in self._entries[kind]:
             if e.name == name and e.provider == provider:
                 raise ValueError(f"{provider} registers {SINGULAR[kind]} {name!r} twice")
@@ -97,7 +124,13 @@ class Registry:
         return out
 
     def resolve(self, kind: str, ref: str) -> Entry:
-        """Find the entry for ``name`` or ``distribution:name``; raise a helpful error otherwise."""
+        """Find the entry for ``name`` or ``distribution:name``; raise a helpful error otherwise.
+
+        The distribution may be written with or without the ``vlmr1-plugin-`` prefix
+        (``vlmr1-plugin-math:accuracy`` and ``math:accuracy`` are the same component).
+        """
+        if kind not in KINDS:
+            raise ComponentError(f"unknown component kind {kind!r}; kinds are {', '.join(KINDS)}")
         what = SINGULAR[kind]
         if ":" in ref:
             provider, name = ref.split(":", 1)
@@ -107,10 +140,11 @@ class Registry:
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
-            provs = ", ".join(e.qualified for e in hits)
+            provs = ", ".join(e.provider for e in hits)
             raise ComponentError(
-                f"{what} {ref!r} is ambiguous: it is provided by {provs}. "
-                f"Name one of them as 'distribution:{ref}'."
+                f"{what} {ref!r} is ambiguous: it is provided by {len(hits)} plugins ({provs}). "
+                f"Name the one you mean as 'distribution:name', i.e. "
+                f"{' or '.join(repr(e.qualified) for e in hits)}."
             )
         known = self.names(kind)
         msg = f"no {what} named {ref!r}."
@@ -121,6 +155,10 @@ class Registry:
         if self.failure_notes:
             msg += " Note: " + "; ".join(self.failure_notes)
         raise ComponentError(msg)
+
+    def providers(self, kind: str, name: str) -> list[str]:
+        """Distributions that provide a component called ``name`` of ``kind``."""
+        return [e.provider for e in self._entries[kind] if e.name == name]
 
     def get(self, kind: str, ref: str) -> type:
         """The class registered as ``ref``."""

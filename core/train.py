@@ -1,4 +1,4 @@
-"""``python -m core.train [--config FILE] [--plugins a,b] [--dry-run] [--resume] [key=value ...]``
+"""Train with GRPO: ``python -m core.train [--config FILE] [--plugins a,b] [--dry-run] [--resume] [k=v ...]``.
 
 Without ``--config`` the built-in default runs: the CPU quickstart (a tiny Qwen2.5-VL
 built offline learns a synthetic colour task). ``--dry-run`` validates the config against
@@ -33,8 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Validate, plan and (unless ``--dry-run``) train."""
-    from core.plugins import PluginError, PluginHost
     from core.plan import make_plan
+    from core.plugins import PluginError, PluginHost
 
     args = parse_args(argv)
     try:
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         plugins = args.plugins if args.plugins is not None else cfg.plugins
         host = PluginHost(plugins, strict=args.strict_plugins)
         num_processes = _num_processes()
-        plan = make_plan(cfg, host.registry, num_processes)
+        # --dry-run validates a GPU recipe on a CPU-only machine: a missing device is a note there.
+        plan = make_plan(cfg, host.registry, num_processes, require_available=not args.dry_run)
     except (ConfigError, PluginError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
