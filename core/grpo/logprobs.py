@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 
-def pad_completions(ids: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_completions(
+    ids: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad completion id lists into ``(ids [N, T], mask [N, T])``."""
     t = max((len(x) for x in ids), default=0) or 1
     out = torch.full((len(ids), t), pad_id, dtype=torch.long, device=device)

@@ -108,7 +108,6 @@ class _Job:
     serial: bool
     thread: threading.Thread | None = None
     deadline: float = 0.0
-    done: bool = False
 
 
 class _Outcome:
@@ -153,7 +152,7 @@ class RewardRunner:
         outcomes = [_Outcome(n) for _ in self.specs]
         if n:
             self._run_all(batch, outcomes)
-        per = torch.tensor([o.scores for o in outcomes], dtype=torch.float32).T.reshape(n, len(self.specs))
+        per = torch.tensor([o.scores for o in outcomes], dtype=torch.float32).reshape(len(self.specs), n).T.contiguous()
         weights = torch.tensor([s.weight for s in self.specs], dtype=torch.float32)
         total = (torch.nan_to_num(per, nan=0.0) * weights).sum(dim=1)
         return RewardResult(per, total, self._metrics(per, outcomes), list(self.names))
@@ -224,7 +223,6 @@ class RewardRunner:
                 idx = None
             if idx is not None and idx in running:
                 job = running.pop(idx)
-                job.done = True
                 serial_running = serial_running and not job.serial
                 self._collect(job, outcomes[idx], n, value, exc)
             now = time.monotonic()

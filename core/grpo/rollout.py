@@ -82,10 +82,13 @@ class TransformersRollout(RolloutEngine):
                 torch.manual_seed(chunk[0].seed)
             inputs = family.process(processor, [p.text for p in chunk], [p.images for p in chunk])
             inputs = inputs.to(ctx.device)
+            # Greedy decoding gives n identical rows, and transformers refuses num_return_sequences > 1
+            # without sampling: generate one row per prompt and repeat it.
+            n_gen = sampling.n if sampling.do_sample else 1
             gen_kwargs: dict[str, Any] = dict(
                 max_new_tokens=sampling.max_new_tokens,
                 do_sample=sampling.do_sample,
-                num_return_sequences=sampling.n,
+                num_return_sequences=n_gen,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=sorted(eos),
                 repetition_penalty=sampling.repetition_penalty,
@@ -104,6 +107,8 @@ class TransformersRollout(RolloutEngine):
             if was_training:
                 model.train()
             gen = out[:, inputs["input_ids"].shape[1]:]
+            if n_gen != sampling.n:
+                gen = gen.repeat_interleave(sampling.n, dim=0)
             rows = split_completions(gen, eos, tok.pad_token_id)
             texts = tok.batch_decode([r[0] for r in rows], skip_special_tokens=True)
             for p in range(len(chunk)):

@@ -80,7 +80,7 @@ class GroupSampler:
 
 
 def local_slots(num_groups: int, group_size: int, rank: int, per_rank: int) -> list[tuple[int, int]]:
-    """This rank's contiguous share of the ``(group, copy)`` slots of a step."""
+    """The contiguous share of a step's ``(group, copy)`` slots that ``rank`` holds."""
     slots = [(k, j) for k in range(num_groups) for j in range(group_size)]
     return slots[rank * per_rank:(rank + 1) * per_rank]
 
@@ -392,7 +392,12 @@ def run(plan: Plan, registry: Registry) -> int:
 
         metrics, losses = _update(cfg, accelerator, model, bundle, optimizer, scheduler, trainable, ro, adv, mb_size,
                                   keep)
+        # Engines that hold their own copy of the weights (vLLM, inference servers) refresh it here.
+        engine.sync_weights(accelerator.unwrap_model(model))
         metrics.update(dyn)
+        engine_metrics = getattr(engine, "metrics", None)
+        if callable(engine_metrics):
+            metrics.update(engine_metrics())
         step_time = time.perf_counter() - t0
         lengths = accelerator.gather(torch.tensor([float(len(c.ids)) for c in ro.completions],
                                                   device=accelerator.device)).cpu()
@@ -446,6 +451,10 @@ def run(plan: Plan, registry: Registry) -> int:
     writer.close()
     runner.close()
     eval_runner.close()
+    for obj in [engine, *(s.reward for s in specs)]:
+        closer = getattr(obj, "close", None)
+        if callable(closer):
+            closer()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
@@ -527,8 +536,9 @@ def _update(cfg: RunConfig, accelerator: Any, model: Any, bundle: ModelBundle, o
     n = len(ro.completions)
     kept = n if keep is None else int(keep.sum())
     global_tokens = int(accelerator.gather(comp_mask.sum().reshape(1)).sum())
-    norm = LossNormalizer(num_sequences=kept, num_tokens=int(comp_mask.sum()), max_completion_length=g.max_completion_length,
-                          global_tokens=global_tokens, num_processes=accelerator.num_processes)
+    norm = LossNormalizer(num_sequences=kept, num_tokens=int(comp_mask.sum()),
+                          max_completion_length=g.max_completion_length, global_tokens=global_tokens,
+                          num_processes=accelerator.num_processes)
     # Micro-batches: inputs are built once and reused by every iteration (mu > 1).
     mbs = []
     for s in range(0, n, mb_size):

@@ -32,7 +32,8 @@ class Sample:
 
     Attributes:
         id: stable identifier (used in logs and for exact resume).
-        images: image references (a path, a PIL image, or a zero-argument loader) in the order their placeholders appear in ``messages``.
+        images: image references (a path, a PIL image, or a zero-argument loader), in the
+            order their placeholders appear in ``messages``.
         messages: chat turns up to (not including) the answer, e.g.
             ``[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}]``.
         solution: ground truth handed to rewards (a string, a box, a list of boxes ...).

@@ -1,0 +1,278 @@
+"""The engine's reward runner: weighted sums, time limits, error policies, metrics, parallelism."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+
+import pytest
+import torch
+
+from core.grpo.rewards import RewardError, RewardResult, RewardRunner, RewardSpec, RewardTimeoutError
+from core.interfaces import Reward, RewardBatch, RewardItem
+
+
+def batch(n: int) -> RewardBatch:
+    return RewardBatch([RewardItem(completion=f"c{i}", solution="s") for i in range(n)])
+
+
+class Fixed(Reward):
+    """Returns a fixed list of scores."""
+
+    name = "fixed"
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+        self.calls = 0
+
+    def score(self, b):
+        self.calls += 1
+        return list(self.values)
+
+
+class Sleeper(Reward):
+    name = "sleeper"
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def score(self, b):
+        time.sleep(self.seconds)
+        return [1.0] * len(b)
+
+
+class Boom(Reward):
+    name = "boom"
+
+    def score(self, b):
+        raise ZeroDivisionError("division by zero in a reward")
+
+
+def spec(name, reward, weight=1.0, timeout=5.0, on_error="zero"):
+    return RewardSpec(name, reward, weight, timeout, on_error)
+
+
+def as_list(t: torch.Tensor) -> list:
+    return [None if math.isnan(v) else v for v in t.tolist()]
+
+
+# ---- weighted sum and metrics (hand-computed) -----------------------------------------------
+def test_weighted_sum_and_metrics_hand_computed():
+    runner = RewardRunner([spec("a", Fixed([1.0, 0.5, None]), weight=2.0),
+                           spec("b", Fixed([0.0, 1.0, 0.25]), weight=-1.0)])
+    res = runner(batch(3))
+    assert isinstance(res, RewardResult)
+    assert res.per_reward.shape == (3, 2) and res.per_reward.dtype == torch.float32
+    assert as_list(res.per_reward[:, 0]) == [1.0, 0.5, None]
+    assert as_list(res.per_reward[:, 1]) == [0.0, 1.0, 0.25]
+    # 2*1 - 0 = 2; 2*0.5 - 1 = 0; the None term counts 0: -0.25
+    assert res.total.tolist() == pytest.approx([2.0, 0.0, -0.25])
+    m = res.metrics
+    assert m["rewards/a"] == pytest.approx(0.75)
+    assert m["rewards/a_std"] == pytest.approx(math.sqrt(0.125))  # sample std of (1, 0.5)
+    assert m["rewards/a_applicable_frac"] == pytest.approx(2 / 3)
+    assert m["rewards/b"] == pytest.approx(1.25 / 3)
+    assert m["rewards/a_errors"] == 0 and m["rewards/a_timeouts"] == 0
+    assert res.names == ["a", "b"]
+
+
+def test_all_terms_not_applicable_total_is_zero_and_mean_is_nan():
+    res = RewardRunner([spec("a", Fixed([None, None]))])(batch(2))
+    assert res.total.tolist() == [0.0, 0.0]
+    assert math.isnan(res.metrics["rewards/a"]) and math.isnan(res.metrics["rewards/a_std"])
+    assert res.metrics["rewards/a_applicable_frac"] == 0.0
+
+
+def test_single_value_std_is_zero_and_numeric_types_accepted():
+    import numpy as np
+
+    res = RewardRunner([spec("a", Fixed([np.float32(0.5), True, torch.tensor(2.0)]))])(batch(3))
+    assert res.per_reward[:, 0].tolist() == [0.5, 1.0, 2.0]
+    res1 = RewardRunner([spec("a", Fixed([0.5]))])(batch(1))
+    assert res1.metrics["rewards/a_std"] == 0.0
+
+
+def test_empty_batch():
+    res = RewardRunner([spec("a", Fixed([])), spec("b", Fixed([]))])(batch(0))
+    assert res.per_reward.shape == (0, 2) and res.total.shape == (0,)
+
+
+def test_duplicate_names_are_made_unique():
+    res = RewardRunner([spec("a", Fixed([1.0])), spec("a", Fixed([0.0]))])(batch(1))
+    assert res.names == ["a", "a_2"] and "rewards/a_2" in res.metrics
+
+
+# ---- time limits ---------------------------------------------------------------------------
+def test_reward_that_sleeps_forever_does_not_stop_the_step():
+    stuck = Sleeper(1e6)
+    good = Fixed([1.0, 0.0, 1.0])
+    runner = RewardRunner([spec("stuck", stuck, timeout=0.5, on_error="zero"), spec("good", good, weight=2.0)])
+    t0 = time.monotonic()
+    res = runner(batch(3))
+    elapsed = time.monotonic() - t0
+    assert 0.45 <= elapsed < 2.0
+    assert res.per_reward[:, 0].tolist() == [0.0, 0.0, 0.0]
+    assert res.total.tolist() == [2.0, 0.0, 2.0]
+    assert res.metrics["rewards/stuck_timeouts"] == 3 and res.metrics["rewards/stuck_errors"] == 3
+    assert res.metrics["rewards/good_errors"] == 0
+
+    # Next step: the stuck call is still running, so it is not called again (bounded leak)
+    # and its completions get the policy at once.
+    t0 = time.monotonic()
+    res2 = runner(batch(3))
+    assert time.monotonic() - t0 < 0.4
+    assert res2.metrics["rewards/stuck_timeouts"] == 3
+    assert res2.per_reward[:, 1].tolist() == [1.0, 0.0, 1.0]
+    alive = [t for t in threading.enumerate() if t.name == "vlmr1-reward-stuck"]
+    assert len(alive) == 1 and alive[0].daemon
+
+
+def test_timeout_with_skip_policy_gives_nan_and_excludes_from_total():
+    runner = RewardRunner([spec("slow", Sleeper(5.0), timeout=0.2, on_error="skip"), spec("one", Fixed([1.0, 1.0]))])
+    res = runner(batch(2))
+    assert torch.isnan(res.per_reward[:, 0]).all()
+    assert res.total.tolist() == [1.0, 1.0]
+    assert res.metrics["rewards/slow_applicable_frac"] == 0.0 and res.metrics["rewards/slow_timeouts"] == 2
+
+
+def test_timeout_with_raise_policy_names_the_reward():
+    runner = RewardRunner([spec("slowpoke", Sleeper(5.0), timeout=0.2, on_error="raise")])
+    with pytest.raises(RewardTimeoutError, match="slowpoke"):
+        runner(batch(1))
+
+
+def test_reward_that_finishes_after_its_timeout_is_called_again_later():
+    r = Sleeper(0.4)
+    runner = RewardRunner([spec("late", r, timeout=0.1)])
+    assert runner(batch(1)).metrics["rewards/late_timeouts"] == 1
+    time.sleep(0.5)  # the abandoned call has returned by now
+    res = runner(batch(1))
+    assert res.metrics["rewards/late_timeouts"] == 1  # it ran (and timed out) again, not skipped...
+    r.seconds = 0.0
+    time.sleep(0.5)
+    assert runner(batch(1)).per_reward.tolist() == [[1.0]]  # ...and scores once it is fast
+
+
+# ---- exceptions, NaN, wrong results ----------------------------------------------------------
+@pytest.mark.parametrize("policy, expected", [("zero", [0.0, 0.0]), ("skip", [None, None])])
+def test_exception_policy(policy, expected):
+    res = RewardRunner([spec("boom", Boom(), on_error=policy)])(batch(2))
+    assert as_list(res.per_reward[:, 0]) == expected
+    assert res.metrics["rewards/boom_errors"] == 2 and res.metrics["rewards/boom_timeouts"] == 0
+
+
+def test_exception_raise_policy_keeps_the_cause():
+    with pytest.raises(RewardError, match="'boom' raised ZeroDivisionError") as ei:
+        RewardRunner([spec("boom", Boom(), on_error="raise")])(batch(2))
+    assert isinstance(ei.value.__cause__, ZeroDivisionError)
+
+
+def test_nan_inf_and_non_numeric_scores_are_errors_per_completion():
+    res = RewardRunner([spec("bad", Fixed([1.0, float("nan"), float("inf"), "0.5", None]), on_error="zero")])(batch(5))
+    assert as_list(res.per_reward[:, 0]) == [1.0, 0.0, 0.0, 0.0, None]
+    assert res.metrics["rewards/bad_errors"] == 3
+    res = RewardRunner([spec("bad", Fixed([1.0, float("nan")]), on_error="skip")])(batch(2))
+    assert as_list(res.per_reward[:, 0]) == [1.0, None]
+    with pytest.raises(RewardError, match="non-finite"):
+        RewardRunner([spec("bad", Fixed([float("nan")]), on_error="raise")])(batch(1))
+
+
+@pytest.mark.parametrize("value", [[1.0], [1.0, 1.0, 1.0], "ab", 3.0, {"a": 1, "b": 2}])
+def test_wrong_length_or_type_applies_policy_to_all(value):
+    res = RewardRunner([spec("w", _Returns(value), on_error="zero")])(batch(2))
+    assert res.per_reward[:, 0].tolist() == [0.0, 0.0]
+    assert res.metrics["rewards/w_errors"] == 2
+
+
+class _Returns(Reward):
+    name = "returns"
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def score(self, b):
+        return self.value
+
+
+def test_warning_logged_once_per_reward_and_kind(caplog):
+    runner = RewardRunner([spec("boom", Boom())])
+    with caplog.at_level(logging.WARNING, logger="core.grpo.rewards"):
+        runner(batch(1))
+        runner(batch(1))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "'boom' raised ZeroDivisionError" in warnings[0].getMessage()
+    assert "on_error: zero" in warnings[0].getMessage()
+
+
+# ---- parallelism -------------------------------------------------------------------------
+def test_thread_safe_rewards_run_in_parallel():
+    runner = RewardRunner([spec(f"s{i}", Sleeper(0.3)) for i in range(3)], max_workers=4)
+    t0 = time.monotonic()
+    res = runner(batch(2))
+    assert time.monotonic() - t0 < 0.75  # serial would take 0.9 s
+    assert res.per_reward.tolist() == [[1.0] * 3] * 2
+
+
+class Tracked(Reward):
+    """Not thread-safe: records how many calls of this class overlap."""
+
+    name = "tracked"
+    thread_safe = False
+    active = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def score(self, b):
+        with Tracked.lock:
+            Tracked.active += 1
+            Tracked.peak = max(Tracked.peak, Tracked.active)
+        time.sleep(0.1)
+        with Tracked.lock:
+            Tracked.active -= 1
+        return [0.5] * len(b)
+
+
+def test_non_thread_safe_rewards_never_overlap():
+    Tracked.peak = 0
+    runner = RewardRunner([spec(f"t{i}", Tracked()) for i in range(3)] + [spec("s", Sleeper(0.2))], max_workers=4)
+    res = runner(batch(2))
+    assert Tracked.peak == 1
+    assert res.per_reward.tolist() == [[0.5, 0.5, 0.5, 1.0]] * 2
+
+
+def test_max_workers_bounds_concurrency():
+    runner = RewardRunner([spec(f"s{i}", Sleeper(0.2)) for i in range(4)], max_workers=1)
+    t0 = time.monotonic()
+    runner(batch(1))
+    assert time.monotonic() - t0 >= 0.75
+
+
+def test_bad_specs_are_rejected():
+    with pytest.raises(ValueError, match="on_error"):
+        RewardRunner([spec("a", Fixed([]), on_error="ignore")])
+    with pytest.raises(ValueError, match="timeout_s"):
+        RewardRunner([spec("a", Fixed([]), timeout=0)])
+    with pytest.raises(ValueError, match="max_workers"):
+        RewardRunner([], max_workers=0)
+
+
+def test_close_calls_reward_close_once():
+    class Closable(Fixed):
+        closed = 0
+
+        def close(self):
+            Closable.closed += 1
+
+    r = Closable([1.0])
+    runner = RewardRunner([spec("a", r), spec("b", r)])
+    runner.close()
+    runner.close()
+    assert Closable.closed == 1
+    with pytest.raises(RuntimeError, match="closed"):
+        runner(batch(1))
