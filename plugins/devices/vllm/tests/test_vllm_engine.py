@@ -1,0 +1,303 @@
+"""Tests of the ``vllm`` rollout engine that need neither vLLM nor a GPU.
+
+vLLM is replaced by a fake module (``sys.modules["vllm"]``) that records the calls the engine
+makes (sleep / wake / weight loading / generate), and TRL's ``VLLMClient`` by a recording
+stand-in; the request building, answer conversion, PEFT weight naming and option checks are
+exercised for real. The one test that drives real vLLM skips where vllm or a GPU is absent.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+from vlmr1_vllm import VLLMRollout
+from vlmr1_vllm.engine import (
+    completion_from_vllm,
+    named_weights,
+    server_messages,
+    vllm_inputs,
+    vllm_sampling_kwargs,
+)
+
+from core.interfaces import Completion, PromptInput, RolloutContext, SamplingParams
+from core.plugins import PluginHost
+from core.testing.tiny import build_tiny_tokenizer
+
+CUDA = types.SimpleNamespace(type="cuda", index=0)  # the engine only reads .type
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tiny_tokenizer(["<|endoftext|>", "<|im_end|>"], eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+class TinyPolicy(torch.nn.Module):
+    """A small module with HF-like attributes (name_or_path, save via state dict)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(3, 2)
+        self.head = torch.nn.Linear(2, 4, bias=False)
+        self.name_or_path = "/ckpt/tiny"
+
+
+def prompt(n_images: int = 1, text: str = "<prompt>") -> PromptInput:
+    imgs = [Image.new("RGB", (8 + i, 8), (i * 50, 0, 0)) for i in range(n_images)]
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": "colour?"}]
+    return PromptInput([{"role": "user", "content": content}], text, imgs)
+
+
+# ---- without vllm ------------------------------------------------------------------------------
+def test_missing_vllm_names_the_extra(monkeypatch, tok):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    eng = VLLMRollout()
+    with pytest.raises(ImportError, match=r"pip install 'vlmr1-plugin-vllm\[vllm\]'"):
+        eng.setup(RolloutContext(model=TinyPolicy(), processor=tok, family=None, device=CUDA))
+
+
+def test_registered_without_importing_vllm():
+    before = sys.modules.get("vllm")
+    host = PluginHost("vllm")
+    entry = host.registry.resolve("rollouts", "vllm")
+    assert entry.cls is VLLMRollout and entry.provider == "vlmr1-plugin-vllm"
+    assert sys.modules.get("vllm") is before  # listing/registering the plugin imported nothing
+
+
+@pytest.mark.parametrize(("opts", "fragment"), [
+    ({"mode": "server"}, "mode 'server' needs base_url"),
+    ({"base_url": "http://h:8000"}, "base_url is only used in mode 'server'"),
+    ({"tensor_parallel_size": 2}, "tensor_parallel_size 1"),
+    ({"mode": "server", "base_url": "h:8000"}, "must start with http://"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+    ({"sleep_level": 3}, "sleep_level"),
+    ({"gpu_mem": 0.5}, "gpu_mem"),
+])
+def test_options_validated(opts, fragment):
+    with pytest.raises(ValidationError, match=fragment):
+        VLLMRollout.from_options(opts)
+
+
+def test_sampling_kwargs():
+    s = SamplingParams(n=4, max_new_tokens=32, temperature=0.9, top_p=0.95, top_k=20, repetition_penalty=1.05)
+    assert vllm_sampling_kwargs(s, [7, 3], extra={"min_p": 0.1}) == {
+        "n": 4, "max_tokens": 32, "temperature": 0.9, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.05,
+        "logprobs": 0, "logit_bias": {7: -100.0, 3: -100.0}, "min_p": 0.1}
+    greedy = SamplingParams(n=1, max_new_tokens=8, do_sample=False, temperature=0.7, top_k=5)
+    assert vllm_sampling_kwargs(greedy, logprobs=False) == {
+        "n": 1, "max_tokens": 8, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}
+
+
+def test_inputs_and_server_messages():
+    p = prompt(2, text="<|vision_start|><|image_pad|><|vision_end|>x")
+    assert vllm_inputs([p, PromptInput([], "text only")]) == [
+        {"prompt": p.text, "multi_modal_data": {"image": p.images}}, {"prompt": "text only"}]
+    msgs = server_messages(p)
+    assert msgs[0]["content"][:2] == [{"type": "image", "image": p.images[0]}, {"type": "image", "image": p.images[1]}]
+    assert p.messages[0]["content"][0] == {"type": "image"}  # the prompt itself is untouched
+    with pytest.raises(ValueError, match="more image placeholders than its 1 image"):
+        server_messages(PromptInput(p.messages, p.text, p.images[:1]))
+    with pytest.raises(ValueError, match="3 image\\(s\\) but 2 image placeholder"):
+        server_messages(PromptInput(p.messages, p.text, [*p.images, p.images[0]]))
+
+
+def _out(ids, finish, stop_reason=None, logprobs=None, text="t"):
+    return types.SimpleNamespace(token_ids=ids, finish_reason=finish, stop_reason=stop_reason, text=text,
+                                 logprobs=logprobs)
+
+
+def test_completion_from_vllm():
+    eos = {1, 0}
+    lp = [{5: types.SimpleNamespace(logprob=-0.5)}, {1: types.SimpleNamespace(logprob=-0.25)}]
+    assert completion_from_vllm(_out([5, 1], "stop", logprobs=lp), eos, 1) == Completion(
+        [5, 1], "t", False, [-0.5, -0.25])
+    assert completion_from_vllm(_out([5, 6], "length"), eos, 1) == Completion([5, 6], "t", True)
+    assert completion_from_vllm(_out([5], "stop"), eos, 1) == Completion([5, 1], "t", False)  # EOS not reported
+    assert completion_from_vllm(_out([5], "stop", stop_reason="###"), eos, 1) == Completion([5], "t", False)
+
+
+def test_named_weights_plain_and_peft():
+    from peft import LoraConfig, get_peft_model
+
+    plain = TinyPolicy()
+    base = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    assert [n for n, _ in named_weights(plain)] == ["proj.weight", "proj.bias", "head.weight"]
+
+    lora = get_peft_model(TinyPolicy(), LoraConfig(r=2, lora_alpha=4, target_modules=["proj"],
+                                                   init_lora_weights=False))
+    layer = lora.base_model.model.proj
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    merged = base["proj.weight"] + (4 / 2) * b @ a  # W + (alpha / r) B A
+    got = {n: t.clone() for n, t in named_weights(lora)}
+    assert list(got) == ["proj.weight", "proj.bias", "head.weight"]
+    torch.testing.assert_close(got["proj.weight"], merged)
+    torch.testing.assert_close(got["head.weight"], base["head.weight"])
+    torch.testing.assert_close(layer.base_layer.weight, base["proj.weight"])  # unmerged again afterwards
+
+
+# ---- colocate orchestration with a fake vllm ------------------------------------------------------
+def make_fake_vllm(calls: list, eos_id: int):
+    class FakeSamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class FakeLLM:
+        def __init__(self, **kw):
+            calls.append(("LLM", kw))
+            runner = types.SimpleNamespace(load_weights=lambda items: calls.extend(("load", n) for n, _ in items))
+            self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
+                driver_worker=types.SimpleNamespace(model_runner=types.SimpleNamespace(model=runner))))
+
+        def sleep(self, level):
+            calls.append(("sleep", level))
+
+        def wake_up(self, tags):
+            calls.append(("wake", tuple(tags)))
+
+        def reset_prefix_cache(self):
+            calls.append(("reset",))
+
+        def generate(self, inputs, sampling_params, use_tqdm):
+            assert len(sampling_params) == len(inputs)  # one SamplingParams per prompt (own seed)
+            n = sampling_params[0].kw["n"]
+            calls.append(("generate", len(inputs), n))
+            calls.append(("seeds", [sp.kw.get("seed") for sp in sampling_params]))
+            return [types.SimpleNamespace(outputs=[_out([10 + j, eos_id], "stop", text=f"p{i}c{j}") for j in range(n)])
+                    for i in range(len(inputs))]
+
+    mod = types.ModuleType("vllm")
+    mod.LLM, mod.SamplingParams, mod._fake = FakeLLM, FakeSamplingParams, True
+    return mod
+
+
+def run_colocate(monkeypatch, tok, **opts):
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "vllm", make_fake_vllm(calls, tok.eos_token_id))
+    policy = TinyPolicy()
+    eng = VLLMRollout.from_options(opts)
+    eng.setup(RolloutContext(model=policy, processor=tok, family=None, device=CUDA, suppressed_token_ids=[9]))
+    seeded = prompt(2)
+    seeded.seed = 42
+    out1 = eng.generate([prompt(), seeded], SamplingParams(n=2, max_new_tokens=4))
+    eng.sync_weights(policy)
+    eng.generate([prompt()], SamplingParams(n=1, max_new_tokens=4))
+    return calls, out1
+
+
+LOADS = [("load", "proj.weight"), ("load", "proj.bias"), ("load", "head.weight"), ("reset",)]
+
+
+def test_colocate_sleep_level_2_repushes_weights_every_rollout(monkeypatch, tok):
+    calls, out1 = run_colocate(monkeypatch, tok)
+    init = calls[0]
+    assert init[0] == "LLM" and init[1]["model"] == "/ckpt/tiny" and init[1]["enable_sleep_mode"] is True
+    assert init[1]["distributed_executor_backend"] == "external_launcher"
+    assert init[1]["limit_mm_per_prompt"] == {"image": 4} and init[1]["gpu_memory_utilization"] == 0.3
+    rollout = [("wake", ("weights",)), *LOADS, ("wake", ("kv_cache",))]
+    assert calls[1:] == [("sleep", 2), *rollout, ("generate", 2, 2), ("seeds", [None, 42]), ("sleep", 2),
+                         *rollout, ("generate", 1, 1), ("seeds", [None]), ("sleep", 2)]
+    assert [[(c.ids, c.text, c.truncated) for c in g] for g in out1] == [
+        [([10, tok.eos_token_id], "p0c0", False), ([11, tok.eos_token_id], "p0c1", False)],
+        [([10, tok.eos_token_id], "p1c0", False), ([11, tok.eos_token_id], "p1c1", False)]]
+
+
+def test_colocate_sleep_level_1_keeps_weights_until_sync(monkeypatch, tok):
+    calls, _ = run_colocate(monkeypatch, tok, sleep_level=1)
+    gen1, gen2 = [("generate", 2, 2), ("seeds", [None, 42])], [("generate", 1, 1), ("seeds", [None])]
+    assert calls[1:] == [("sleep", 1),
+                         ("wake", ("weights",)), ("wake", ("kv_cache",)), *gen1, ("sleep", 1),
+                         ("wake", ("weights",)), *LOADS, ("wake", ("kv_cache",)), *gen2, ("sleep", 1)]
+
+
+def test_colocate_without_sleep(monkeypatch, tok):
+    calls, _ = run_colocate(monkeypatch, tok, enable_sleep_mode=False)
+    assert calls[1:] == [("generate", 2, 2), ("seeds", [None, 42]), *LOADS, ("generate", 1, 1), ("seeds", [None])]
+
+
+def test_colocate_needs_cuda(monkeypatch, tok):
+    monkeypatch.setitem(sys.modules, "vllm", make_fake_vllm([], 1))
+    with pytest.raises(RuntimeError, match="needs a CUDA device; this process uses cpu"):
+        VLLMRollout().setup(RolloutContext(model=TinyPolicy(), processor=tok, family=None,
+                                           device=torch.device("cpu")))
+
+
+# ---- server mode with a recording client ------------------------------------------------------------
+class FakeClient:
+    def __init__(self, eos_id):
+        self.calls, self.eos_id = [], eos_id
+
+    def init_communicator(self, device):
+        self.calls.append(("init_communicator", device))
+
+    def chat(self, messages, **kw):
+        self.calls.append(("chat", messages, kw))
+        n = kw["n"]
+        ids = [[20 + j, self.eos_id] if j % 2 == 0 else [30, 31, 32] for _ in messages for j in range(n)]
+        lps = [[[-0.1 * (k + 1)] for k in range(len(x))] for x in ids]
+        return {"prompt_ids": [[1]] * len(messages), "completion_ids": ids, "logprobs": lps}
+
+    def update_named_params(self, metadata, params):
+        self.calls.append(("update", metadata, [n for n, _ in params]))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset",))
+
+
+def test_server_mode_chat_and_weight_sync(monkeypatch, tok):
+    monkeypatch.setitem(sys.modules, "vllm", make_fake_vllm([], tok.eos_token_id))
+    client = FakeClient(tok.eos_token_id)
+    monkeypatch.setattr(VLLMRollout, "_make_client", lambda self: client)
+    eng = VLLMRollout.from_options({"mode": "server", "base_url": "http://10.0.0.2:8000"})
+    policy = TinyPolicy()
+    eng.setup(RolloutContext(model=policy, processor=tok, family=None, device=CUDA, suppressed_token_ids=[9]))
+    assert client.calls == [("init_communicator", CUDA)]
+    p1, p2 = prompt(), prompt(2)
+    out = eng.generate([p1, p2], SamplingParams(n=2, max_new_tokens=3, temperature=0.8))
+    _, messages, kw = client.calls[1]
+    assert messages == [server_messages(p1), server_messages(p2)]
+    assert kw == {"n": 2, "max_tokens": 3, "temperature": 0.8, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0,
+                  "logprobs": 0, "generation_kwargs": {"logit_bias": {9: -100.0}}}
+    eos = tok.eos_token_id
+    assert [[(c.ids, c.truncated) for c in g] for g in out] == [[([20, eos], False), ([30, 31, 32], True)]] * 2
+    assert out[0][1].text == tok.decode([30, 31, 32], skip_special_tokens=True)
+    assert out[0][1].logprobs == pytest.approx([-0.1, -0.2, -0.3])
+    eng.sync_weights(policy)
+    assert client.calls[2:] == [
+        ("update", [("proj.weight", "float32", [2, 3]), ("proj.bias", "float32", [2]),
+                    ("head.weight", "float32", [4, 2])], ["proj.weight", "proj.bias", "head.weight"]),
+        ("reset",)]
+
+
+# ---- real vLLM (GPU machines with the [vllm] extra) -------------------------------------------------
+@pytest.mark.gpu
+def test_real_vllm_colocate_on_gpu(tmp_path):
+    vllm = pytest.importorskip("vllm", reason="needs vllm (pip install 'vlmr1-plugin-vllm[vllm]')")
+    if getattr(vllm, "_fake", False):
+        pytest.skip("a fake vllm is loaded")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    try:
+        fam_cls = PluginHost("qwen-vl").registry.get("models", "qwen2_5_vl")
+    except Exception as exc:
+        pytest.skip(f"needs the qwen2_5_vl model family: {exc}")
+    fam = fam_cls()
+    ckpt = fam_cls.build_tiny_checkpoint(tmp_path / "tiny")
+    model = fam.load_model(ckpt, dtype=torch.bfloat16).to("cuda")
+    proc = fam.load_processor(ckpt)
+    eng = VLLMRollout.from_options({"gpu_memory_utilization": 0.2, "enforce_eager": True})
+    eng.setup(RolloutContext(model=model, processor=proc, family=fam, device=torch.device("cuda", 0),
+                             suppressed_token_ids=fam.suppressed_token_ids(proc, model)))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    p = PromptInput(msgs, fam.render_prompt(proc, msgs), [Image.new("RGB", (56, 56), (255, 0, 0))])
+    greedy = SamplingParams(n=2, max_new_tokens=8, do_sample=False)
+    first = eng.generate([p], greedy)
+    assert len(first) == 1 and len(first[0]) == 2 and first[0][0].ids == first[0][1].ids
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 1.0)
+    eng.sync_weights(model)
+    assert eng.generate([p], greedy)[0][0].ids != first[0][0].ids

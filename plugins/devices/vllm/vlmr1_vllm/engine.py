@@ -1,0 +1,399 @@
+"""The ``vllm`` rollout engine: vLLM colocated in the training process, or a ``trl vllm-serve`` server.
+
+UNVERIFIED: vLLM needs NVIDIA GPUs and pins its own torch; this plugin has been tested only
+with fakes standing in for ``vllm.LLM`` and TRL's ``VLLMClient`` (see the README). The
+orchestration follows TRL 1.16's ``VLLMGeneration``, which runs on real hardware.
+
+Modes:
+
+- ``colocate``: one ``vllm.LLM`` per training process (``distributed_executor_backend=
+  "external_launcher"``, tensor parallel 1) sharing the GPU with the policy. With
+  ``enable_sleep_mode`` the engine sleeps between rollouts, giving its memory back to
+  training: level 1 offloads the weights to CPU RAM and drops the KV cache, level 2 drops
+  both (the policy's weights are pushed again on wake-up, which a weight sync needs anyway).
+  ``sync_weights`` marks the copy stale; the weights are loaded into vLLM right before the
+  next rollout (``model.load_weights`` on the driver worker, as TRL does), never while asleep.
+- ``server``: a separate ``trl vllm-serve`` / ``VLLM_SERVER_DEV_MODE=1 vllm serve`` process on
+  other GPUs. Prompts go through TRL's ``VLLMClient.chat`` (images inline in the messages,
+  the server renders its chat template); after each update rank 0 streams the weights over
+  NCCL (``update_named_params``) and resets the prefix cache, so rollouts are on-policy.
+
+vllm (and TRL, for the client) are imported only inside methods. Missing vllm is an
+ImportError that names the extra to install.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from core.interfaces import Completion, PromptInput, RolloutContext, RolloutEngine, SamplingParams
+
+INSTALL_HINT = "pip install 'vlmr1-plugin-vllm[vllm]'"
+
+
+def import_vllm() -> Any:
+    """``import vllm``, or an ImportError that says how to install it."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ImportError(
+            f"rollout engine 'vllm' needs vLLM, which cannot be imported ({exc}). Install the plugin's optional "
+            f"extra on a machine with NVIDIA GPUs: {INSTALL_HINT} (vLLM pins its own torch and transformers; "
+            "use a separate environment if they clash), or use rollout.name: transformers."
+        ) from exc
+    return vllm
+
+
+class VLLMRollout(RolloutEngine):
+    """Rollouts with vLLM, colocated (sleep/wake between rollouts) or against a vLLM server."""
+
+    name = "vllm"
+    description = "vLLM rollouts: colocated with sleep/wake, or trl vllm-serve with NCCL weight sync (needs GPUs)"
+
+    class Options(BaseModel):
+        """Options of the ``vllm`` rollout engine (``rollout.options`` in the run config)."""
+
+        model_config = ConfigDict(extra="forbid")
+        mode: Literal["colocate", "server"] = Field("colocate", description="vLLM in this process, or a server")
+        # colocate
+        gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="share of the GPU vLLM may take")
+        tensor_parallel_size: int = Field(1, ge=1, description="colocate supports 1 (one engine per process)")
+        max_model_len: int | None = Field(None, ge=1, description="prompt + completion tokens (smaller KV cache)")
+        max_num_seqs: int | None = Field(None, ge=1, description="sequences vLLM batches at once")
+        enable_sleep_mode: bool = Field(True, description="release vLLM's GPU memory between rollouts")
+        sleep_level: Literal[1, 2] = Field(2, description="1: weights to CPU, KV cache dropped; 2: both dropped")
+        enforce_eager: bool = Field(False, description="no CUDA graphs (less memory, slower)")
+        dtype: str = Field("auto", description="vLLM dtype (auto = the checkpoint's)")
+        max_images_per_prompt: int = Field(4, ge=1, description="vLLM limit_mm_per_prompt for images")
+        # server
+        base_url: str | None = Field(None, description="server mode: e.g. http://10.0.0.2:8000")
+        group_port: int = Field(51216, ge=1, le=65535, description="server mode: NCCL weight-sync group port")
+        server_timeout_s: float = Field(240.0, gt=0, description="server mode: how long to wait for the server")
+        # both
+        return_logprobs: bool = Field(True, description="fill Completion.logprobs with the sampler's log-probs")
+        suppress_via_logit_bias: bool = Field(
+            True, description="forbid the family's suppressed ids (image pads) with a -100 logit bias")
+        extra_sampling: dict[str, Any] = Field(default_factory=dict,
+                                               description="extra vLLM SamplingParams fields, e.g. {'min_p': 0.05}")
+
+        @model_validator(mode="after")
+        def _mode_fields(self) -> VLLMRollout.Options:
+            if self.mode == "server" and not self.base_url:
+                raise ValueError("mode 'server' needs base_url (the `trl vllm-serve` address, e.g. "
+                                 "http://127.0.0.1:8000)")
+            if self.mode == "colocate" and self.base_url:
+                raise ValueError("base_url is only used in mode 'server'")
+            if self.mode == "colocate" and self.tensor_parallel_size != 1:
+                raise ValueError("colocate mode runs one engine per training process (tensor_parallel_size 1); "
+                                 "use mode 'server' for larger models")
+            if self.base_url and not self.base_url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+            return self
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        super().__init__(options)
+        self.llm: Any = None
+        self.client: Any = None
+        self._asleep = False
+        self._weights_current = True
+        self._policy: Any = None
+        self._weight_metadata: list[tuple[str, str, list[int]]] | None = None
+
+    # ---- set-up -------------------------------------------------------------------------
+    def setup(self, ctx: RolloutContext) -> None:
+        """Start the colocated engine, or connect to the server (rank 0 joins the NCCL group)."""
+        self.ctx = ctx
+        self._policy = ctx.model
+        import_vllm()
+        if self.options.mode == "colocate":
+            self._init_colocate()
+        else:
+            self._init_server()
+
+    def _init_colocate(self) -> None:
+        o, ctx = self.options, self.ctx
+        if getattr(ctx.device, "type", None) != "cuda":
+            raise RuntimeError(f"rollout engine 'vllm' (colocate) needs a CUDA device; this process uses "
+                               f"{ctx.device}. Use rollout.name: transformers on this device.")
+        path = getattr(_unwrap(ctx.model), "name_or_path", None)
+        if not path:
+            raise RuntimeError("rollout engine 'vllm': the policy has no name_or_path to start vLLM from; load it "
+                               "with from_pretrained from a checkpoint folder")
+        _ensure_launcher_env()
+        kwargs = {
+            "model": str(path),
+            "tensor_parallel_size": 1,
+            "gpu_memory_utilization": o.gpu_memory_utilization,
+            "max_model_len": o.max_model_len,
+            "max_num_seqs": o.max_num_seqs,
+            "enable_sleep_mode": o.enable_sleep_mode,
+            # Each training process drives its own engine, started by accelerate/torchrun.
+            "distributed_executor_backend": "external_launcher",
+            "seed": int(os.environ.get("RANK", "0")),
+            "dtype": o.dtype,
+            "enforce_eager": o.enforce_eager,
+            "limit_mm_per_prompt": {"image": o.max_images_per_prompt},
+        }
+        self.llm = self._make_llm({k: v for k, v in kwargs.items() if v is not None})
+        if o.enable_sleep_mode:
+            self.llm.sleep(level=o.sleep_level)
+            self._asleep = True
+            self._weights_current = o.sleep_level == 1  # level 2 discarded the weights
+
+    def _make_llm(self, kwargs: dict[str, Any]) -> Any:
+        """``vllm.LLM(**kwargs)`` (a seam for tests)."""
+        return import_vllm().LLM(**kwargs)
+
+    def _init_server(self) -> None:
+        self.client = self._make_client()
+        rank, _ = _dist()
+        if rank == 0:
+            self.client.init_communicator(device=self.ctx.device)
+
+    def _make_client(self) -> Any:
+        """TRL's ``VLLMClient`` for ``base_url`` (a seam for tests)."""
+        try:
+            from trl.generation.vllm_client import VLLMClient
+        except ImportError as exc:
+            raise ImportError(f"rollout engine 'vllm' (server mode) needs TRL's VLLMClient: {exc}. "
+                              f"{INSTALL_HINT}") from exc
+        o = self.options
+        return VLLMClient(base_url=o.base_url, group_port=o.group_port, connection_timeout=o.server_timeout_s)
+
+    # ---- generation ---------------------------------------------------------------------
+    def generate(self, prompts: list[PromptInput], sampling: SamplingParams) -> list[list[Completion]]:
+        """``sampling.n`` completions per prompt."""
+        if self.options.mode == "colocate":
+            return self._generate_colocate(prompts, sampling)
+        return self._generate_server(prompts, sampling)
+
+    def _generate_colocate(self, prompts: list[PromptInput], sampling: SamplingParams) -> list[list[Completion]]:
+        vllm = import_vllm()
+        o = self.options
+        if self._asleep:
+            self.llm.wake_up(tags=["weights"])
+        if not self._weights_current:
+            self._load_weights_colocated()
+        if self._asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = False
+        kw = vllm_sampling_kwargs(sampling, self._suppressed(), logprobs=o.return_logprobs, extra=o.extra_sampling)
+        # A per-request seed (PromptInput.seed) makes each group's samples independent of batching.
+        params: Any = [vllm.SamplingParams(**kw, **({"seed": p.seed} if p.seed is not None else {}))
+                       for p in prompts]
+        outputs = self.llm.generate(vllm_inputs(prompts), sampling_params=params, use_tqdm=False)
+        eos = self._eos_ids()
+        result = [[completion_from_vllm(c, eos, self._eos_id(eos)) for c in out.outputs] for out in outputs]
+        if o.enable_sleep_mode:
+            self.llm.sleep(level=o.sleep_level)
+            self._asleep = True
+            if o.sleep_level == 2:
+                self._weights_current = False
+        return result
+
+    def _generate_server(self, prompts: list[PromptInput], sampling: SamplingParams) -> list[list[Completion]]:
+        o = self.options
+        kw = vllm_sampling_kwargs(sampling, self._suppressed(), logprobs=o.return_logprobs, extra=o.extra_sampling)
+        extra = {k: v for k, v in kw.items() if k not in _CHAT_ARGS}
+        out = self.client.chat(
+            [server_messages(p) for p in prompts],
+            **{k: v for k, v in kw.items() if k in _CHAT_ARGS},
+            generation_kwargs=extra or None,
+        )
+        ids_all = out["completion_ids"]
+        n = sampling.n
+        if len(ids_all) != n * len(prompts):
+            raise RuntimeError(f"vLLM server at {o.base_url} returned {len(ids_all)} completions for "
+                               f"{len(prompts)} prompt(s) x n={n}")
+        tok = getattr(self.ctx.processor, "tokenizer", self.ctx.processor)
+        texts = tok.batch_decode(ids_all, skip_special_tokens=True)
+        lps = out.get("logprobs")
+        eos = self._eos_ids()
+        flat = []
+        for j, ids in enumerate(ids_all):
+            ids = list(ids)
+            lp = [float(p[0]) if p[0] is not None else float("nan") for p in lps[j]] if lps else None
+            # The chat route reports no finish reason: no EOS at the end means the length limit cut it.
+            flat.append(Completion(ids=ids, text=texts[j], truncated=not ids or ids[-1] not in eos, logprobs=lp))
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    # ---- weights ------------------------------------------------------------------------
+    def sync_weights(self, model: Any) -> None:
+        """Make the next rollout use ``model``'s weights (call after each optimizer step).
+
+        Colocate marks vLLM's copy stale (it is reloaded right before the next rollout); server
+        mode streams the weights to the server now (rank 0), resets its prefix cache, and every
+        rank waits at a barrier.
+        """
+        self._policy = model
+        if self.options.mode == "colocate":
+            self._weights_current = False
+            return
+        rank, barrier = _dist()
+        if rank == 0:
+            if self._weight_metadata is None:
+                self._weight_metadata = [(n, str(t.dtype).removeprefix("torch."), list(t.shape))
+                                         for n, t in named_weights(model)]
+            self.client.update_named_params(self._weight_metadata, named_weights(model))
+            self.client.reset_prefix_cache()
+        barrier()
+
+    def _load_weights_colocated(self) -> None:
+        runner_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        for name, tensor in named_weights(self._policy):
+            runner_model.load_weights([(name, tensor)])
+        self.llm.reset_prefix_cache()
+        self._weights_current = True
+
+    # ---- helpers ------------------------------------------------------------------------
+    def _suppressed(self) -> list[int]:
+        return list(self.ctx.suppressed_token_ids) if self.options.suppress_via_logit_bias else []
+
+    def _eos_ids(self) -> set[int]:
+        from core.grpo.rollout import eos_token_ids
+
+        return eos_token_ids(self._policy, self.ctx.processor)
+
+    def _eos_id(self, eos: set[int]) -> int | None:
+        """The tokenizer's EOS where it is one of ``eos`` (Qwen: ``<|im_end|>``, not the pad-like ``<|endoftext|>``)."""
+        tok = getattr(self.ctx.processor, "tokenizer", self.ctx.processor)
+        tok_eos = getattr(tok, "eos_token_id", None)
+        return tok_eos if tok_eos in eos else (min(eos) if eos else None)
+
+
+#: Keyword arguments ``VLLMClient.chat`` takes itself; others go in ``generation_kwargs``.
+_CHAT_ARGS = frozenset({"n", "repetition_penalty", "temperature", "top_p", "top_k", "max_tokens", "logprobs"})
+
+
+def vllm_sampling_kwargs(sampling: SamplingParams, suppressed: Sequence[int] = (), *, logprobs: bool = True,
+                         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Our :class:`SamplingParams` as ``vllm.SamplingParams`` fields.
+
+    Greedy is temperature 0 (vLLM's greedy); ``top_k`` -1 disables it (accepted by every vLLM
+    version); suppressed ids get a -100 logit bias; ``logprobs=0`` returns the sampled token's.
+    """
+    greedy = not sampling.do_sample or sampling.temperature == 0
+    kw: dict[str, Any] = {
+        "n": sampling.n,
+        "max_tokens": sampling.max_new_tokens,
+        "temperature": 0.0 if greedy else sampling.temperature,
+        "top_p": 1.0 if greedy else sampling.top_p,
+        "top_k": sampling.top_k if (sampling.top_k and not greedy) else -1,
+        "repetition_penalty": sampling.repetition_penalty,
+    }
+    if logprobs:
+        kw["logprobs"] = 0
+    if suppressed:
+        kw["logit_bias"] = {int(t): -100.0 for t in suppressed}
+    kw.update(extra or {})
+    return kw
+
+
+def vllm_inputs(prompts: Sequence[PromptInput]) -> list[dict[str, Any]]:
+    """Prompt dicts for ``LLM.generate``: the family-rendered text (one image placeholder per image) plus the images."""
+    out = []
+    for p in prompts:
+        item: dict[str, Any] = {"prompt": p.text}
+        if p.images:
+            item["multi_modal_data"] = {"image": list(p.images)}
+        out.append(item)
+    return out
+
+
+def server_messages(prompt: PromptInput) -> list[dict[str, Any]]:
+    """Our chat messages with each ``{"type": "image"}`` holding its PIL image (TRL's ``chat`` inlines it)."""
+    images = iter(prompt.images)
+    used = 0
+    out = []
+    for msg in prompt.messages:
+        content = msg.get("content")
+        if not isinstance(content, list):
+            out.append(dict(msg))
+            continue
+        parts = []
+        for part in content:
+            if part.get("type") == "image":
+                try:
+                    parts.append({"type": "image", "image": next(images)})
+                except StopIteration:
+                    raise ValueError(f"prompt has more image placeholders than its {len(prompt.images)} "
+                                     "image(s)") from None
+                used += 1
+            else:
+                parts.append(dict(part))
+        out.append({**msg, "content": parts})
+    if used != len(prompt.images):
+        raise ValueError(f"prompt has {len(prompt.images)} image(s) but {used} image placeholder(s)")
+    return out
+
+
+def completion_from_vllm(output: Any, eos: set[int], eos_id: int | None = None) -> Completion:
+    """A ``vllm.CompletionOutput`` -> :class:`Completion` (EOS kept; ``finish_reason == "length"`` = truncated)."""
+    ids = list(output.token_ids)
+    truncated = output.finish_reason == "length"
+    stopped_on_eos = output.finish_reason == "stop" and getattr(output, "stop_reason", None) is None
+    if stopped_on_eos and eos_id is not None and (not ids or ids[-1] not in eos):
+        ids.append(eos_id)  # stopped on EOS but the id was not reported: keep the EOS-included convention
+    lps = None
+    if getattr(output, "logprobs", None):
+        # One dict per position: {token_id: Logprob}; the sampled token is always present.
+        lps = [float(pos[tok].logprob) for pos, tok in zip(output.logprobs, output.token_ids, strict=False)]
+    return Completion(ids=ids, text=output.text, truncated=truncated, logprobs=lps)
+
+
+def named_weights(model: Any) -> Iterator[tuple[str, Any]]:
+    """``(name, tensor)`` of the policy as a plain checkpoint names them.
+
+    PEFT: adapters are merged for the walk and unmerged after it; LoRA tensors are skipped and
+    ``base_model.model.`` / ``.base_layer`` / ``modules_to_save.default.`` removed, as TRL does.
+    DeepSpeed ZeRO-3 shards are refused (gathering them is not implemented here).
+    """
+    model = _unwrap(model)
+    peft = hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
+    if peft:
+        model.merge_adapter()
+    try:
+        for name, param in model.named_parameters():
+            if hasattr(param, "ds_id"):
+                raise NotImplementedError("rollout engine 'vllm': syncing DeepSpeed ZeRO-3 sharded weights is not "
+                                          "implemented; use ZeRO-2 or DDP with vLLM rollouts")
+            name = name.replace("_checkpoint_wrapped_module.", "")
+            if peft:
+                if "lora_" in name or "original_module" in name:
+                    continue
+                name = (name.removeprefix("base_model.model.").replace(".base_layer", "")
+                        .replace("modules_to_save.default.", ""))
+            yield name, param.data
+    finally:
+        if peft:
+            model.unmerge_adapter()
+
+
+def _unwrap(model: Any) -> Any:
+    return getattr(model, "module", model)
+
+
+def _ensure_launcher_env() -> None:
+    """The variables vLLM's external launcher reads; set for a single process when no launcher did."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def _dist() -> tuple[int, Any]:
+    """``(rank, barrier)`` of the default torch.distributed group (``(0, no-op)`` when single-process)."""
+    dist = sys.modules.get("torch.distributed")  # a process group exists only if this was imported
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.barrier
+    return 0, lambda: None

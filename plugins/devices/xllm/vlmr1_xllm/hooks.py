@@ -1,0 +1,11 @@
+"""Registration hooks of ``vlmr1-plugin-xllm`` (httpx is imported only when the engine runs)."""
+
+from core.hookspecs import hookimpl
+
+
+@hookimpl
+def vlmr1_register_devices(register) -> None:
+    """The ``openai_server`` rollout engine."""
+    from vlmr1_xllm.engine import OpenAIServerRollout
+
+    register(OpenAIServerRollout)
