@@ -165,6 +165,18 @@ def make_plan(cfg: RunConfig, registry: Registry, num_processes: int = 1, *,
     return Plan(cfg, fam, task, rewards, device, rollout, opts, batch, notes)
 
 
+def families_for_model_type(registry: Registry, model_type: str | None) -> list[Entry]:
+    """The families that claim ``model_type``; dedicated ones win over fallbacks.
+
+    A fallback family (``ModelFamily.fallback``, e.g. vlmr1-plugin-generic's ``generic``)
+    claims every model_type transformers can load; it is chosen only when no dedicated family
+    claims the checkpoint.
+    """
+    hits = [e for e in registry.entries("models") if e.cls.handles(model_type)]
+    dedicated = [e for e in hits if not getattr(e.cls, "fallback", False)]
+    return dedicated or hits
+
+
 def registry_family_for(registry: Registry, path: str | Path) -> Entry:
     """The model family whose ``model_types`` contain the checkpoint's ``config.model_type``."""
     cfg_file = Path(path) / "config.json"
@@ -172,7 +184,7 @@ def registry_family_for(registry: Registry, path: str | Path) -> Entry:
         model_type = json.loads(cfg_file.read_text()).get("model_type")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.path: cannot read {cfg_file}: {exc}") from None
-    hits = [e for e in registry.entries("models") if e.cls.handles(model_type)]
+    hits = families_for_model_type(registry, model_type)
     if len(hits) == 1:
         return hits[0]
     fams = ", ".join(f"{e.qualified} ({', '.join(e.cls.model_types) or 'any'})" for e in registry.entries("models"))

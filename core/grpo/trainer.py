@@ -42,7 +42,7 @@ from core.interfaces import (
     SamplingParams,
 )
 from core.metrics import MetricsWriter, plot_rewards
-from core.plan import Plan, registry_family_for
+from core.plan import Plan, families_for_model_type, registry_family_for
 from core.registry import Registry
 
 
@@ -109,7 +109,7 @@ def resolve_family(plan: Plan, registry: Registry, path: str) -> ModelFamily:
             from transformers import AutoConfig
 
             mt = AutoConfig.from_pretrained(path).model_type
-            hits = [e for e in registry.entries("models") if e.cls.handles(mt)]
+            hits = families_for_model_type(registry, mt)
             if not hits:
                 raise ConfigError(f"model.path: no installed model family handles model_type {mt!r}")
             entry = hits[0]

@@ -31,6 +31,9 @@ class ModelFamily(Component):
     Class attributes:
         model_types: the ``config.model_type`` values this family handles.
         box_convention: see :data:`BoxConvention`.
+        fallback: a family that claims model_types others may also claim (e.g. every
+            ``AutoModelForImageTextToText`` type); chosen by ``config.model_type`` only when
+            no non-fallback family claims the checkpoint.
         per_token_keys: processor outputs aligned with ``input_ids`` that must be extended
             (with zeros) over completion tokens for the training forward, so training-time
             log-probabilities use the same multimodal positions generation used.
@@ -38,6 +41,7 @@ class ModelFamily(Component):
 
     model_types: ClassVar[tuple[str, ...]] = ()
     box_convention: ClassVar[BoxConvention] = "unknown"
+    fallback: ClassVar[bool] = False
     per_token_keys: ClassVar[tuple[str, ...]] = ("token_type_ids", "mm_token_type_ids")
 
     # ---- selection -------------------------------------------------------------------
