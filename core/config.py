@@ -224,6 +224,8 @@ class TrainConfig(Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_steps: int = Field(100, ge=1, description="optimizer steps (each on a fresh rollout)")
     seed: int = 0
+    shuffle: bool = Field(True, description="visit training prompts in a seeded random order each epoch; "
+                          "false = in the task's order (for tasks that interleave classes)")
     gradient_checkpointing: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
 

@@ -1,5 +1,7 @@
-"""Run logs: ``metrics.jsonl`` (one object per optimizer step), ``completions.jsonl``,
-TensorBoard (and optionally W&B) scalars, and the reward-curve PNG written at the end.
+"""Run logs: metrics, completions, TensorBoard/W&B scalars and the reward-curve PNG.
+
+``metrics.jsonl`` has one object per optimizer step; ``completions.jsonl`` the sampled
+completions with their rewards; ``reward_curve.png`` is drawn at the end of a run.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def grpo_loss(
         high = ((ratio > 1 + epsilon_high) & (adv > 0)).expand_as(mask).to(mask.dtype) * mask
     return LossOutput(
         loss=loss,
-        kl_sum=float((kl * mask).sum()) if kl is not None else 0.0,
+        kl_sum=float((kl.detach() * mask).sum()) if kl is not None else 0.0,
         clipped_tokens=float((low + high).sum()),
         low_clipped_tokens=float(low.sum()),
         high_clipped_tokens=float(high.sum()),

@@ -54,13 +54,15 @@ class GroupSampler:
     with exactly the prompts an uninterrupted run would have used.
     """
 
-    def __init__(self, num_samples: int, prompts_per_step: int, seed: int) -> None:
+    def __init__(self, num_samples: int, prompts_per_step: int, seed: int, shuffle: bool = True) -> None:
         if num_samples == 0:
             raise ConfigError("task: the training split is empty")
-        self.n, self.per_step, self.seed = num_samples, prompts_per_step, seed
+        self.n, self.per_step, self.seed, self.shuffle = num_samples, prompts_per_step, seed, shuffle
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return range(self.n)  # type: ignore[return-value]  # indexable like the permutations
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
             self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
@@ -329,7 +331,7 @@ def run(plan: Plan, registry: Registry) -> int:
     sampling = SamplingParams(n=G, max_new_tokens=cfg.grpo.max_completion_length, temperature=cfg.grpo.temperature,
                               top_p=cfg.grpo.top_p, top_k=cfg.grpo.top_k,
                               repetition_penalty=cfg.grpo.repetition_penalty)
-    sampler = GroupSampler(len(train_set), batch["prompts_per_step"], cfg.train.seed)
+    sampler = GroupSampler(len(train_set), batch["prompts_per_step"], cfg.train.seed, cfg.train.shuffle)
     writer = MetricsWriter(out_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                            is_main=accelerator.is_main_process, run_config=cfg.model_dump(mode="json"))
 

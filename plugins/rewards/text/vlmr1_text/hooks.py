@@ -9,7 +9,8 @@ from core.hookspecs import hookimpl
 def vlmr1_register_rewards(register) -> None:
     """Register the text rewards."""
     from vlmr1_text.length import LengthReward, RepetitionReward
-    from vlmr1_text.rewards import AllMatchReward, DefaultReward, FormatReward, MCQReward, YesNoReward
+    from vlmr1_text.rewards import AllMatchReward, DefaultReward, FormatReward, MCQReward, RegexReward, YesNoReward
 
-    for cls in (FormatReward, AllMatchReward, MCQReward, YesNoReward, DefaultReward, LengthReward, RepetitionReward):
+    for cls in (FormatReward, RegexReward, AllMatchReward, MCQReward, YesNoReward, DefaultReward, LengthReward,
+                RepetitionReward):
         register(cls)

@@ -86,6 +86,51 @@ class FormatReward(PerItemReward):
         return 1.0
 
 
+# ---- answer pattern ------------------------------------------------------------------------
+class RegexReward(PerItemReward):
+    r"""1.0 when the answer matches a regular expression, else 0.0 (a format check for any schema).
+
+    The answer is the last ``<answer>`` block, or the whole completion (``target``). With
+    ``match: full`` the pattern must match all of it (``re.fullmatch``); with ``search``
+    anywhere. Typical uses: "the answer is one of the choices" (``(red|green|blue)``), a
+    number (``-?\d+(\.\d+)?``), a box (``\[\s*\d+(\s*,\s*\d+){3}\s*\]``). Paired with
+    an accuracy reward it is the R1 recipe's format term: it rewards every well-formed answer
+    equally, so a policy learns the answer space before it learns which answer is right.
+    """
+
+    name = "regex"
+    description = "answer matches a regular expression (format check for any answer schema)"
+
+    class Options(BaseModel):
+        """The pattern, what it is matched against, and how."""
+
+        model_config = ConfigDict(extra="forbid")
+        pattern: str = Field(description="Python regular expression")
+        target: Literal["answer", "completion"] = "answer"
+        match: Literal["full", "search"] = "full"
+        ignore_case: bool = True
+
+        @field_validator("pattern")
+        @classmethod
+        def _compiles(cls, v: str) -> str:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+            return v
+
+    def __init__(self, options: BaseModel | None = None) -> None:
+        super().__init__(options)
+        o = self.options
+        self._re = re.compile(o.pattern, re.IGNORECASE | re.DOTALL if o.ignore_case else re.DOTALL)
+
+    def score_item(self, item: RewardItem) -> float:
+        """Match the configured target."""
+        text = extract_answer(item.completion) if self.options.target == "answer" else item.completion.strip()
+        hit = self._re.fullmatch(text) if self.options.match == "full" else self._re.search(text)
+        return float(hit is not None)
+
+
 # ---- exact match -------------------------------------------------------------------------
 class AllMatchReward(PerItemReward):
     """1.0 when the normalised answer equals the normalised solution, else 0.0.

@@ -69,6 +69,9 @@ class SyntheticColor(TaskFormat):
                                    description="colour words (answers); CSS names or '#rrggbb'")
         noise: float = Field(0.0, ge=0, le=255, description="uniform per-pixel noise amplitude (+-, 0-255 units)")
         seed: int = Field(0, ge=0, description="seed of both splits (train/eval use disjoint streams)")
+        balanced: bool = Field(
+            False, description="label of sample i = colours[i % K] (each class equally often, interleaved); "
+            "false = drawn at random from the seed")
         prompt: str = Field("What colour is this image?", min_length=1, description="the question text")
         answer_format: Literal["plain", "r1"] = Field(
             "plain", description="plain: the completion is the word; r1: <think>..</think><answer>word</answer>")
@@ -107,7 +110,10 @@ class SyntheticColor(TaskFormat):
 
     def _sample(self, split: str, index: int) -> Sample:
         o = self.options
-        word = o.colours[int(sample_rng(o.seed, split, index).integers(len(o.colours)))]
+        if o.balanced:
+            word = o.colours[index % len(o.colours)]
+        else:
+            word = o.colours[int(sample_rng(o.seed, split, index).integers(len(o.colours)))]
         text = {"type": "text", "text": self.question()}
         image = {"type": "image"}
         content = [text, image] if o.text_position == "before_image" else [image, text]
