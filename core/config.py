@@ -177,6 +177,9 @@ class GRPOConfig(Strict):
     num_iterations: int = Field(1, ge=1, description="mu: optimisation passes per rollout")
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group", description="divide advantages by the group's std, the batch's std, or not at all")
+    advantage_baseline: Literal["group", "batch"] = Field(
+        "group", description="subtract the group's mean reward (GRPO) or the whole step's (REINFORCE++); batch "
+                             "still scores groups whose completions all agree")
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("grpo", description="loss aggregation")
     importance_sampling_level: Literal["token", "sequence"] = Field(
         "token", description="importance ratio per token (GRPO) or per sequence (GSPO)")
@@ -191,6 +194,11 @@ class GRPOConfig(Strict):
     def _check_clip(self) -> GRPOConfig:
         if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
             raise ValueError(f"grpo.epsilon_high ({self.epsilon_high}) must be >= grpo.epsilon ({self.epsilon})")
+        if self.advantage_baseline == "batch" and self.scale_rewards == "group":
+            # A group whose rewards agree has std 0: dividing its non-zero batch-baseline advantage
+            # by std + eps would blow it up by 1/eps.
+            raise ValueError("grpo.advantage_baseline=batch needs grpo.scale_rewards=batch or none (a group's "
+                             "std is 0 when its completions agree)")
         return self
 
 

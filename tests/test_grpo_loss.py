@@ -36,6 +36,25 @@ def test_group_advantages_batch_and_none_scaling():
         group_advantages(r, 3)
 
 
+def test_batch_baseline_scores_a_group_that_agrees():
+    # Step mean = (3 + 1 + 0 + 0) / 4 = 1: the agreeing group (0, 0) gets -1 each, not 0 as with the group mean.
+    r = torch.tensor([3.0, 1.0, 0.0, 0.0])
+    adv, std = group_advantages(r, 2, scale="none", baseline="batch")
+    assert adv.tolist() == pytest.approx([2.0, 0.0, -1.0, -1.0])
+    assert std.tolist() == pytest.approx([math.sqrt(2.0), 0.0])  # group std still reported for dynamic sampling
+    adv_b, _ = group_advantages(r, 2, scale="batch", eps=0.0, baseline="batch")
+    assert adv_b.tolist() == pytest.approx((torch.tensor([2.0, 0.0, -1.0, -1.0]) / r.std()).tolist())
+    with pytest.raises(ValueError, match="baseline must be group or batch"):
+        group_advantages(r, 2, baseline="leave_one_out")
+
+
+def test_batch_baseline_with_group_scaling_is_refused():
+    from core.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="advantage_baseline=batch needs grpo.scale_rewards=batch or none"):
+        build_config({}, ["grpo.advantage_baseline=batch", "grpo.scale_rewards=group"])
+
+
 # ---- loss ----------------------------------------------------------------------------------
 def test_clipped_surrogate_hand_computed():
     logps = torch.tensor([[-1.0, -2.0]], requires_grad=True)

@@ -32,15 +32,25 @@ LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, baseline: str = "group"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Advantages for rewards ordered group by group; also returns each group's std ``[N/G]``."""
+    """Advantages for rewards ordered group by group; also returns each group's std ``[N/G]``.
+
+    ``baseline="group"`` (GRPO): ``A = r - mean(group)``. ``baseline="batch"`` (REINFORCE++'s
+    global baseline, arXiv 2501.03262): ``A = r - mean(batch)``, which still gives a signal when
+    all G completions of a prompt score the same (a group baseline gives them zero). ``scale``
+    then divides by the group's std (``group``), the batch's std (``batch``) or nothing.
+    """
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)
-    mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True)
-    adv = grouped - mean
+    if baseline == "group":
+        adv = grouped - grouped.mean(dim=1, keepdim=True)
+    elif baseline == "batch":
+        adv = grouped - rewards.mean()
+    else:
+        raise ValueError(f"baseline must be group or batch, not {baseline!r}")
     if scale == "group":
         adv = adv / (std + eps)
     elif scale == "batch":

@@ -65,6 +65,30 @@ class TransformersRollout(RolloutEngine):
         model_config = ConfigDict(extra="forbid")
         prompt_batch_size: int = Field(64, ge=1)
         seed_per_prompt: bool = False
+        choices: list[str] | None = Field(
+            None, min_length=1,
+            description="guided choice: every completion is one of these strings then EOS (vLLM's guided_choice); "
+                        "null = free text")
+
+    def _choice_trie(self, tok: Any, eos: set[int]) -> dict[tuple[int, ...], list[int]] | None:
+        """Allowed next tokens after each generated prefix, for the ``choices`` option.
+
+        Written here (transformers has no choice-constrained decoding; vLLM's lives in vLLM):
+        each choice is tokenised as the completion would be, then one EOS closes it.
+        """
+        if not self.options.choices:
+            return None
+        if getattr(self, "_trie", None) is None:
+            trie: dict[tuple[int, ...], set[int]] = {}
+            stop = min(eos)
+            self._longest = (0, "")
+            for choice in self.options.choices:
+                ids = list(tok.encode(choice, add_special_tokens=False)) + [stop]
+                self._longest = max(self._longest, (len(ids), choice))
+                for i in range(len(ids)):
+                    trie.setdefault(tuple(ids[:i]), set()).add(ids[i])
+            self._trie = {k: sorted(v) for k, v in trie.items()}
+        return self._trie
 
     def generate(self, prompts: list[PromptInput], sampling: SamplingParams) -> list[list[Completion]]:
         """``sampling.n`` completions per prompt."""
@@ -74,6 +98,12 @@ class TransformersRollout(RolloutEngine):
         model, processor, family = ctx.model, ctx.processor, ctx.family
         tok = getattr(processor, "tokenizer", processor)
         eos = eos_token_ids(model, processor)
+        trie = self._choice_trie(tok, eos)
+        if trie is not None and self._longest[0] > sampling.max_new_tokens:
+            n, choice = self._longest
+            raise ValueError(f"rollout.options.choices: {choice!r} is {n} tokens with its EOS, more than the "
+                             f"{sampling.max_new_tokens} new tokens allowed (grpo.max_completion_length / "
+                             "eval.max_new_tokens); raise that limit or shorten the choice")
         results: list[list[Completion]] = []
         bs = 1 if self.options.seed_per_prompt else self.options.prompt_batch_size
         for start in range(0, len(prompts), bs):
@@ -100,6 +130,14 @@ class TransformersRollout(RolloutEngine):
                 gen_kwargs.update(temperature=None, top_p=None, top_k=None)
             if ctx.suppressed_token_ids:
                 gen_kwargs["suppress_tokens"] = ctx.suppressed_token_ids
+            if trie is not None:
+                start_len = inputs["input_ids"].shape[1]
+                done = [tok.pad_token_id if tok.pad_token_id is not None else min(eos)]
+
+                def allowed(_batch_id: int, ids: Any, _t=trie, _s=start_len, _d=done) -> list[int]:
+                    return _t.get(tuple(ids[_s:].tolist()), _d)
+
+                gen_kwargs["prefix_allowed_tokens_fn"] = allowed
             was_training = model.training
             model.eval()
             with torch.no_grad():
