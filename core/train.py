@@ -60,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: plugin {f.distribution} {f.status}; run `python -m core.plugins list`", file=sys.stderr)
         return 0
     from core.grpo.trainer import run
+    from core.interfaces import DataError
 
-    return run(plan, host.registry)
+    try:
+        return run(plan, host.registry)
+    except DataError as exc:  # bad data names its file and line; no traceback from deep inside
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _num_processes() -> int:

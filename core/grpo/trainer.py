@@ -219,17 +219,27 @@ def reward_item(bundle: ModelBundle, sample: Sample, prompt: PromptInput, comp: 
 
 
 def generate_groups(bundle: ModelBundle, engine: RolloutEngine, samples: list[Sample], counts: list[int],
-                    sampling: SamplingParams, seeds: list[int] | None = None) -> Rollout:
-    """Generate ``counts[i]`` completions for ``samples[i]``; each prompt is processed once."""
+                    sampling: SamplingParams, seeds: list[int] | None = None,
+                    offsets: list[int] | None = None) -> Rollout:
+    """Generate ``counts[i]`` completions for ``samples[i]``; each prompt is processed once.
+
+    With ``seeds`` and ``offsets`` (the first copy of the group this rank holds), a partial group
+    at a rank boundary is generated whole (``sampling.n`` rows from the group's seed) and cut to
+    copies ``offsets[i] : offsets[i] + counts[i]``: the two ranks sharing a group then hold
+    different copies, and exactly the ones a single process would have sampled.
+    """
     prompts = [make_prompt(bundle, s) for s in samples]
     for p, seed in zip(prompts, seeds or [None] * len(prompts), strict=True):
         p.seed = seed
+    whole = seeds is not None and offsets is not None
+    gen_n = [sampling.n if whole and c < sampling.n else c for c in counts]
     out: list[list[Completion]] = [[] for _ in samples]
-    for n in sorted(set(counts)):  # partial groups at rank boundaries get their own call
-        idx = [i for i, c in enumerate(counts) if c == n]
+    for n in sorted(set(gen_n)):  # partial groups at rank boundaries get their own call
+        idx = [i for i, c in enumerate(gen_n) if c == n]
         sp = SamplingParams(**{**sampling.__dict__, "n": n})
         for i, comps in zip(idx, engine.generate([prompts[i] for i in idx], sp), strict=True):
-            out[i] = comps
+            first = offsets[i] if whole and n != counts[i] else 0  # type: ignore[index]
+            out[i] = comps[first:first + counts[i]]
     flat_s, flat_p, flat_c, items = [], [], [], []
     for s, p, comps in zip(samples, prompts, out, strict=True):
         for c in comps:
@@ -240,17 +250,19 @@ def generate_groups(bundle: ModelBundle, engine: RolloutEngine, samples: list[Sa
     return Rollout(flat_s, flat_p, flat_c, items)
 
 
-def runs_of(slots: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    """Collapse consecutive slots of one group into ``(group ids, counts)``."""
+def runs_of(slots: list[tuple[int, int]]) -> tuple[list[int], list[int], list[int]]:
+    """Collapse consecutive slots of one group into ``(group ids, counts, first copy index)``."""
     ids: list[int] = []
     counts: list[int] = []
-    for p, _ in slots:
+    firsts: list[int] = []
+    for p, j in slots:
         if ids and ids[-1] == p:
             counts[-1] += 1
         else:
             ids.append(p)
             counts.append(1)
-    return ids, counts
+            firsts.append(j)
+    return ids, counts, firsts
 
 
 # ---- evaluation ------------------------------------------------------------------------
@@ -292,6 +304,16 @@ def run(plan: Plan, registry: Registry) -> int:
     mb_size = cfg.train.per_device_batch_size
     device_obj.seed(cfg.train.seed)
 
+    # Data first: a bad row (core.interfaces.DataError, naming file and line) stops the run
+    # before any weights are loaded.
+    task = registry.create("tasks", cfg.task.name, plan.options["task"])
+    train_set = task.load("train")
+    eval_set: Sequence[Sample] = []
+    if cfg.eval.enabled:
+        if "eval" in task.splits():
+            eval_set = task.load("eval")
+        else:
+            accelerator.print(f"note: task {cfg.task.name!r} has no eval split; skipping evaluation")
     resume_from = _find_resume(cfg, out_dir)
     bundle = load_models(plan, registry, accelerator, device_obj, resume_from)
     trainable = [p for p in bundle.model.parameters() if p.requires_grad]
@@ -301,18 +323,11 @@ def run(plan: Plan, registry: Registry) -> int:
                               num_training_steps=total_updates)
     # The scheduler is stepped by hand once per update: accelerate's wrapper would step it once
     # per process, which is right only for data-parallel dataloaders it shards itself.
+    _configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(bundle.model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     bundle.model = model
 
-    task = registry.create("tasks", cfg.task.name, plan.options["task"])
-    train_set = task.load("train")
-    eval_set: Sequence[Sample] = []
-    if cfg.eval.enabled:
-        if "eval" in task.splits():
-            eval_set = task.load("eval")
-        else:
-            accelerator.print(f"note: task {cfg.task.name!r} has no eval split; skipping evaluation")
     rctx = RewardContext(registry=registry, config=cfg)
     specs = []
     for rc, opts in zip(cfg.rewards, [plan.options[f"rewards.{i}"] for i in range(len(cfg.rewards))], strict=True):
@@ -346,6 +361,10 @@ def run(plan: Plan, registry: Registry) -> int:
         eval_result = meta.get("eval", {})
         writer.truncate_after(start_step)
         accelerator.print(f"resumed from {resume_from} at step {start_step}")
+    elif (out_dir / "metrics.jsonl").exists():
+        # A fresh run into a used folder: its logs must not continue the earlier run's.
+        writer.truncate_after(0)
+        accelerator.print(f"note: fresh run (no resume) in {out_dir}: earlier metrics.jsonl/completions.jsonl replaced")
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -385,7 +404,8 @@ def run(plan: Plan, registry: Registry) -> int:
         torch.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + rank)
         ro, res, all_total, all_per, dyn = _rollout_step(cfg, accelerator, bundle, engine, runner, sampler,
                                                         train_set, sampling, step, per_rank)
-        adv_all, group_std = group_advantages(all_total, G, cfg.grpo.scale_rewards, cfg.grpo.advantage_eps)
+        adv_all, group_std = group_advantages(all_total, G, cfg.grpo.scale_rewards, cfg.grpo.advantage_eps,
+                                             cfg.grpo.advantage_baseline)
         adv = adv_all[rank * per_rank:(rank + 1) * per_rank]
         keep = None
         if cfg.grpo.zero_variance_groups != "keep":
@@ -483,10 +503,10 @@ def _rollout_step(cfg: RunConfig, accelerator: Any, bundle: ModelBundle, engine:
     for rnd in range(rounds + 1):
         idx = [i for i, (k, _) in enumerate(slots) if k in pending]
         if idx:
-            groups, counts = runs_of([slots[i] for i in idx])
+            groups, counts, firsts = runs_of([slots[i] for i in idx])
             seeds = [((cfg.train.seed * 1_000_003 + step) * 101 + rnd) * 10_007 + k for k in groups]
             part = generate_groups(bundle, engine, [train_set[prompt_ids[k]] for k in groups], counts, sampling,
-                                   seeds)
+                                   seeds, firsts)
             part_res = runner(RewardBatch(part.items))
             if ro is None:
                 ro, res = part, part_res
@@ -584,16 +604,43 @@ def _update(cfg: RunConfig, accelerator: Any, model: Any, bundle: ModelBundle, o
             high += out.high_clipped_tokens
             tokens += out.tokens
         if cfg.train.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm))
+            gn = accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+            grad_norm = float(gn) if gn is not None else float("nan")  # DeepSpeed clips inside its engine
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
+    if accelerator.num_processes > 1:
+        # Each rank's loss is its share of the step's loss; DDP averages the gradients, so the
+        # step's loss is the mean over ranks (equal to the single-process loss on the same batch).
+        losses = accelerator.reduce(torch.tensor(losses, device=dev), reduction="mean").tolist()
     stats = accelerator.gather(torch.tensor([kl_sum, clipped, low, high, tokens], device=dev).reshape(1, -1))
     stats = stats.sum(0).tolist()
     tok_total = max(stats[4], 1.0)
     return {"kl": stats[0] / tok_total, "clip_ratio": stats[1] / tok_total, "clip_ratio/low": stats[2] / tok_total,
             "clip_ratio/high": stats[3] / tok_total, "grad_norm": grad_norm}, losses
+
+
+def _configure_deepspeed(accelerator: Any, cfg: RunConfig) -> None:
+    """Fill the DeepSpeed config's batch fields from the run config (untested: no GPU here).
+
+    There is no dataloader for accelerate to read ``train_micro_batch_size_per_gpu`` from.
+    Every ``accelerator.backward`` steps the DeepSpeed engine, so each optimizer update must be
+    one micro-batch: ``train.gradient_accumulation_steps`` > 1 is refused rather than mis-stepped.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if cfg.train.gradient_accumulation_steps != 1:
+        raise ConfigError("train.gradient_accumulation_steps must be 1 under DeepSpeed (each backward steps the "
+                          "DeepSpeed engine); raise train.per_device_batch_size or the number of processes instead")
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.per_device_batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = cfg.train.per_device_batch_size * accelerator.num_processes
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = cfg.train.max_grad_norm or 0.0
 
 
 def _find_resume(cfg: RunConfig, out_dir: Path) -> Path | None:
