@@ -21,6 +21,10 @@ paths training uses, on CPU in float32:
                       excludes the token embeddings and the LM head.
 ``box_round_trip``    a known box written in the family's convention maps back to
                       original-image pixels.
+``grpo_step``         one real GRPO step through ``core.grpo.trainer.run`` (beta 0, a
+                      reward that varies between completions) changes language and vision
+                      weights; the saved checkpoint reloads with plain
+                      ``AutoModelForImageTextToText.from_pretrained``.
 
 Use from a plugin's tests::
 
@@ -314,17 +318,96 @@ def check_box_round_trip(ctx: ConformanceContext) -> None:
 
 
 def check_grpo_step_changes_weights(ctx: ConformanceContext) -> None:
-    """TODO(lead, GRPO engine): one GRPO step changes the tiny checkpoint's weights.
+    """One real GRPO step (``core.grpo.trainer.run``) changes the weights; the result reloads.
 
-    It should also check that the saved result reloads with plain
-    ``AutoModelForImageTextToText.from_pretrained``. Hook point for the engine's check;
-    add it to :data:`CONFORMANCE_CHECKS` once written.
+    The run goes through the whole engine as ``python -m core.train`` does (plan, rollout,
+    rewards, advantages, loss, optimizer step, checkpoint), in this process, on a throw-away
+    plugin host holding only core's built-ins, the family under test and two components
+    defined here: a one-image colour task and a reward that varies with the completion text
+    (a random policy rarely emits EOS within a few tokens, so a length reward would be
+    constant and give zero advantages). ``beta`` is 0, so no reference model is loaded.
+
+    Asserts: the step's rewards had non-zero spread; the final checkpoint reloads with plain
+    ``transformers.AutoModelForImageTextToText.from_pretrained`` into the same class with the
+    same parameter names; some language-model weight *and* some vision-tower weight differ
+    from the initial checkpoint (the image reached the training forward); every tensor is finite.
     """
-    raise NotImplementedError("TODO: GRPO step conformance check (needs core.grpo's trainer)")
+    import json
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from core.config import build_config
+    from core.grpo.trainer import run
+    from core.interfaces import Reward, RewardBatch, Sample, TaskFormat
+    from core.plan import make_plan
+    from core.plugins import PluginHost
+    from core.testing import ComponentsPlugin
+
+    class _ConformanceColorTask(TaskFormat):
+        """Four one-image prompts asking for the colour of a solid image."""
+
+        name = "conformance_color"
+
+        def load(self, split: str = "train") -> list[Sample]:
+            names = ("red", "green", "blue")
+            return [Sample(id=f"c{i}", images=[make_images(3)[i % 3]], messages=make_messages(1),
+                           solution=names[i % 3]) for i in range(4)]
+
+        def splits(self) -> tuple[str, ...]:
+            return ("train",)
+
+    class _ConformanceTextReward(Reward):
+        """A deterministic score in [0, 1) that differs between different completions."""
+
+        name = "conformance_text"
+
+        def score(self, batch: RewardBatch) -> list[float | None]:
+            return [(sum(map(ord, it.completion)) + 7 * it.completion_length) % 101 / 101 for it in batch]
+
+    host = PluginHost(autoload=False, strict=True)
+    host.register(ComponentsPlugin(ctx.family_cls, _ConformanceColorTask, _ConformanceTextReward),
+                  "vlmr1-conformance")
+    with tempfile.TemporaryDirectory(prefix="vlmr1-grpo-step-") as tmp:
+        out = Path(tmp) / "out"
+        raw = {
+            "model": {"path": str(ctx.path), "family": ctx.family_cls.name, "dtype": "float32",
+                      "options": ctx.family.options.model_dump(mode="json")},
+            "task": {"name": "conformance_color"},
+            "rewards": [{"name": "conformance_text"}],
+            "grpo": {"num_generations": 4, "max_completion_length": MAX_NEW_TOKENS, "beta": 0.0},
+            "train": {"learning_rate": 1e-3, "per_device_batch_size": 8, "max_steps": 1, "seed": ctx.seed},
+            "device": {"name": "cpu"},
+            "logging": {"output_dir": str(out), "tensorboard": False, "progress_bar": False, "plot": False,
+                        "log_completions_every": 0},
+            "eval": {"enabled": False},
+        }
+        plan = make_plan(build_config(raw, source="conformance"), host.registry)
+        assert run(plan, host.registry) == 0, "core.grpo.trainer.run returned non-zero"
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1], rows
+        assert rows[0]["reward_std"] > 0, f"the rewards of the step had no spread: {rows[0]}"
+        ckpt = out / "checkpoint-1"
+        trained = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32)
+        assert type(trained) is type(ctx.model), f"reloaded as {type(trained).__name__}"
+        before, after = ctx.model.state_dict(), trained.state_dict()
+        assert before.keys() == after.keys(), "the trained checkpoint's parameter names differ"
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        bad = [k for k, t in after.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        assert not bad, f"non-finite weights after one GRPO step: {bad[:5]}"
+    vision = ctx.family.vision_module_names(ctx.model)
+
+    def in_vision(key: str) -> bool:
+        return any(key == v or key.startswith(v + ".") for v in vision)
+
+    assert any(not in_vision(k) for k in changed), f"{ctx.family_cls.name}: no language-model weight changed"
+    assert any(in_vision(k) for k in changed), (
+        f"{ctx.family_cls.name}: no vision weight changed in one GRPO step on image prompts; "
+        "do pixel values reach the training forward?")
 
 
-#: name -> check. Plugin tests parametrise over this; ``grpo_step`` joins it once the engine
-#: exists (see :func:`check_grpo_step_changes_weights`).
+#: name -> check. Plugin tests parametrise over this.
 CONFORMANCE_CHECKS: dict[str, Callable[[ConformanceContext], None]] = {
     "reload": check_reload,
     "generate": check_generate,
@@ -332,6 +415,7 @@ CONFORMANCE_CHECKS: dict[str, Callable[[ConformanceContext], None]] = {
     "logprobs": check_logprobs,
     "vision_modules": check_vision_modules,
     "box_round_trip": check_box_round_trip,
+    "grpo_step": check_grpo_step_changes_weights,
 }
 
 
