@@ -11,7 +11,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.hookspecs import hookimpl
-from core.interfaces import Device, Reward, RewardBatch, RewardContext
+from core.interfaces import Device, NestedComponent, Reward, RewardBatch, RewardContext
 
 
 class CPUDevice(Device):
@@ -58,6 +58,20 @@ class AccuracyRouter(Reward):
         reward_options: dict[str, dict] = Field(default_factory=dict, description="options per reward name")
 
     thread_safe: ClassVar[bool] = True
+
+    @classmethod
+    def nested_components(cls, options: Options) -> list[NestedComponent]:
+        """Each ``reward_options`` entry (validated against that reward) and each ``routes`` target.
+
+        So a misspelt sub-reward option or route fails ``--dry-run``, not the first step that
+        routes a row there.
+        """
+        bad = sorted(m for m, target in options.routes.items() if target.split(":")[-1] == cls.name)
+        if bad:
+            raise ValueError(f"routes: {', '.join(bad)} route(s) to {cls.name!r} itself")
+        return ([NestedComponent("rewards", name, f"reward_options.{name}", dict(opts))
+                 for name, opts in options.reward_options.items()]
+                + [NestedComponent("rewards", target, f"routes.{method}") for method, target in options.routes.items()])
 
     def setup(self, ctx: RewardContext) -> None:
         """Build the method -> reward-name table; each reward is built on first use.

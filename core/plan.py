@@ -1,7 +1,9 @@
 """Resolve a validated config against the loaded plugins, before any weights load.
 
 :func:`make_plan` checks that every named component exists (and is unambiguous), validates
-each ``options`` block against the component's ``Options`` model, picks the device for
+each ``options`` block against the component's ``Options`` model (and, through
+``Component.nested_components``, the options of components a component builds itself, such
+as a router's sub-rewards), picks the device for
 ``auto``, and computes the batch arithmetic. ``--dry-run`` prints the result.
 """
 
@@ -54,9 +56,10 @@ class Plan:
         }
 
 
-def _validate_options(entry: Entry, raw: dict[str, Any], key: str, cfg: RunConfig | None = None) -> Any:
+def _validate_options(entry: Entry, raw: dict[str, Any], key: str, cfg: RunConfig | None = None,
+                      registry: Registry | None = None, depth: int = 0) -> Any:
     try:
-        return entry.cls.Options.model_validate(raw or {})
+        opts = entry.cls.Options.model_validate(raw or {})
     except ValidationError as exc:
         # Name the place in the file/override; the message lists the component's valid options.
         if cfg is None:
@@ -66,6 +69,29 @@ def _validate_options(entry: Entry, raw: dict[str, Any], key: str, cfg: RunConfi
                                           lines=cfg._lines, overrides=cfg._overrides)
         fields = ", ".join(entry.cls.Options.model_fields) or "none"
         raise ConfigError(f"{msg} ({SINGULAR[entry.kind]} {entry.qualified} takes the options: {fields}.)") from None
+    if registry is not None:
+        _validate_nested(entry, opts, key, cfg, registry, depth)
+    return opts
+
+
+def _validate_nested(entry: Entry, opts: Any, key: str, cfg: RunConfig | None, registry: Registry,
+                     depth: int) -> None:
+    """Resolve and validate the components ``entry`` builds from its options (``Component.nested_components``)."""
+    hook = getattr(entry.cls, "nested_components", None)
+    if hook is None:
+        return
+    where = (lambda k: f"{cfg.origin(k)}: ") if cfg is not None else (lambda k: "")
+    try:
+        nested = list(hook(opts))
+    except ValueError as exc:
+        raise ConfigError(f"{where(key)}{key}: {exc}") from None
+    if nested and depth >= 8:
+        raise ConfigError(f"{where(key)}{key}: components nested more than 8 deep")
+    for n in nested:
+        sub_key = f"{key}.{n.key}"
+        sub = _resolve(registry, n.kind, n.name, f"{key}.{n.name_key or n.key}", cfg)
+        if n.options is not None:
+            _validate_options(sub, n.options, sub_key, cfg, registry, depth + 1)
 
 
 def _resolve(registry: Registry, kind: str, ref: str, key: str, cfg: RunConfig | None = None) -> Entry:
@@ -132,29 +158,29 @@ def make_plan(cfg: RunConfig, registry: Registry, num_processes: int = 1, *,
                           "(or set model.family and model.tiny to build a tiny random checkpoint offline).")
     if cfg.model.family:
         fam = _resolve(registry, "models", cfg.model.family, "model.family", cfg)
-        opts["model"] = _validate_options(fam, cfg.model.options, "model.options", cfg)
+        opts["model"] = _validate_options(fam, cfg.model.options, "model.options", cfg, registry)
     elif cfg.model.options:
         raise ConfigError(f"{cfg.origin('model.options')}: model.options given without model.family; "
                           "name the family so they can be validated")
     elif cfg.model.path and Path(cfg.model.path, "config.json").is_file():
         fam = registry_family_for(registry, cfg.model.path)
-        opts["model"] = _validate_options(fam, {}, "model.options", cfg)
+        opts["model"] = _validate_options(fam, {}, "model.options", cfg, registry)
     task = _resolve(registry, "tasks", cfg.task.name, "task.name", cfg)
-    opts["task"] = _validate_options(task, cfg.task.options, "task.options", cfg)
+    opts["task"] = _validate_options(task, cfg.task.options, "task.options", cfg, registry)
     rewards = []
     for i, r in enumerate(cfg.rewards):
         e = _resolve(registry, "rewards", r.name, f"rewards.{i}.name", cfg)
-        opts[f"rewards.{i}"] = _validate_options(e, r.options, f"rewards.{i}.options", cfg)
+        opts[f"rewards.{i}"] = _validate_options(e, r.options, f"rewards.{i}.options", cfg, registry)
         rewards.append(e)
     if cfg.eval.enabled and cfg.eval.reward is not None and cfg.eval.reward not in [r.name for r in cfg.rewards]:
         raise ConfigError(f"{cfg.origin('eval.reward')}: eval.reward {cfg.eval.reward!r} is not one of the "
                           f"configured rewards ({', '.join(r.name for r in cfg.rewards)}).")
     device, notes = pick_device(registry, cfg.device.name, cfg.device.options, cfg,
                                 require_available=require_available)
-    opts["device"] = _validate_options(device, cfg.device.options, "device.options", cfg)
+    opts["device"] = _validate_options(device, cfg.device.options, "device.options", cfg, registry)
     device_here = not any(n.startswith(f"device {device.qualified} is not usable") for n in notes)
     rollout = _resolve(registry, "rollouts", cfg.rollout.name, "rollout.name", cfg)
-    opts["rollout"] = _validate_options(rollout, cfg.rollout.options, "rollout.options", cfg)
+    opts["rollout"] = _validate_options(rollout, cfg.rollout.options, "rollout.options", cfg, registry)
     # Which dtypes a device supports may depend on the hardware, so ask only a usable one.
     if cfg.model.dtype not in ("auto", "float32") and device_here:
         supported = device.cls(opts["device"]).supported_dtypes()

@@ -1,6 +1,6 @@
 """The abstract interfaces plugins implement. Import them from here."""
 
-from core.interfaces.base import Component, NoOptions
+from core.interfaces.base import Component, NestedComponent, NoOptions
 from core.interfaces.device import Device
 from core.interfaces.model import BoxConvention, ModelFamily
 from core.interfaces.reward import (
@@ -22,6 +22,7 @@ __all__ = [
     "DataError",
     "Device",
     "ModelFamily",
+    "NestedComponent",
     "NoOptions",
     "PromptInput",
     "Reward",
