@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core import boxes
 from core.config import ConfigError, RunConfig, build_config, load_raw
 
 if TYPE_CHECKING:
@@ -68,22 +69,21 @@ REC_IOU_THRESHOLD = 0.5
 
 
 # ---- answer parsing ------------------------------------------------------------------------
-# Box and object parsing is written here (not imported) because core never imports a plugin.
-# The rules are those of the grounding and detection reward plugins, so evaluation reads an
-# answer the way the training reward did: the last <answer> block (or the whole completion),
-# a ```json fence removed, then JSON ({"bbox_2d": [...]}, a list of such, [x1, y1, x2, y2]) or,
-# failing that, the first bare [x1, y1, x2, y2].
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# Boxes are read by core.boxes, the implementation the grounding reward plugin uses too, so
+# evaluation reads an answer the way the training reward did: the last <answer> block (or the
+# whole completion), code fences removed, then JSON ({"bbox_2d": [...]}, a list of such,
+# [x1, y1, x2, y2]) or, failing that, the first bare [x1, y1, x2, y2].
 _FENCE_RE = re.compile(r"```(?:json)?(.*?)```", re.DOTALL)
-_NUM = r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
-_BARE_BOX_RE = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
+_as_box = boxes.as_box
+box_area = boxes.area
+box_iou = boxes.iou
 
 
 def answer_text(text: str, require_answer_tag: bool = False) -> str | None:
     """The last ``<answer>`` block of ``text``; else the whole text (``None`` if a tag is required)."""
-    found = _ANSWER_RE.findall(text)
-    if found:
-        return found[-1].strip()
+    found = boxes.last_answer(text)
+    if found is not None:
+        return found
     return None if require_answer_tag else text.strip()
 
 
@@ -92,37 +92,12 @@ def _strip_fence(text: str) -> str:
     return fences[-1].strip() if fences else text.strip()
 
 
-def _as_box(value: Any) -> list[float] | None:
-    if isinstance(value, dict):
-        for key in ("bbox_2d", "bbox", "box"):
-            if key in value:
-                return _as_box(value[key])
-        return None
-    if isinstance(value, (list, tuple)):
-        if len(value) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            box = [float(v) for v in value]
-            return box if all(math.isfinite(v) for v in box) else None
-        if value and isinstance(value[0], (dict, list, tuple)):
-            return _as_box(value[0])  # a list of objects or boxes: the first one counts
-    return None
-
-
 def parse_box(value: Any, require_answer_tag: bool = False) -> list[float] | None:
     """The box ``[x1, y1, x2, y2]`` of an answer (text, JSON text, list or dict), or ``None``."""
     if not isinstance(value, str):
-        return _as_box(value)
+        return boxes.as_box(value)
     text = answer_text(value, require_answer_tag)
-    if text is None:
-        return None
-    text = _strip_fence(text)
-    try:
-        box = _as_box(json.loads(text))
-        if box is not None:
-            return box
-    except ValueError:
-        pass
-    m = _BARE_BOX_RE.search(text)
-    return [float(g) for g in m.groups()] if m else None
+    return None if text is None else boxes.parse_box(text)
 
 
 @dataclass
@@ -171,22 +146,6 @@ def parse_objects(value: Any, require_answer_tag: bool = False) -> list[DetObjec
         except ValueError:
             return None
     return None
-
-
-def box_area(box: Sequence[float]) -> float:
-    """``(x2 - x1) * (y2 - y1)``; 0 for a degenerate box."""
-    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU in the continuous convention (x2/y2 exclusive, no ``+1``), as pycocotools and the rewards.
-
-    Written out rather than taken from torchvision: one scalar per sample, and importing
-    ``torchvision.ops`` costs more than the whole computation.
-    """
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = box_area(a) + box_area(b) - inter
-    return inter / union if union > 0 else 0.0
 
 
 # ---- metrics (pure functions over RewardItems; golden-tested) --------------------------------

@@ -1,81 +1,12 @@
-"""Box parsing and IoU in one convention.
+"""Box parsing and IoU, re-exported from :mod:`core.boxes`.
 
-Box convention (used by every reward of this plugin): ``[x1, y1, x2, y2]`` in **continuous**
-pixel coordinates of the original image, ``(x1, y1)`` the top-left corner and ``(x2, y2)``
-the bottom-right corner, **exclusive** (a box covering pixel columns 0..9 is ``[0, 0, 10, ...]``),
-so ``area = (x2 - x1) * (y2 - y1)`` and no ``+1`` anywhere. A box with ``x2 <= x1`` or
-``y2 <= y1`` is degenerate (zero area).
+The implementation is shared with ``core.evaluate``, so evaluation reads boxes exactly as this
+plugin's rewards do.
 
-VLM-R1's ``iou`` (``vlm_modules/qwen_module.py``, ``grpo_rec.py``) mixed conventions: the
-intersection used inclusive corners (``min(x2) - 1``, ``… + 1``) while the areas in the union
-did not, so overlaps at most 1 pixel wide or high counted as no overlap (a 1-pixel box
-compared with itself scored 0). For integer boxes with wider overlaps both agree.
-pycocotools and torchvision's ``box_iou`` use the continuous convention used here.
+See :mod:`core.boxes` for the box convention (continuous, x2/y2 exclusive) and how it differs
+from the original VLM-R1 ``iou``.
 """
 
-from __future__ import annotations
+from core.boxes import area, as_box, iou, last_answer, parse_box
 
-import json
-import math
-import re
-from collections.abc import Sequence
-from typing import Any
-
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_NUM = r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
-_BARE_BOX_RE = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
-
-
-def last_answer(text: str) -> str | None:
-    """Content of the last ``<answer>`` block, or ``None`` when there is none."""
-    m = _ANSWER_RE.findall(text)
-    return m[-1].strip() if m else None
-
-
-def _as_box(value: Any) -> list[float] | None:
-    if isinstance(value, dict):
-        for key in ("bbox_2d", "bbox", "box"):
-            if key in value:
-                return _as_box(value[key])
-        return None
-    if isinstance(value, (list, tuple)):
-        if len(value) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            box = [float(v) for v in value]
-            return box if all(math.isfinite(v) for v in box) else None
-        if value and isinstance(value[0], (dict, list, tuple)):
-            return _as_box(value[0])  # a list of objects or boxes: the first one
-    return None
-
-
-def parse_box(text: Any) -> list[float] | None:
-    """The first box in ``text``, or ``None``.
-
-    JSON is tried first (``{"bbox_2d": [...]}``, a list of such, ``[x1, y1, x2, y2]``), then
-    the first bare ``[x1, y1, x2, y2]`` of numbers. Non-string input (a list or dict, as
-    REC JSON solutions are) is read directly.
-    """
-    if not isinstance(text, str):
-        return _as_box(text)
-    s = re.sub(r"```(?:json)?", "", text).strip()
-    try:
-        box = _as_box(json.loads(s))
-        if box is not None:
-            return box
-    except ValueError:
-        pass
-    m = _BARE_BOX_RE.search(s)
-    return [float(g) for g in m.groups()] if m else None
-
-
-def area(box: Sequence[float]) -> float:
-    """``(x2 - x1) * (y2 - y1)``, 0 for a degenerate box."""
-    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
-
-
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two boxes in the continuous convention (0 if the union is empty)."""
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(0.0, iw) * max(0.0, ih)
-    union = area(a) + area(b) - inter
-    return inter / union if union > 0 else 0.0
+__all__ = ["area", "as_box", "iou", "last_answer", "parse_box"]
