@@ -22,9 +22,11 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_FENCE_RE = re.compile(r"```(?:json)?(.*?)```", re.DOTALL)
 _NUM = r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"
 _BARE_BOX_RE = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
 
@@ -83,3 +85,81 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     inter = max(0.0, iw) * max(0.0, ih)
     union = area(a) + area(b) - inter
     return inter / union if union > 0 else 0.0
+
+
+# ---- detection answers: JSON lists of {"bbox_2d": [x1, y1, x2, y2], "label": ...}, or "None" --------
+@dataclass
+class DetObject:
+    """One listed object: its box (``None`` when missing or malformed) and normalised label."""
+
+    box: list[float] | None
+    label: str
+
+    @property
+    def valid(self) -> bool:
+        """A box with positive width and height."""
+        return self.box is not None and self.box[2] > self.box[0] and self.box[3] > self.box[1]
+
+
+def normalize_label(label: Any, case_sensitive: bool = False) -> str:
+    """Label text, whitespace-trimmed and lower-cased unless asked not to."""
+    s = str(label).strip() if label is not None else ""
+    return s if case_sensitive else s.lower()
+
+
+def _strict_box(value: Any) -> list[float] | None:
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return None
+    box = [float(v) for v in value]
+    return box if all(math.isfinite(v) for v in box) else None
+
+
+def _objects(data: Any, case_sensitive: bool) -> list[DetObject] | None:
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        return None
+    out = []
+    for o in data:
+        if isinstance(o, dict):
+            out.append(DetObject(_strict_box(o.get("bbox_2d")), normalize_label(o.get("label"), case_sensitive)))
+        else:  # a stray number or string in the list: an object without a usable box
+            out.append(DetObject(None, ""))
+    return out
+
+
+def parse_objects(value: Any, case_sensitive: bool = False,
+                  require_answer_tag: bool = False) -> list[DetObject] | None:
+    """Objects of a detection answer; ``[]`` for "None" (no objects); ``None`` when unparsable.
+
+    Text is read from the last ``<answer>`` block if any (``None`` without one when
+    ``require_answer_tag``), then from the last ```` ```json ```` fence if any; the literal
+    ``None`` (any case) and ``[]`` mean no objects. When the text is not JSON, the outermost
+    ``[...]`` in it is tried.
+    """
+    if not isinstance(value, str):
+        return _objects(value, case_sensitive)
+    answers = _ANSWER_RE.findall(value)
+    if not answers and require_answer_tag:
+        return None
+    text = (answers[-1] if answers else value).strip()
+    fences = _FENCE_RE.findall(text)
+    if fences:
+        text = fences[-1].strip()
+    if text.lower() == "none":
+        return []
+    if not text:
+        return None
+    try:
+        return _objects(json.loads(text), case_sensitive)
+    except ValueError:
+        pass
+    start, end = text.find("["), text.rfind("]")
+    if 0 <= start < end:
+        try:
+            return _objects(json.loads(text[start:end + 1]), case_sensitive)
+        except ValueError:
+            return None
+    return None

@@ -32,7 +32,6 @@ import contextlib
 import io
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -69,12 +68,11 @@ REC_IOU_THRESHOLD = 0.5
 
 
 # ---- answer parsing ------------------------------------------------------------------------
-# Boxes are read by core.boxes, the implementation the grounding reward plugin uses too, so
+# Boxes and detection objects are read by core.boxes, the implementation the grounding and
+# detection reward plugins use too, so
 # evaluation reads an answer the way the training reward did: the last <answer> block (or the
 # whole completion), code fences removed, then JSON ({"bbox_2d": [...]}, a list of such,
 # [x1, y1, x2, y2]) or, failing that, the first bare [x1, y1, x2, y2].
-_FENCE_RE = re.compile(r"```(?:json)?(.*?)```", re.DOTALL)
-_as_box = boxes.as_box
 box_area = boxes.area
 box_iou = boxes.iou
 
@@ -87,11 +85,6 @@ def answer_text(text: str, require_answer_tag: bool = False) -> str | None:
     return None if require_answer_tag else text.strip()
 
 
-def _strip_fence(text: str) -> str:
-    fences = _FENCE_RE.findall(text)
-    return fences[-1].strip() if fences else text.strip()
-
-
 def parse_box(value: Any, require_answer_tag: bool = False) -> list[float] | None:
     """The box ``[x1, y1, x2, y2]`` of an answer (text, JSON text, list or dict), or ``None``."""
     if not isinstance(value, str):
@@ -100,52 +93,12 @@ def parse_box(value: Any, require_answer_tag: bool = False) -> list[float] | Non
     return None if text is None else boxes.parse_box(text)
 
 
-@dataclass
-class DetObject:
-    """One listed object of a detection answer: box (``None`` if unusable) and normalised label."""
-
-    box: list[float] | None
-    label: str
-
-
-def _objects(data: Any) -> list[DetObject] | None:
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
-        return None
-    out = []
-    for o in data:
-        if isinstance(o, dict):
-            box = _as_box(o.get("bbox_2d", o.get("bbox")))
-            out.append(DetObject(box, str(o.get("label", "")).strip().lower()))
-        else:  # a stray value in the list: an object without a usable box
-            out.append(DetObject(None, ""))
-    return out
+DetObject = boxes.DetObject
 
 
 def parse_objects(value: Any, require_answer_tag: bool = False) -> list[DetObject] | None:
-    """Objects of a detection answer: ``[]`` for ``None``/``[]``; ``None`` when unparsable."""
-    if not isinstance(value, str):
-        return _objects(value)
-    text = answer_text(value, require_answer_tag)
-    if text is None:
-        return None
-    text = _strip_fence(text)
-    if text.lower() == "none":
-        return []
-    if not text:
-        return None
-    try:
-        return _objects(json.loads(text))
-    except ValueError:
-        pass
-    start, end = text.find("["), text.rfind("]")
-    if 0 <= start < end:
-        try:
-            return _objects(json.loads(text[start:end + 1]))
-        except ValueError:
-            return None
-    return None
+    """Objects of a detection answer (labels lower-cased): ``[]`` for ``None``/``[]``; ``None`` when unparsable."""
+    return boxes.parse_objects(value, require_answer_tag=require_answer_tag)
 
 
 # ---- metrics (pure functions over RewardItems; golden-tested) --------------------------------
