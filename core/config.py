@@ -159,6 +159,10 @@ class RewardConfig(ComponentRef):
     timeout_s: float = Field(30.0, gt=0, description="time limit for scoring one step")
     on_error: Literal["zero", "skip", "raise"] = Field(
         "zero", description="score of a completion whose reward timed out, raised or gave NaN")
+    max_error_frac: float = Field(
+        0.5, ge=0, le=1, description="stop the run when more than this fraction of a step's completions fail this "
+                                     "reward (errors + timeouts) ...")
+    max_error_steps: int = Field(10, ge=1, description="... for this many steps in a row")
 
 
 class GRPOConfig(Strict):

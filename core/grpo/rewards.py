@@ -10,11 +10,28 @@ How time limits work (and their limits)
 Each reward call runs in its own **daemon thread**; the runner waits for it until the
 reward's ``timeout_s`` and then *abandons* it. Python threads cannot be killed, so an
 abandoned call keeps running (and using CPU and memory) until it returns by itself; it can
-never block the step, the process exit (daemon thread) or later steps. To bound the leak,
-a reward whose previous call is still running is **not called again**: its completions are
-scored by the policy at once (reason "previous call still running", counted as a timeout)
-until the stuck call returns. A thread pool is deliberately not used: a stuck call would
-hold one of its workers forever and starve every later step.
+never block the step, the process exit (daemon thread) or later steps. The next step calls the
+reward **fresh** in a new thread (a hung request, e.g. to a judge server, must not turn the
+reward off for the rest of the run). To bound the leak, once ``MAX_ABANDONED_CALLS`` abandoned
+calls of one reward are still running, that reward is not called again until one returns: its
+completions get the policy at once (counted as timeouts). A reward with ``thread_safe = False``
+may therefore see a fresh call while an abandoned one is still inside it; such a reward must
+not hang forever (give its own I/O a timeout). A thread pool is deliberately not used: a stuck
+call would hold one of its workers forever and starve every later step.
+
+Per-completion isolation
+------------------------
+When a batched ``score`` call raises, the same worker thread scores the rows one by one (under
+the same deadline), so one poisonous completion costs only its own score, not the step's. Only
+the rows that still fail get the ``on_error`` policy and are counted.
+
+A run that is not learning stops
+--------------------------------
+Scores filled in by the policy are not a learning signal. When more than a reward's
+``max_error_frac`` of a call's completions fail (errors or timeouts) for ``max_error_steps``
+consecutive calls (one call per step; dynamic-sampling rounds count as calls), the runner raises
+:class:`RewardError` naming the reward, the counts and the last failure, and the run stops with
+a non-zero exit instead of training on a zero reward.
 
 Threads were chosen over processes because rewards receive closures (the model family's box
 transform) and hold clients and caches that do not pickle, and because starting or forking a
@@ -50,11 +67,13 @@ logger = logging.getLogger(__name__)
 
 OnError = Literal["zero", "skip", "raise"]
 
-# Calls that were abandoned after their time limit and are still running, per reward object.
-# Module-level (not per runner) because the trainer shares reward objects between its
-# training and evaluation runners, and a non-thread-safe reward must not be re-entered.
-_INFLIGHT: weakref.WeakKeyDictionary[Reward, threading.Thread] = weakref.WeakKeyDictionary()
-_INFLIGHT_LOCK = threading.Lock()
+#: Abandoned (timed-out, still running) calls of one reward tolerated before it is not called again.
+MAX_ABANDONED_CALLS = 4
+
+# Calls that were abandoned after their time limit, per reward object. Module-level (not per
+# runner) because the trainer shares reward objects between its training and evaluation runners.
+_ABANDONED: weakref.WeakKeyDictionary[Reward, list[threading.Thread]] = weakref.WeakKeyDictionary()
+_ABANDONED_LOCK = threading.Lock()
 
 
 class RewardError(RuntimeError):
@@ -74,6 +93,10 @@ class RewardSpec:
     weight: float
     timeout_s: float
     on_error: OnError
+    #: Stop the run when more than this fraction of a call's completions fail ... (None = never).
+    max_error_frac: float | None = None
+    #: ... for this many consecutive calls.
+    max_error_steps: int = 10
 
 
 @dataclass
@@ -117,6 +140,22 @@ class _Outcome:
         self.scores: list[float] = [math.nan] * n
         self.errors = 0
         self.timeouts = 0
+        self.last_reason = ""
+
+
+class _RowError:
+    """A row that raised when the batch was scored one row at a time."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+class _PerRow:
+    """Result of the one-row-at-a-time fallback after a batched call raised ``first``."""
+
+    def __init__(self, values: list[object], first: BaseException) -> None:
+        self.values = values
+        self.first = first
 
 
 class RewardRunner:
@@ -137,10 +176,15 @@ class RewardRunner:
                 raise ValueError(f"reward {s.name!r}: timeout_s must be > 0, got {s.timeout_s!r}")
             if not math.isfinite(s.weight):
                 raise ValueError(f"reward {s.name!r}: weight must be finite, got {s.weight!r}")
+            if s.max_error_frac is not None and not 0 <= s.max_error_frac <= 1:
+                raise ValueError(f"reward {s.name!r}: max_error_frac must be in [0, 1], got {s.max_error_frac!r}")
+            if s.max_error_steps < 1:
+                raise ValueError(f"reward {s.name!r}: max_error_steps must be >= 1, got {s.max_error_steps!r}")
         self.specs = list(specs)
         self.max_workers = max_workers
         self.names = _unique_names([s.name for s in self.specs])
         self._warned: set[tuple[str, str]] = set()
+        self._streak = [0] * len(self.specs)  # consecutive calls over max_error_frac, per reward
         self._closed = False
 
     # ---- public API --------------------------------------------------------------------
@@ -152,6 +196,7 @@ class RewardRunner:
         outcomes = [_Outcome(n) for _ in self.specs]
         if n:
             self._run_all(batch, outcomes)
+            self._check_error_streaks(outcomes, n)
         per = torch.tensor([o.scores for o in outcomes], dtype=torch.float32).reshape(len(self.specs), n).T.contiguous()
         weights = torch.tensor([s.weight for s in self.specs], dtype=torch.float32)
         total = (torch.nan_to_num(per, nan=0.0) * weights).sum(dim=1)
@@ -175,6 +220,20 @@ class RewardRunner:
                 except Exception:  # closing must not mask the run's own outcome
                     logger.warning("reward %r: close() failed", s.name, exc_info=True)
 
+    def _check_error_streaks(self, outcomes: list[_Outcome], n: int) -> None:
+        """Raise once a reward has failed on too many completions for too many calls in a row."""
+        for j, (s, out) in enumerate(zip(self.specs, outcomes, strict=True)):
+            if s.max_error_frac is None:
+                continue
+            self._streak[j] = self._streak[j] + 1 if out.errors / n > s.max_error_frac else 0
+            if self._streak[j] >= s.max_error_steps:
+                raise RewardError(
+                    f"reward {self.names[j]!r} failed on more than {s.max_error_frac:.0%} of the completions in "
+                    f"each of the last {self._streak[j]} steps ({out.errors}/{n} in the last, {out.timeouts} "
+                    f"timeouts; last failure: {out.last_reason}). The run is stopped because it would train on "
+                    f"scores filled in by on_error, not on the reward. Fix the reward, or raise its "
+                    f"max_error_frac / max_error_steps")
+
     # ---- scheduling --------------------------------------------------------------------
     def _run_all(self, batch: RewardBatch, outcomes: list[_Outcome]) -> None:
         n = len(batch)
@@ -188,16 +247,13 @@ class RewardRunner:
         running: dict[int, _Job] = {}
 
         def start(job: _Job) -> bool:
-            with _INFLIGHT_LOCK:
-                stuck = _INFLIGHT.get(job.spec.reward)
-                if stuck is not None and stuck.is_alive():
-                    busy = True
-                else:
-                    _INFLIGHT.pop(job.spec.reward, None)
-                    busy = False
-            if busy:
+            with _ABANDONED_LOCK:
+                alive = [t for t in _ABANDONED.get(job.spec.reward, []) if t.is_alive()]
+                _ABANDONED[job.spec.reward] = alive
+            if len(alive) >= MAX_ABANDONED_CALLS:
                 self._fail(job, outcomes[job.index], n, "timeout",
-                           f"its previous call is still running after exceeding {job.spec.timeout_s:g} s", None)
+                           f"is not called: {len(alive)} earlier calls are still running after exceeding "
+                           f"{job.spec.timeout_s:g} s", None)
                 return False
             t = threading.Thread(target=_call, args=(job.index, job.spec.reward, batch, results),
                                  name=f"vlmr1-reward-{job.name}", daemon=True)
@@ -229,9 +285,9 @@ class RewardRunner:
             for job in [j for j in running.values() if j.deadline <= now]:
                 running.pop(job.index)
                 serial_running = serial_running and not job.serial
-                with _INFLIGHT_LOCK:
+                with _ABANDONED_LOCK:
                     if job.thread is not None and job.thread.is_alive():
-                        _INFLIGHT[job.spec.reward] = job.thread
+                        _ABANDONED.setdefault(job.spec.reward, []).append(job.thread)
                 self._fail(job, outcomes[job.index], n, "timeout",
                            f"no result within its time limit of {job.spec.timeout_s:g} s (call abandoned)", None)
 
@@ -240,6 +296,23 @@ class RewardRunner:
         if exc is not None:
             self._fail(job, out, n, "exception", f"raised {type(exc).__name__}: {exc}", exc)
             return
+        if isinstance(value, _PerRow):
+            failed = [i for i, v in enumerate(value.values) if isinstance(v, _RowError)]
+            if len(failed) == n:  # every row fails alone too: report the batched call's exception
+                self._fail(job, out, n, "exception", f"raised {type(value.first).__name__}: {value.first}",
+                           value.first)
+                return
+            first = value.values[failed[0]].exc if failed else None  # type: ignore[union-attr]
+            if failed:
+                self._fail(job, out, n, "exception",
+                           f"raised {type(first).__name__}: {first} on {len(failed)} of {n} completion(s) scored "
+                           f"one by one (e.g. index {failed[0]})", first, indices=failed)
+            value = [None if isinstance(v, _RowError) else v for v in value.values]
+            self._collect_values(job, out, n, value, skip=set(failed))
+            return
+        self._collect_values(job, out, n, value)
+
+    def _collect_values(self, job: _Job, out: _Outcome, n: int, value: object, skip: set[int] | None = None) -> None:
         values: list[object] | None = None
         if not isinstance(value, (str, bytes, dict)):
             try:
@@ -255,7 +328,7 @@ class RewardRunner:
             return
         bad: list[int] = []
         for i, v in enumerate(values):
-            if v is None:
+            if v is None or (skip and i in skip):
                 continue  # not applicable: stays NaN, not an error
             f = _as_float(v)
             if f is None or not math.isfinite(f):
@@ -280,6 +353,7 @@ class RewardRunner:
         for i in idx:
             out.scores[i] = fill
         out.errors += len(idx)
+        out.last_reason = reason
         if kind == "timeout":
             out.timeouts += len(idx)
         key = (job.name, kind)
@@ -308,13 +382,36 @@ class RewardRunner:
 
 
 def _call(index: int, reward: Reward, batch: RewardBatch, results: queue.Queue) -> None:
-    """Worker-thread body: run one reward and post its result (or exception)."""
+    """Worker-thread body: run one reward and post its result (or exception).
+
+    A batched call that raises is retried one row at a time, so only the rows that fail on
+    their own are lost (see "Per-completion isolation" above).
+    """
     try:
         value = reward.score(batch)
-    except BaseException as e:  # noqa: BLE001 - every failure is reported to the runner
+    except Exception as e:  # noqa: BLE001 - every failure is reported to the runner
+        if len(batch) <= 1:
+            results.put((index, None, e))
+            return
+        results.put((index, _PerRow(_score_rows(reward, batch), e), None))
+    except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt, SystemExit: no retry
         results.put((index, None, e))
     else:
         results.put((index, value, None))
+
+
+def _score_rows(reward: Reward, batch: RewardBatch) -> list[object]:
+    """Score each row of ``batch`` alone; a row that raises or returns no single score is a _RowError."""
+    out: list[object] = []
+    for item in batch.items:
+        try:
+            got = reward.score(RewardBatch([item]))
+            if isinstance(got, (str, bytes, dict)) or len(got) != 1:
+                raise TypeError(f"returned {got!r} for one completion, expected a list of 1 score")
+            out.append(list(got)[0])
+        except Exception as e:  # noqa: BLE001 - counted per row by the runner
+            out.append(_RowError(e))
+    return out
 
 
 def _as_float(v: object) -> float | None:

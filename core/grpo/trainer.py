@@ -333,7 +333,8 @@ def run(plan: Plan, registry: Registry) -> int:
     for rc, opts in zip(cfg.rewards, [plan.options[f"rewards.{i}"] for i in range(len(cfg.rewards))], strict=True):
         r = registry.create("rewards", rc.name, opts)
         r.setup(rctx)
-        specs.append(RewardSpec(rc.name, r, rc.weight, rc.timeout_s, rc.on_error))
+        specs.append(RewardSpec(rc.name, r, rc.weight, rc.timeout_s, rc.on_error, rc.max_error_frac,
+                                rc.max_error_steps))
     runner = RewardRunner(specs)
     eval_name = cfg.eval.reward or cfg.rewards[0].name
     eval_spec = next((s for s in specs if s.name == eval_name), None)
