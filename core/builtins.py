@@ -113,6 +113,10 @@ class AccuracyRouter(Reward):
             if callable(closer):
                 closer()
 
+    def take_failures(self) -> int:
+        """The fallback-scored completions of the rewards built so far."""
+        return sum(r.take_failures() for r in list(self._built.values()))
+
     def score(self, batch: RewardBatch) -> list[float | None]:
         """Score each item with the reward its method routes to."""
         out: list[float | None] = [None] * len(batch)

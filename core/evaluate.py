@@ -23,6 +23,9 @@ kind            metrics                                                       ``
 Outputs in ``--out``: ``predictions.jsonl`` (one line per sample: id, dataset, kind, prompt,
 completion, solution and the per-sample metric values) and ``summary.json`` (per dataset =
 ``meta["dataset"]``, else the source file name, else the task name); a table is printed.
+Reward-scored kinds also report ``reward_errors`` / ``reward_timeouts``: samples whose reward
+raised or timed out. They count as wrong in the accuracy, so the counts tell a low score from an
+outage (a warning is printed when any occurred).
 """
 
 from __future__ import annotations
@@ -420,17 +423,24 @@ def score_records(records: list[dict[str, Any]], cfg: RunConfig, registry: Regis
             timeout = next((rc.timeout_s for rc in cfg.rewards if rc.name == name), 30.0)
             runner = RewardRunner([RewardSpec(name, reward, 1.0, timeout, "zero")])
             values: list[float] = []
+            failures: list[str | None] = []  # per row: None, "error" or "timeout" (scored 0 by on_error: zero)
             try:
                 # Chunks of 64 so the training time limit (set for one step's batch) still fits.
                 for start in range(0, len(rows), 64):
                     res = runner(RewardBatch([r["item"] for r in rows[start:start + 64]]))
                     values.extend(res.per_reward[:, 0].tolist())
+                    failures.extend("timeout" if t else "error" if f else None
+                                    for f, t in zip(res.failed[:, 0].tolist(), res.timed_out[:, 0].tolist(),
+                                                    strict=True))
             finally:
                 runner.close()
-            for r, v in zip(rows, values, strict=True):
+            for r, v, fail in zip(rows, values, failures, strict=True):
                 score = None if math.isnan(v) else float(v)
                 r["metrics"] = None if score is None else {"score": score,
                                                            "correct": score >= cfg.eval.threshold}
+                if r["metrics"] is not None and fail:
+                    # Kept in the accuracy as a wrong answer, but counted: an outage must not read as 0.
+                    r["metrics"]["reward_failure"] = fail
     return summarize(records, cfg.eval.threshold)
 
 
@@ -452,6 +462,8 @@ def summarize(records: list[dict[str, Any]], threshold: float) -> dict[str, Any]
             metrics = detection_summary(per)
         else:
             metrics = reward_summary([p["score"] for p in per], threshold)
+            metrics["reward_errors"] = sum(p.get("reward_failure") is not None for p in per)
+            metrics["reward_timeouts"] = sum(p.get("reward_failure") == "timeout" for p in per)
         out.setdefault(ds, {})[kind] = {"n": len(per), "skipped": len(rows) - len(per), **metrics}
     return out
 
@@ -511,7 +523,7 @@ def print_table(summary: dict[str, Any], title: str, file: Any = None) -> None:
     console = Console(file=file)
     kinds = sorted({k for per in summary.values() for k in per})
     for kind in kinds:
-        cols = _TABLE_COLUMNS.get(kind, ("accuracy", "mean_score"))
+        cols = _TABLE_COLUMNS.get(kind, ("accuracy", "mean_score", "reward_errors", "reward_timeouts"))
         table = Table(title=f"{title} — {kind}")
         table.add_column("dataset")
         table.add_column("n", justify="right")
@@ -645,6 +657,12 @@ def _run(args: argparse.Namespace, plan: Plan, registry: Registry) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_table(result.summary, f"{name} ({args.split}, {'greedy' if args.temperature == 0 else 'sampled'})")
+    for ds, per in result.summary.items():
+        for kind, v in per.items():
+            if v.get("reward_errors"):
+                print(f"warning: {ds}/{kind}: the reward failed on {v['reward_errors']} of {v['n']} samples "
+                      f"({v['reward_timeouts']} timeouts); they count as wrong, so the accuracy is a lower bound",
+                      file=sys.stderr)
     print(f"predictions and summary in {out}")
     return 0
 

@@ -198,3 +198,59 @@ def test_select_samples_limit_and_seed():
     assert a == select_samples(data, 5, 1, shuffle=True) and a == sorted(a) and len(a) == 5
     assert a != select_samples(data, 5, 2, shuffle=True)
     assert select_samples(data, None, 0, shuffle=True) == data
+
+
+def test_reward_errors_and_timeouts_are_reported_not_silently_zero():
+    """An outage of the eval reward reads as counted errors, not as "accuracy 0.000"."""
+    import time as _time
+
+    from core.interfaces import Reward
+    from core.registry import Registry
+
+    class Flaky(Reward):
+        name = "flaky"
+
+        def score(self, batch):
+            if any(it.completion == "hang" for it in batch):
+                _time.sleep(3)
+            if any(it.completion == "boom" for it in batch):
+                raise ConnectionError("judge server down")
+            return [1.0] * len(batch)
+
+    reg = Registry()
+    reg.add("rewards", Flaky, "test")
+    cfg = _cfg([{"name": "flaky", "timeout_s": 0.5}])
+    records = [_record("reward:flaky", c, "x", "d") for c in ("ok", "boom", "ok2")]
+    summary = score_records(records, cfg, reg)
+    s = summary["d"]["reward:flaky"]
+    assert s["reward_errors"] == 1 and s["reward_timeouts"] == 0 and s["accuracy"] == pytest.approx(2 / 3)
+    assert records[1]["metrics"]["reward_failure"] == "error" and "reward_failure" not in records[0]["metrics"]
+    records = [_record("reward:flaky", c, "x", "d") for c in ("hang", "ok")]
+    s = score_records(records, cfg, reg)["d"]["reward:flaky"]
+    assert s["reward_errors"] == 2 and s["reward_timeouts"] == 2
+
+
+def test_training_eval_line_shows_reward_failures():
+    from core.grpo.trainer import eval_line
+
+    ok = {"accuracy": 0.5, "mean_reward": 0.5, "num_samples": 4, "reward_errors": 0, "reward_timeouts": 0}
+    assert eval_line("after training", ok, "iou").startswith("eval after training: accuracy 0.500")
+    assert "reward errors 0/4" in eval_line("after training", ok, "iou")
+    down = {**ok, "accuracy": 0.0, "reward_errors": 4, "reward_timeouts": 4}
+    line = eval_line("before training", down, "judge")
+    assert "reward errors 4/4, timeouts 4" in line and "lower bound" in line
+
+
+def test_runner_result_marks_failed_rows():
+    from core.grpo.rewards import RewardRunner, RewardSpec
+    from core.interfaces import Reward, RewardBatch
+
+    class Half(Reward):
+        name = "half"
+
+        def score(self, batch):
+            return [1.0 if it.completion == "a" else float("nan") for it in batch]
+
+    res = RewardRunner([RewardSpec("half", Half(), 1.0, 5.0, "zero")])(
+        RewardBatch([RewardItem(completion=c, solution="") for c in ("a", "b")]))
+    assert res.failed[:, 0].tolist() == [False, True] and res.timed_out[:, 0].tolist() == [False, False]

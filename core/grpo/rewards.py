@@ -112,15 +112,20 @@ class RewardResult:
             ``rewards/<name>_std`` (sample std, 0 for one value, NaN for none),
             ``rewards/<name>_applicable_frac``, ``rewards/<name>_errors`` (completions scored
             by the error policy: timeouts, exceptions, wrong-length results, NaN/inf or
-            non-numeric scores) and ``rewards/<name>_timeouts`` (completions affected by a
-            timeout). Counts are floats, per call.
+            non-numeric scores; plus those the reward reports via ``take_failures()``) and
+            ``rewards/<name>_timeouts`` (completions affected by a timeout). Counts are floats,
+            per call.
         names: the column names of ``per_reward`` (spec names, made unique with ``_2``...).
+        failed: ``[N, R]`` bool, True where the score was filled in by the error policy.
+        timed_out: ``[N, R]`` bool, True where that failure was a timeout.
     """
 
     per_reward: torch.Tensor
     total: torch.Tensor
     metrics: dict[str, float]
     names: list[str] = field(default_factory=list)
+    failed: torch.Tensor | None = None
+    timed_out: torch.Tensor | None = None
 
 
 @dataclass
@@ -141,6 +146,8 @@ class _Outcome:
         self.errors = 0
         self.timeouts = 0
         self.last_reason = ""
+        self.failed = [False] * n
+        self.timed_out = [False] * n
 
 
 class _RowError:
@@ -200,7 +207,10 @@ class RewardRunner:
         per = torch.tensor([o.scores for o in outcomes], dtype=torch.float32).reshape(len(self.specs), n).T.contiguous()
         weights = torch.tensor([s.weight for s in self.specs], dtype=torch.float32)
         total = (torch.nan_to_num(per, nan=0.0) * weights).sum(dim=1)
-        return RewardResult(per, total, self._metrics(per, outcomes), list(self.names))
+        failed = torch.tensor([o.failed for o in outcomes], dtype=torch.bool).reshape(len(self.specs), n).T
+        timed_out = torch.tensor([o.timed_out for o in outcomes], dtype=torch.bool).reshape(len(self.specs), n).T
+        return RewardResult(per, total, self._metrics(per, outcomes), list(self.names), failed.contiguous(),
+                            timed_out.contiguous())
 
     def close(self) -> None:
         """Release rewards that hold resources (calls ``close()`` where a reward has one).
@@ -225,7 +235,7 @@ class RewardRunner:
         for j, (s, out) in enumerate(zip(self.specs, outcomes, strict=True)):
             if s.max_error_frac is None:
                 continue
-            self._streak[j] = self._streak[j] + 1 if out.errors / n > s.max_error_frac else 0
+            self._streak[j] = self._streak[j] + 1 if min(out.errors, n) / n > s.max_error_frac else 0
             if self._streak[j] >= s.max_error_steps:
                 raise RewardError(
                     f"reward {self.names[j]!r} failed on more than {s.max_error_frac:.0%} of the completions in "
@@ -293,6 +303,11 @@ class RewardRunner:
 
     # ---- result handling ---------------------------------------------------------------
     def _collect(self, job: _Job, out: _Outcome, n: int, value: object, exc: BaseException | None) -> None:
+        taker = getattr(job.spec.reward, "take_failures", None)
+        own = taker() if callable(taker) else 0
+        if isinstance(own, int) and own > 0:  # failures the reward caught itself (a judge's on_failure: zero)
+            out.errors += min(own, n)
+            out.last_reason = f"the reward reported {own} completion(s) scored by its own fallback"
         if exc is not None:
             self._fail(job, out, n, "exception", f"raised {type(exc).__name__}: {exc}", exc)
             return
@@ -352,6 +367,8 @@ class RewardRunner:
         fill = 0.0 if spec.on_error == "zero" else math.nan
         for i in idx:
             out.scores[i] = fill
+            out.failed[i] = True
+            out.timed_out[i] = kind == "timeout"
         out.errors += len(idx)
         out.last_reason = reason
         if kind == "timeout":

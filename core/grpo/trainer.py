@@ -268,7 +268,11 @@ def runs_of(slots: list[tuple[int, int]]) -> tuple[list[int], list[int], list[in
 # ---- evaluation ------------------------------------------------------------------------
 def evaluate_greedy(bundle: ModelBundle, engine: RolloutEngine, samples: Sequence[Sample], runner: RewardRunner,
                     max_new_tokens: int, threshold: float, batch_size: int, accelerator: Any) -> dict[str, float]:
-    """Greedy accuracy (score of the eval reward >= threshold) and mean reward, sharded over ranks."""
+    """Greedy accuracy (score of the eval reward >= threshold) and mean reward, sharded over ranks.
+
+    ``reward_errors`` / ``reward_timeouts`` count samples whose reward failed (scored 0), so an
+    outage of the reward is not mistaken for a model that answers wrong.
+    """
     from accelerate.utils import gather_object
 
     mine = list(samples)[accelerator.process_index::accelerator.num_processes]
@@ -279,10 +283,24 @@ def evaluate_greedy(bundle: ModelBundle, engine: RolloutEngine, samples: Sequenc
         ro = generate_groups(bundle, engine, chunk, [1] * len(chunk), sampling)
         res = runner(RewardBatch(ro.items))
         scores.extend(float(x) if math.isfinite(float(x)) else 0.0 for x in res.total.tolist())
+        fails.extend(2 if t else int(f) for f, t in zip(res.failed.any(dim=1).tolist(),
+                                                         res.timed_out.any(dim=1).tolist(), strict=True))
     allscores = gather_object(scores) if accelerator.num_processes > 1 else scores
+    allfails = gather_object(fails) if accelerator.num_processes > 1 else fails
     n = max(len(allscores), 1)
     return {"accuracy": sum(s >= threshold for s in allscores) / n, "mean_reward": sum(allscores) / n,
-            "num_samples": len(allscores)}
+            "num_samples": len(allscores), "reward_errors": sum(f > 0 for f in allfails),
+            "reward_timeouts": sum(f == 2 for f in allfails)}
+
+
+def eval_line(label: str, res: dict[str, Any], reward_name: str) -> str:
+    """The printed eval line; reward failures are always shown (0 when none)."""
+    n = res["num_samples"]
+    line = (f"eval {label}: accuracy {res['accuracy']:.3f} (mean {reward_name} {res['mean_reward']:.3f}, n={n}; "
+            f"reward errors {res.get('reward_errors', 0)}/{n}, timeouts {res.get('reward_timeouts', 0)})")
+    if res.get("reward_errors"):
+        line += " -- WARNING: failed samples count as wrong; the accuracy is a lower bound"
+    return line
 
 
 # ---- the loop --------------------------------------------------------------------------
@@ -380,8 +398,7 @@ def run(plan: Plan, registry: Registry) -> int:
 
     if eval_n and "before" not in eval_result:
         eval_result["before"] = do_eval()
-        accelerator.print(f"eval before training: accuracy {eval_result['before']['accuracy']:.3f} "
-                          f"(mean {eval_name} {eval_result['before']['mean_reward']:.3f}, n={eval_n})")
+        accelerator.print(eval_line("before training", eval_result["before"], eval_name))
 
     def save(step: int) -> None:
         def save_model(folder: Path) -> None:
@@ -458,8 +475,7 @@ def run(plan: Plan, registry: Registry) -> int:
 
     if eval_n:
         eval_result["after"] = do_eval()
-        accelerator.print(f"eval after training:  accuracy {eval_result['after']['accuracy']:.3f} "
-                          f"(mean {eval_name} {eval_result['after']['mean_reward']:.3f}, n={eval_n})")
+        accelerator.print(eval_line("after training", eval_result["after"], eval_name))
     if cfg.checkpoint.save_final:
         save(cfg.train.max_steps)
     if accelerator.is_main_process:

@@ -90,3 +90,12 @@ class Reward(Component):
     @abstractmethod
     def score(self, batch: RewardBatch) -> list[float | None]:
         """Return one score per item (``None`` = not applicable), same order as ``batch``."""
+
+    def take_failures(self) -> int:
+        """How many completions this reward scored by a fallback of its own since the last call.
+
+        A reward that catches its own failures (an LLM judge under ``on_failure: zero``) and
+        returns 0 or ``None`` reports them here, so the engine counts them in
+        ``rewards/<name>_errors`` and in the ``max_error_frac`` budget. Default: none.
+        """
+        return 0
