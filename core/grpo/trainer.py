@@ -277,6 +277,7 @@ def evaluate_greedy(bundle: ModelBundle, engine: RolloutEngine, samples: Sequenc
 
     mine = list(samples)[accelerator.process_index::accelerator.num_processes]
     scores: list[float] = []
+    fails: list[int] = []  # per sample: 0 ok, 1 error, 2 timeout
     sampling = SamplingParams(n=1, max_new_tokens=max_new_tokens, do_sample=False)
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
