@@ -82,10 +82,18 @@ def test_all_match_case_sensitive_and_methods():
     ("B", "B"), ("(b)", "B"), ("C.", "C"), ("The answer is (B)", "B"), ("Answer: C", "C"),
     ("I choose option D.", "D"), ("B. red car", "B"), ("(B) red car", "B"), ("I think B.", "B"),
     ("The answer is B, not A.", "B"), ("A cat sits on the mat", None), ("(A) or (C)", None),
-    ("B or C", None), ("", None), ("I believe it is C", "C"), ("Z", None),
+    ("B or C", None), ("", None), ("I believe it is C", "C"), ("Z", "Z"), ("(K) a kite", "K"),
+    # CJK text: "\\w" matched CJK characters, so these read as no choice before.
+    ("答案是B", "B"), ("答案是B。", "B"), ("正确答案：C", "C"), ("我选B", "B"), ("选项D是对的", "D"),
+    ("答案为（Ｂ）", "B"), ("【C】", "C"), ("因为A不对，所以答案是C", "C"), ("A和C都可以", None),
 ])
 def test_extract_choice(answer, expected):
     assert extract_choice(answer) == expected
+
+
+def test_extract_choice_letters_option():
+    assert extract_choice("Z", "ABCDEFGHIJ") is None and extract_choice("(K)", "ABCDEFGHIJ") is None
+    assert scores(MCQReward(), [("<answer>K</answer>", "K"), ("<answer>答案是B</answer>", "B")]) == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("completion, solution, expected", [

@@ -8,6 +8,8 @@ when it has none; the ground truth is the solution with its ``<answer>`` tags re
 from __future__ import annotations
 
 import re
+import string
+import unicodedata
 from typing import Any
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -39,7 +41,17 @@ def normalize(text: str, *, case_sensitive: bool = False, edge_chars: str = EDGE
     return t if case_sensitive else t.lower()
 
 
-def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
+#: Option letters recognised by default: every capital, so rows answering K or later are not lost.
+OPTION_LETTERS = string.ascii_uppercase
+#: "the answer is" in Chinese / Japanese: 答案是B, 正确答案为C, 选项D, 我选B.
+_CJK_ANSWER = r"(?:正确答案|正確答案|答案|选项|選項|选择|選擇|选|選|答)(?:是|为|為|应该是|應該是|应为|應為)?"
+# Word boundaries for a stand-alone letter. ASCII only: ``\w`` also matches CJK characters, so
+# ``(?<!\w)B`` missed the B in "答案是B".
+_NOT_BEFORE = r"(?<![A-Za-z0-9_'])"
+_NOT_AFTER = r"(?![A-Za-z0-9_'])"
+
+
+def extract_choice(text: str, letters: str = OPTION_LETTERS) -> str | None:
     """The multiple-choice letter a text commits to, or ``None`` when there is none or it is ambiguous.
 
     VLM-R1's ``extract_choice`` upper-cases the text and takes letters followed by punctuation
@@ -55,9 +67,12 @@ def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
     5. capital letters standing alone as a word ("I think B."), if they name exactly one
        letter ("A"/"I" before a lower-case word are read as article/pronoun, not options).
 
-    Several different letters at the same level count as a hedge and return ``None``.
+    Several different letters at the same level count as a hedge and return ``None``. The text
+    is NFKC-normalised first (full-width letters, brackets and colons become ASCII), and the
+    statements of step 2 include Chinese ones ("答案是B", "正确答案：C", "选项D").
     """
-    t = re.sub(r"\s+", " ", text).strip()
+    t = re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip()
+    t = t.replace("【", "[").replace("】", "]")
     if not t:
         return None
     cls = "[" + re.escape(letters) + "]"
@@ -65,7 +80,8 @@ def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
     if m:
         return m.group(1).upper()
     stated = re.findall(
-        rf"(?i:answer|option|choice)(?:\s+(?i:is))?\s*[:=]?\s*(?i:option\s+)?[(\[]?({cls})\b(?![\w'])", t)
+        rf"(?:(?i:answer|option|choice)(?:\s+(?i:is))?|{_CJK_ANSWER})\s*[:=]?\s*(?i:option\s+)?[(\[]?({cls})"
+        rf"{_NOT_AFTER}", t)
     if stated:
         return stated[-1]
     bracketed = set(re.findall(rf"[(\[]({cls})[)\]]", t))
@@ -75,7 +91,7 @@ def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
     if bracketed:
         return bracketed.pop() if len(bracketed) == 1 else None
     # Stand-alone capitals; "A"/"I" followed by a lower-case word are an article/pronoun.
-    alone = {m.group(1) for m in re.finditer(rf"(?<![\w'])({cls})(?![\w'])", t)
+    alone = {m.group(1) for m in re.finditer(rf"{_NOT_BEFORE}({cls}){_NOT_AFTER}", t)
              if not (m.group(1) in "AI" and re.match(r"\s+[a-z]", t[m.end():]))}
     return alone.pop() if len(alone) == 1 else None
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from core.interfaces import Reward, RewardBatch, RewardItem
 from vlmr1_text.parsing import (
     EDGE_CHARS,
+    OPTION_LETTERS,
     extract_answer,
     extract_choice,
     extract_yes_no,
@@ -177,7 +178,7 @@ class MCQReward(PerItemReward):
         """The option letters to recognise."""
 
         model_config = ConfigDict(extra="forbid")
-        letters: str = Field("ABCDEFGHIJ", pattern=r"^[A-Z]+$", description="capital letters that name options")
+        letters: str = Field(OPTION_LETTERS, pattern=r"^[A-Z]+$", description="capital letters that name options")
 
     def __init__(self, options: BaseModel | None = None) -> None:
         super().__init__(options)
