@@ -195,3 +195,35 @@ def test_accuracy_router_serves_vlmr1_detection_methods():
     items = [RewardItem(partial, one, reward_method=m) for m in ("map", "od_ap", "od_ap50", "odLength")]
     items.append(RewardItem(ans(objs((CAT, "cat"))), one, reward_method="weighted_sum"))
     assert router.score(RewardBatch(items)) == pytest.approx([0.5, 0.5, 1.0, 0.5, 1.0])
+
+
+# ---- require_answer_tag (same option and default as the grounding iou reward) -------------------------
+BARE = json.dumps(objs((CAT, "cat")))  # a correct answer, but outside any <answer> block
+ONE = sol(objs((CAT, "cat")))
+
+
+@pytest.mark.parametrize("cls", [MapReward, MapAP50Reward, ODLengthReward, WeightedSumReward])
+def test_answer_tag_required_by_default(cls):
+    assert cls.Options().require_answer_tag is True
+    assert score(cls(), BARE, ONE) == 0.0  # the old parser read the bare JSON and scored 1.0
+    assert score(cls(), "None", sol("None")) == 0.0  # "no objects" must be answered in the block too
+    assert score(cls(), ans(objs((CAT, "cat"))), ONE) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("cls", [MapReward, MapAP50Reward, ODLengthReward, WeightedSumReward])
+def test_answer_tag_optional_when_switched_off(cls):
+    r = cls.from_options({"require_answer_tag": False})
+    assert score(r, BARE, ONE) == pytest.approx(1.0)
+    assert score(r, "None", sol("None")) == 1.0
+    assert score(r, ans(objs(([50, 50, 60, 60], "cat"))), ONE) == 0.0  # the block still wins when present
+
+
+def test_router_methods_follow_the_option():
+    registry = PluginHost(plugins="detection").registry
+    for opts, expected in (({}, 0.0), ({"reward_options": {m: {"require_answer_tag": False} for m in
+                                                             ("map", "map50", "od_length", "weighted_sum")}}, 1.0)):
+        router = registry.create("rewards", "accuracy", opts)
+        router.setup(RewardContext(registry=registry))
+        items = [RewardItem(BARE, ONE, reward_method=m) for m in ("map", "od_ap", "od_ap50", "odLength",
+                                                                   "weighted_sum")]
+        assert router.score(RewardBatch(items)) == pytest.approx([expected] * 5)

@@ -11,7 +11,9 @@ image holds no object of the asked classes. Common rules of every reward here:
 
 * solution and prediction both "no objects" → 1.0; exactly one of them empty → 0.0;
 * a prediction that cannot be parsed → 0.0 (VLM-R1's ``map`` read an unparsable answer as
-  an empty list, which scored 1.0 on images without objects — a reward hack);
+  an empty list, which scored 1.0 on images without objects — a reward hack); so is one with
+  no ``<answer>`` block unless ``require_answer_tag: false`` (the same option and default as
+  the grounding ``iou`` reward);
 * a solution that cannot be parsed → not applicable (``None``, with a warning);
 * predicted boxes are mapped to original-image pixels with ``item.box_to_original(box, 0)``
   (``map_boxes: false`` compares them as written, for data whose ground truth is in the
@@ -43,6 +45,9 @@ class DetectionOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     map_boxes: bool = Field(True, description="map predicted boxes with the model family's transform")
+    require_answer_tag: bool = Field(
+        True, description="read objects only from an <answer> block (VLM-R1; as the grounding `iou` reward); "
+                          "false: the block if present, else the whole completion")
     label_case_sensitive: bool = False
     allow_unknown_convention: bool = False
 
@@ -72,7 +77,7 @@ class _DetectionReward(Reward):
                     logger.warning("%s: solution %r is neither a JSON list of {bbox_2d, label} nor 'None'; "
                                    "such rows are not applicable", self.name, str(item.solution)[:80])
             return None
-        preds = parse_objects(item.completion, cs)
+        preds = parse_objects(item.completion, cs, require_answer_tag=self.options.require_answer_tag)
         if preds is None:
             return 0.0
         if not gts or not preds:
