@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -265,6 +266,15 @@ def runs_of(slots: list[tuple[int, int]]) -> tuple[list[int], list[int], list[in
     return ids, counts, firsts
 
 
+def completion_record(step: int, sample: Sample, item: RewardItem, reward: float, advantage: float,
+                      rewards: dict[str, float | None]) -> dict[str, Any]:
+    """One ``completions.jsonl`` line: what the model saw (its images) and which reward method scored it."""
+    images = [str(x) if isinstance(x, (str, os.PathLike)) else None for x in sample.images]
+    return {"step": step, "id": sample.id, "prompt": item.prompt, "images": images, "num_images": len(images),
+            "reward_method": item.reward_method, "completion": item.completion, "solution": item.solution,
+            "reward": reward, "advantage": advantage, "rewards": rewards}
+
+
 # ---- evaluation ------------------------------------------------------------------------
 def evaluate_greedy(bundle: ModelBundle, engine: RolloutEngine, samples: Sequence[Sample], runner: RewardRunner,
                     max_new_tokens: int, threshold: float, batch_size: int, accelerator: Any) -> dict[str, float]:
@@ -461,9 +471,8 @@ def run(plan: Plan, registry: Registry) -> int:
         writer.log(step + 1, m)
         every = cfg.logging.log_completions_every
         if every and ((step + 1) % every == 0 or step == 0):
-            recs = [{"step": step + 1, "prompt": it.prompt, "completion": it.completion, "solution": it.solution,
-                     "reward": float(res.total[i]), "advantage": float(adv[i]),
-                     "rewards": {s.name: _f(res.per_reward[i, j]) for j, s in enumerate(specs)}}
+            recs = [completion_record(step + 1, ro.samples[i], it, float(res.total[i]), float(adv[i]),
+                                      {s.name: _f(res.per_reward[i, j]) for j, s in enumerate(specs)})
                     for i, it in enumerate(ro.items)]
             recs = gather_object(recs) if world > 1 else recs
             writer.log_completions(recs)
