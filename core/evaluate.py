@@ -585,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"rollout.name={args.rollout}")
         cfg = build_config(load_raw(args.config, DEFAULT_CONFIG), overrides, source=args.config or "default config")
         host = PluginHost(args.plugins if args.plugins is not None else cfg.plugins)
+        host.warn_failures()
         plan = plan_without_groups(cfg, host.registry)
         for name, value in (("--limit", args.limit), ("--batch-size", args.batch_size),
                             ("--max-new-tokens", args.max_new_tokens)):

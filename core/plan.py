@@ -150,44 +150,67 @@ def make_plan(cfg: RunConfig, registry: Registry, num_processes: int = 1, *,
 
     ``require_available=False`` (for ``--dry-run``) accepts a named device this machine lacks,
     with a note in :attr:`Plan.notes`, so a GPU recipe validates on a CPU-only machine.
+
+    Every independent problem is reported at once (one :class:`ConfigError` listing them all),
+    so fixing a config takes one round trip, not one per mistake.
     """
+    errors: list[str] = []
+
+    def check(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one check; record its ConfigError and go on (``None`` = that part is unknown)."""
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            errors.append(str(exc))
+            return None
+
     opts: dict[str, Any] = {}
     fam = None
     if not cfg.model.path and cfg.model.tiny is None:
-        raise ConfigError(f"{cfg.origin('model')}: model.path is required: a checkpoint folder or hub id "
-                          "(or set model.family and model.tiny to build a tiny random checkpoint offline).")
+        errors.append(f"{cfg.origin('model')}: model.path is required: a checkpoint folder or hub id "
+                      "(or set model.family and model.tiny to build a tiny random checkpoint offline).")
     if cfg.model.family:
-        fam = _resolve(registry, "models", cfg.model.family, "model.family", cfg)
-        opts["model"] = _validate_options(fam, cfg.model.options, "model.options", cfg, registry)
+        fam = check(_resolve, registry, "models", cfg.model.family, "model.family", cfg)
+        if fam is not None:
+            opts["model"] = check(_validate_options, fam, cfg.model.options, "model.options", cfg, registry)
     elif cfg.model.options:
-        raise ConfigError(f"{cfg.origin('model.options')}: model.options given without model.family; "
-                          "name the family so they can be validated")
+        errors.append(f"{cfg.origin('model.options')}: model.options given without model.family; "
+                      "name the family so they can be validated")
     elif cfg.model.path and Path(cfg.model.path, "config.json").is_file():
-        fam = registry_family_for(registry, cfg.model.path)
-        opts["model"] = _validate_options(fam, {}, "model.options", cfg, registry)
-    task = _resolve(registry, "tasks", cfg.task.name, "task.name", cfg)
-    opts["task"] = _validate_options(task, cfg.task.options, "task.options", cfg, registry)
+        fam = check(registry_family_for, registry, cfg.model.path)
+        if fam is not None:
+            opts["model"] = check(_validate_options, fam, {}, "model.options", cfg, registry)
+    task = check(_resolve, registry, "tasks", cfg.task.name, "task.name", cfg)
+    if task is not None:
+        opts["task"] = check(_validate_options, task, cfg.task.options, "task.options", cfg, registry)
     rewards = []
     for i, r in enumerate(cfg.rewards):
-        e = _resolve(registry, "rewards", r.name, f"rewards.{i}.name", cfg)
-        opts[f"rewards.{i}"] = _validate_options(e, r.options, f"rewards.{i}.options", cfg, registry)
+        e = check(_resolve, registry, "rewards", r.name, f"rewards.{i}.name", cfg)
+        if e is not None:
+            opts[f"rewards.{i}"] = check(_validate_options, e, r.options, f"rewards.{i}.options", cfg, registry)
         rewards.append(e)
     if cfg.eval.enabled and cfg.eval.reward is not None and cfg.eval.reward not in [r.name for r in cfg.rewards]:
-        raise ConfigError(f"{cfg.origin('eval.reward')}: eval.reward {cfg.eval.reward!r} is not one of the "
-                          f"configured rewards ({', '.join(r.name for r in cfg.rewards)}).")
-    device, notes = pick_device(registry, cfg.device.name, cfg.device.options, cfg,
-                                require_available=require_available)
-    opts["device"] = _validate_options(device, cfg.device.options, "device.options", cfg, registry)
-    device_here = not any(n.startswith(f"device {device.qualified} is not usable") for n in notes)
-    rollout = _resolve(registry, "rollouts", cfg.rollout.name, "rollout.name", cfg)
-    opts["rollout"] = _validate_options(rollout, cfg.rollout.options, "rollout.options", cfg, registry)
+        errors.append(f"{cfg.origin('eval.reward')}: eval.reward {cfg.eval.reward!r} is not one of the "
+                      f"configured rewards ({', '.join(r.name for r in cfg.rewards)}).")
+    device, notes = check(pick_device, registry, cfg.device.name, cfg.device.options, cfg,
+                          require_available=require_available) or (None, [])
+    if device is not None:
+        opts["device"] = check(_validate_options, device, cfg.device.options, "device.options", cfg, registry)
+    device_here = device is not None and not any(n.startswith(f"device {device.qualified} is not usable")
+                                                 for n in notes)
+    rollout = check(_resolve, registry, "rollouts", cfg.rollout.name, "rollout.name", cfg)
+    if rollout is not None:
+        opts["rollout"] = check(_validate_options, rollout, cfg.rollout.options, "rollout.options", cfg, registry)
     # Which dtypes a device supports may depend on the hardware, so ask only a usable one.
-    if cfg.model.dtype not in ("auto", "float32") and device_here:
+    if cfg.model.dtype not in ("auto", "float32") and device_here and opts.get("device") is not None:
         supported = device.cls(opts["device"]).supported_dtypes()
         if cfg.model.dtype not in supported:
-            raise ConfigError(f"{cfg.origin('model.dtype')}: model.dtype: {cfg.model.dtype} is not supported by "
-                              f"device {device.qualified} (supported: {', '.join(supported)})")
-    batch = cfg.batch_plan(num_processes)
+            errors.append(f"{cfg.origin('model.dtype')}: model.dtype: {cfg.model.dtype} is not supported by "
+                          f"device {device.qualified} (supported: {', '.join(supported)})")
+    batch = check(cfg.batch_plan, num_processes)
+    if errors:
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{len(errors)} problems in the config:\n" + "\n".join(f"- {e}" for e in errors))
     return Plan(cfg, fam, task, rewards, device, rollout, opts, batch, notes)
 
 

@@ -105,6 +105,9 @@ class PluginHost:
         self.registry = Registry()
         self.infos: list[PluginInfo] = []
         self._entry_points_loaded = False
+        self._unselected: list[tuple[str, md.EntryPoint]] = []
+        self._unselected_components: dict[str, dict[str, list[str]]] | None = None
+        self.registry.unselected_providers = self._unselected_providers
         self._register_object(importlib.import_module("core.builtins"), BUILTIN, __version__, "core.builtins")
         if autoload:
             self.load_entry_points()
@@ -126,6 +129,7 @@ class PluginHost:
             seen[short_dist(dist)] = dist
             if self.selection is not None and short_dist(dist) not in self.selection:
                 self.infos.append(PluginInfo(dist, version, ep.value, status="not selected"))
+                self._unselected.append((dist, ep))
                 continue
             problem = _incompatibility(ep.dist)
             if problem:
@@ -154,6 +158,29 @@ class PluginHost:
                     + f". Installed vlmr1 plugins: {installed}. Install it (pip install vlmr1-plugin-NAME) "
                     "or leave it out of --plugins / the config's `plugins:` list."
                 )
+
+    def _unselected_providers(self, kind: str, name: str) -> list[str]:
+        """Installed but unselected distributions that register ``name`` of ``kind``.
+
+        Asked only when a lookup fails, so the unselected plugins are imported (into a scratch
+        registry, never into this one) only on that error path; one that fails to import is skipped.
+        """
+        if self._unselected_components is None:
+            self._unselected_components = {}
+            for dist, ep in self._unselected:
+                scratch = Registry()
+                try:
+                    module = ep.load()
+                    for hook_name, kinds in HOOK_KINDS.items():
+                        fn = getattr(module, hook_name, None)
+                        if callable(fn):
+                            fn(register=scratch.registrar(dist, kinds))
+                except Exception:  # noqa: BLE001 - a hint must never turn into a new error
+                    pass
+                found = self._unselected_components.setdefault(dist, {})
+                for k in KINDS:
+                    found.setdefault(k, []).extend(e.name for e in scratch.entries(k))
+        return sorted(d for d, comps in self._unselected_components.items() if name in comps.get(kind, []))
 
     def register(self, obj: Any, distribution: str, version: str = "0") -> PluginInfo:
         """Register an in-process plugin object or module (tests, notebooks).
@@ -227,6 +254,17 @@ class PluginHost:
     def failures(self) -> list[PluginInfo]:
         """Plugins that failed or were refused."""
         return [i for i in self.infos if i.status in ("failed", "incompatible")]
+
+    def warn_failures(self, file: Any = None) -> None:
+        """One warning line per failed plugin, printed at the start of every run (train, evaluate, serve).
+
+        A failed plugin breaks only the runs that need it, so a run that does not need it goes on;
+        the line makes sure nobody has to guess why a component is missing.
+        """
+        for f in self.failures():
+            last = (f.error or "").strip().splitlines()[-1:] or [""]
+            print(f"warning: plugin {f.distribution} {f.version} {f.status} ({last[0][:160]}); "
+                  "run `python -m core.plugins list` for the traceback", file=file or sys.stderr)
 
     def as_json(self, kind: str | None = None) -> dict[str, Any]:
         """What ``list --json`` prints: plugins with status, plus every component by kind.

@@ -68,6 +68,9 @@ class Registry:
         # Notes about plugins that failed, appended to lookup errors so a user learns that
         # the component they want may live in a plugin that did not load.
         self.failure_notes: list[str] = []
+        # (kind, name) -> installed distributions that provide it but were not selected by
+        # --plugins; set by the plugin host, asked only when a lookup fails.
+        self.unselected_providers: Callable[[str, str], list[str]] | None = None
 
     def registrar(self, provider: str, kinds: tuple[str, ...]) -> Callable[[type], None]:
         """Return the ``register`` callable handed to one plugin's hook."""
@@ -86,8 +89,9 @@ class Registry:
         """Register ``cls`` under its ``name``; the same provider may not register a name twice.
 
         Raises ``TypeError`` for a class that cannot work as a component (no usable ``name``,
-        ``Options`` not a pydantic model, abstract methods left unimplemented), so the plugin
-        fails at load time with a message instead of at the first training step.
+        ``Options`` not a pydantic model or not ``extra="forbid"``, abstract methods left
+        unimplemented), so the plugin fails at load time with a message instead of at the
+        first training step (or never, for an option silently ignored).
         """
         if not (isinstance(cls, type) and issubclass(cls, KINDS[kind])):
             raise TypeError(f"{provider}: {cls!r} is not a subclass of {KINDS[kind].__name__}")
@@ -100,6 +104,11 @@ class Registry:
         if not (isinstance(options, type) and issubclass(options, BaseModel)):
             raise TypeError(f"{provider}: {cls.__qualname__}.Options must be a pydantic BaseModel subclass, "
                             f"got {options!r}")
+        if options.model_config.get("extra") != "forbid":
+            # Without it a misspelt option ("temprature") is silently dropped and the default used.
+            raise TypeError(f"{provider}: {cls.__qualname__}.Options must set "
+                            f"model_config = ConfigDict(extra=\"forbid\") so that a misspelt option is an error; "
+                            f"it has extra={options.model_config.get('extra', 'ignore')!r}")
         if inspect.isabstract(cls):
             missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
             raise TypeError(f"{provider}: {SINGULAR[kind]} {name!r} ({cls.__qualname__}) does not implement "
@@ -152,6 +161,12 @@ class Registry:
         if close:
             msg += f" Did you mean {' or '.join(repr(c) for c in close)}?"
         msg += f" Available {kind}: {', '.join(known) if known else '(none)'}."
+        bare = ref.split(":", 1)[-1]
+        elsewhere = self.unselected_providers(kind, bare) if self.unselected_providers else []
+        if elsewhere:
+            short = ",".join(short_dist(d) for d in elsewhere)
+            msg += (f" {what.capitalize()} {bare!r} is provided by {', '.join(elsewhere)}, installed but not selected "
+                    f"by --plugins (or the config's `plugins:` list): add {short} to it.")
         if self.failure_notes:
             msg += " Note: " + "; ".join(self.failure_notes)
         raise ComponentError(msg)

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(raw, overrides, source=args.config or "default config")
         plugins = args.plugins if args.plugins is not None else cfg.plugins
         host = PluginHost(plugins, strict=args.strict_plugins)
+        if not args.dry_run:  # --dry-run prints the same lines after the plan
+            host.warn_failures()
         num_processes = _num_processes()
         # --dry-run validates a GPU recipe on a CPU-only machine: a missing device is a note there.
         plan = make_plan(cfg, host.registry, num_processes, require_available=not args.dry_run)

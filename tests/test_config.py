@@ -137,7 +137,8 @@ def test_misspelt_key_in_file_names_file_line_and_suggestion(tmp_path):
     lines = msg.splitlines()
     assert len(lines) == 2
     assert lines[0].startswith(f"{path}:6: unknown key 'rewards.0.wieght'. Did you mean 'rewards.0.weight'? "
-                               "Valid keys in rewards.0: name, on_error, options, timeout_s, weight.")
+                               "Valid keys in rewards.0: max_error_frac, max_error_steps, name, on_error, options, "
+                               "timeout_s, weight.")
     assert lines[1].startswith(f"{path}:8: unknown key 'train.learning_rat'. Did you mean 'train.learning_rate'?")
 
 

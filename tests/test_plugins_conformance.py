@@ -174,7 +174,7 @@ class Loose(BaseModel):
         (reward_variant("Random", score=nondeterministic), ITEMS, "not deterministic"),
         (reward_variant("Position", score=by_position), ITEMS, "depend on the order of the batch"),
         (reward_variant("Empty", score=chokes_on_empty), CASES[:1], "raised on empty/malformed completions"),
-        (reward_variant("Loose", options=Loose), CASES, "Options accepts unknown keys"),
+        (reward_variant("Loose", options=Loose), CASES, "ConfigDict(extra=\"forbid\")"),
         (reward_variant("Methods", methods="iou"), CASES, "`methods` must be a tuple of strings"),
     ],
     ids=["length", "expected", "none", "nan", "bool", "random", "order", "empty", "extra-options", "methods"],

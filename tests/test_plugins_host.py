@@ -228,3 +228,32 @@ def test_make_plan_reports_an_ambiguous_reward_in_config_terms(site):
         make_plan(cfg, host.registry)
     cfg.rewards[0].name = "dup:dup"
     assert make_plan(cfg, host.registry).rewards[0].provider == "vlmr1-plugin-dup"
+
+
+def test_options_without_extra_forbid_are_refused_at_load_time():
+    """A misspelt option must be an error: the registry refuses an Options model that ignores unknown keys."""
+    from pydantic import BaseModel, ConfigDict
+
+    from core.interfaces import Reward
+    from core.registry import Registry
+
+    class LooseOptions(BaseModel):
+        scale: float = 1.0
+
+    class Loose(Reward):
+        name = "loose"
+        Options = LooseOptions
+
+        def score(self, batch):
+            return [1.0] * len(batch)
+
+    with pytest.raises(TypeError, match=r"Loose.Options must set model_config = ConfigDict\(extra=\"forbid\"\)"):
+        Registry().add("rewards", Loose, "dist")
+
+    class Strict(Loose):
+        name = "strict"
+
+        class Options(LooseOptions):
+            model_config = ConfigDict(extra="forbid")
+
+    Registry().add("rewards", Strict, "dist")

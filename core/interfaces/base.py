@@ -45,9 +45,10 @@ class Component(ABC):
     """Base of every pluggable component.
 
     Subclasses set ``name`` (the config-facing identifier, unique per plugin), an optional
-    one-line ``description`` and an ``Options`` pydantic model (``extra="forbid"`` is
-    recommended so misspelt options are caught). The host instantiates a component with
-    its validated options: ``Cls(Cls.Options.model_validate(raw))``.
+    one-line ``description`` and an ``Options`` pydantic model with ``extra="forbid"``
+    (required: the registry refuses a component without it, so misspelt options are caught).
+    The host instantiates a component with its validated options:
+    ``Cls(Cls.Options.model_validate(raw))``.
     """
 
     name: ClassVar[str]
