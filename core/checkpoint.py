@@ -1,31 +1,56 @@
-"""Atomic checkpoints and exact resume.
+"""Crash-safe checkpoints, exact resume, and trainer state that cannot run code when loaded.
 
 A checkpoint folder ``OUTPUT/checkpoint-<step>/`` holds a standard transformers checkpoint
 (``model.safetensors``, ``config.json``, ``generation_config.json``, processor files; a PEFT
-adapter under LoRA) plus ``trainer_state.pt`` (optimizer, scheduler, RNG states) and
-``trainer_state.json`` (step, data position, the run config). It is written to a temporary
-sibling folder and renamed when complete, so a crash never leaves a half checkpoint where
-resume would find it.
+adapter under LoRA) plus the trainer state:
+
+- ``trainer_state.safetensors``: every tensor of the optimizer, scheduler and RNG states;
+- ``trainer_state.json``: the step, data position, run config and the non-tensor rest of
+  those states (tensors are referenced by key). Loading it is JSON parsing plus safetensors,
+  so a planted object cannot execute (the old pickled ``trainer_state.pt`` could);
+- ``manifest.json`` (written last): the size and SHA-256 of every other file. A checkpoint
+  counts as complete only if every listed file exists with its size; resume also checks
+  the hashes and refuses a checkpoint whose files do not match.
+
+Writes go to ``.checkpoint-<step>.tmp`` and are renamed into place when complete. Re-saving an
+existing step first renames the old folder aside (``.checkpoint-<step>.old``) and deletes it
+only after the new one is in place, so a kill at any moment leaves a complete checkpoint;
+:func:`recover` (run before resume looks) restores an aside folder whose replacement never
+arrived.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from core.config import ConfigError
+
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-STATE_PT = "trainer_state.pt"
+ASIDE_RE = re.compile(r"^\.checkpoint-(\d+)\.(tmp|old|del)$")
+STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+MANIFEST = "manifest.json"
+LEGACY_PT = "trainer_state.pt"
+FORMAT = 2  # trainer-state format; 1 was the pickled trainer_state.pt
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used (incomplete, tampered, from another run), or one that failed to write."""
+
+
+# ---- RNG --------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     """Every RNG state a CPU/CUDA run depends on."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -35,23 +60,161 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore :func:`rng_state`'s output."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore :func:`rng_state`'s output (also as it comes back from :func:`load_trainer_state`)."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(tuple(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# ---- state <-> (JSON, tensors) ------------------------------------------------------------
+def flatten_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split nested state into JSON-ready data and a flat ``{key: tensor}`` dict for safetensors.
+
+    Tensors (and numpy arrays) become ``{"__tensor__": key}``; tuples and dicts with non-string
+    keys (optimizer state is keyed by parameter index) are tagged so :func:`unflatten_state`
+    rebuilds them exactly.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors[path] = x.detach().cpu().contiguous()
+            return {"__tensor__": path}
+        if isinstance(x, np.ndarray):
+            tensors[path] = torch.from_numpy(x.astype(np.int64) if x.dtype == np.uint32 else x.copy())
+            return {"__ndarray__": path, "dtype": str(x.dtype)}
+        if isinstance(x, dict):
+            if all(isinstance(k, str) for k in x):
+                return {"__map__": {k: enc(v, f"{path}.{k}") for k, v in x.items()}}
+            return {"__items__": [[k, enc(v, f"{path}.{k}")] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [enc(v, f"{path}.{i}") for i, v in enumerate(x)]
+        if isinstance(x, np.generic):
+            return x.item()
+        if x is None or isinstance(x, bool | int | float | str):
+            return x
+        raise TypeError(f"trainer state holds a {type(x).__name__} at {path}; only tensors and plain data are saved")
+
+    return enc(obj, "s"), tensors
+
+
+def unflatten_state(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`; a reference to a missing tensor is a :class:`CheckpointError`."""
+
+    def dec(x: Any) -> Any:
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if not isinstance(x, dict):
+            return x
+        if "__tensor__" in x or "__ndarray__" in x:
+            key = x.get("__tensor__", x.get("__ndarray__"))
+            if key not in tensors:
+                raise CheckpointError(f"trainer state refers to tensor {key!r}, which is not in {STATE_TENSORS}")
+            t = tensors[key]
+            return t if "__tensor__" in x else t.numpy().astype(x["dtype"])
+        if "__map__" in x:
+            return {k: dec(v) for k, v in x["__map__"].items()}
+        if "__items__" in x:
+            return {k: dec(v) for k, v in x["__items__"]}
+        if "__tuple__" in x:
+            return tuple(dec(v) for v in x["__tuple__"])
+        raise CheckpointError(f"unexpected object in {STATE_JSON}: keys {sorted(x)[:5]}")
+
+    return dec(data)
+
+
+# ---- manifest ---------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record size and SHA-256 of every file under ``folder`` (written last: it marks completeness)."""
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(folder).as_posix()
+            files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    _write_synced(folder / MANIFEST, json.dumps({"format": FORMAT, "files": files}, indent=1).encode())
+
+
+def check_manifest(folder: str | Path, *, hashes: bool) -> str | None:
+    """``None`` if ``folder`` is complete (and, with ``hashes``, unaltered); else what is wrong."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        if (folder / LEGACY_PT).is_file():
+            return (f"it was written by an older vlmr1 ({LEGACY_PT} is a pickle, which can run code when "
+                    "loaded, so it is not read)")
+        return f"it has no {MANIFEST} (its save never finished)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its {MANIFEST} is unreadable ({exc})"
+    if not isinstance(files, dict):
+        return f"its {MANIFEST} is malformed"
+    for rel, info in files.items():
+        p = folder / rel
+        try:
+            size = p.stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if size != info.get("size"):
+            return f"{rel} has {size} bytes, the manifest says {info.get('size')}"
+        if hashes and _sha256(p) != info.get("sha256"):
+            return f"{rel} does not match its SHA-256 in {MANIFEST} (changed after it was saved)"
+    for rel in (STATE_JSON, STATE_TENSORS):
+        if rel not in files:
+            return f"its manifest does not list {rel}"
+    return None
+
+
+# ---- listing and recovery ----------------------------------------------------------------
+def recover(output_dir: str | Path) -> list[str]:
+    """Finish or undo a save that a crash interrupted; returns what was done (for a note).
+
+    - ``.checkpoint-N.old`` without a complete ``checkpoint-N``: the kill came between the two
+      renames of a re-save; the old folder is renamed back.
+    - leftover ``.tmp`` / ``.old`` / ``.del`` folders are deleted.
+    """
+    root = Path(output_dir)
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for p in sorted(root.iterdir()):
+        m = ASIDE_RE.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        final = root / f"checkpoint-{m.group(1)}"
+        if m.group(2) == "old" and check_manifest(final, hashes=False) is not None \
+                and check_manifest(p, hashes=False) is None:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(p, final)
+            done.append(f"restored {final.name} from an interrupted re-save")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    return done
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints in ``output_dir``, oldest first (temporary folders are ignored)."""
+    """Complete checkpoints (every manifest file present with its size) in ``output_dir``, oldest first."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / STATE_JSON).is_file():
+        if m and p.is_dir() and check_manifest(p, hashes=False) is None:
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
@@ -62,50 +225,87 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+# ---- save -------------------------------------------------------------------------------
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
     *,
-    save_model: Any,
+    save_model: Callable[[Path], None],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: dict[str, Any],
     keep_last: int,
     is_main: bool = True,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically; prune to the last ``keep_last``.
+    """Write ``checkpoint-<step>`` crash-safely; prune to the last ``keep_last``.
 
     ``save_model(folder)`` writes the transformers/PEFT files (it may gather sharded
-    weights, so every process calls this function; only the main one writes).
+    weights, so every process calls this function; only the main one writes). A write
+    failure (disk full, quota, I/O error) removes the temporary folder and raises a
+    :class:`CheckpointError` with one line saying what happened.
     """
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f".checkpoint-{step}.tmp"
-    if is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    save_model(tmp)
-    if not is_main:
-        return final
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / STATE_PT)
-    (tmp / STATE_JSON).write_text(json.dumps({"step": step, **state}, indent=2, default=str))
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. final == last periodic): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        if is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        save_model(tmp)
+        if not is_main:
+            return final
+        data, tensors = flatten_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                       "rng": rng_state()})
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        meta = {"format": FORMAT, "step": step, **state, "state": data}
+        _write_synced(tmp / STATE_JSON, json.dumps(meta, indent=1, default=str).encode())
+        _fsync_tree(tmp)
+        write_manifest(tmp)
+    except OSError as exc:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_write_failure(exc, final, tmp, root)) from None
+    _swap_in(tmp, final)
     for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = root / f".{old.name}.del"  # renamed first: a kill mid-delete leaves no half checkpoint
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
-def load_trainer_state(ckpt: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(torch state with optimizer/scheduler/rng, json state with step ...)``."""
-    ckpt = Path(ckpt)
-    blob = torch.load(ckpt / STATE_PT, map_location="cpu", weights_only=False)
-    meta = json.loads((ckpt / STATE_JSON).read_text())
-    return blob, meta
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first and deleted last."""
+    aside = final.parent / f".{final.name}.old"
+    if final.exists():
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _write_failure(exc: OSError, final: Path, tmp: Path, root: Path) -> str:
+    what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+    try:
+        free = shutil.disk_usage(root).free / 2**20
+        where = f"{free:.0f} MB free in {root}"
+    except OSError:
+        where = f"in {root}"
+    return (f"{what} while writing {final.name} ({where}); the partial checkpoint was removed and earlier "
+            f"checkpoints are intact. Free space (or lower checkpoint.keep_last) and rerun with --resume. "
+            f"[{type(exc).__name__}: {exc}]")
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -113,3 +313,183 @@ def _fsync_tree(folder: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---- load -------------------------------------------------------------------------------
+def load_trainer_state(ckpt: str | Path, *, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state with optimizer/scheduler/rng, metadata with step, data position, config ...)``.
+
+    Nothing here unpickles: the state is JSON plus safetensors. With ``verify`` every file is
+    checked against the manifest first (sizes and SHA-256); a mismatch is a :class:`CheckpointError`.
+    """
+    ckpt = Path(ckpt)
+    if verify:
+        problem = check_manifest(ckpt, hashes=True)
+        if problem:
+            raise CheckpointError(f"checkpoint {ckpt} cannot be used: {problem}.")
+    try:
+        meta = json.loads((ckpt / STATE_JSON).read_text())
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(ckpt / STATE_TENSORS))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: cannot read the trainer state: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "state" not in meta:
+        raise CheckpointError(f"checkpoint {ckpt}: {STATE_JSON} is not a vlmr1 trainer state of format {FORMAT}")
+    state = unflatten_state(meta.pop("state"), tensors)
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
+        raise CheckpointError(f"checkpoint {ckpt}: the trainer state lacks optimizer/scheduler/rng")
+    return state, meta
+
+
+# ---- resume -----------------------------------------------------------------------------
+#: Settings that change which prompts, seeds or learning rates later steps use: changing one on
+#: resume cannot continue the checkpointed run exactly, so it is refused unless forced.
+BREAKING = {
+    "train.per_device_batch_size": "the prompts per step and the data position",
+    "train.gradient_accumulation_steps": "the prompts per step and the data position",
+    "grpo.num_generations": "the prompts per step and the data position",
+    "train.seed": "the data order and every sampling seed",
+    "train.shuffle": "the data order",
+    "task": "the training data",
+    "train.lr_scheduler": "the learning-rate schedule",
+    "train.warmup_steps": "the learning-rate schedule",
+    "grpo.num_iterations": "the learning-rate schedule",
+    "train.learning_rate": "nothing: the checkpoint's optimizer state keeps its own learning rate",
+    "train.weight_decay": "nothing: the checkpoint's optimizer state keeps its own weight decay",
+    "train.mode": "which weights train (the optimizer state would not fit)",
+    "num_processes": "the prompts per step and each rank's share",
+}
+#: Never compared: where things go, how they are logged, and resume itself.
+IGNORED = ("logging", "checkpoint", "plugins", "eval")
+CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, current value)`` for every setting that differs."""
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if key.split(".")[0] in IGNORED:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+        elif a != b:
+            out.append((key, a, b))
+
+    walk(saved, current, "")
+    return out
+
+
+def resume_problems(changes: list[tuple[str, Any, Any]], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Split changes into ``(refused, noted)`` messages; see :data:`BREAKING`."""
+    refused, noted = [], []
+    for key, old, new in changes:
+        line = f"{key}: {old!r} -> {new!r}"
+        hit = next((k for k in BREAKING if key == k or key.startswith(k + ".")), None)
+        if key == "train.max_steps":
+            if current["train"]["lr_scheduler"] in CONSTANT_SCHEDULES:
+                noted.append(f"{line} (fine: the learning-rate schedule is constant)")
+            else:
+                refused.append(f"{line} (changes the {current['train']['lr_scheduler']} learning-rate schedule)")
+        elif hit is not None:
+            refused.append(f"{line} (changes {BREAKING[hit]})")
+        else:
+            noted.append(line)
+    return refused, noted
+
+
+def resolve_resume(cfg: Any, output_dir: str | Path, num_processes: int = 1,
+                   log: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to resume from per ``checkpoint.resume``, checked for exact continuation.
+
+    ``true`` needs a checkpoint in ``output_dir``; ``auto`` takes one if there is one (and says so
+    when there is none); a path must be a complete checkpoint. The checkpoint's files are verified
+    against its manifest, and its run config is compared with ``cfg``: changes that would break
+    exact continuation are refused unless ``checkpoint.resume_force`` (``--resume-force``).
+    """
+    r = cfg.checkpoint.resume
+    if r is False or r == "false":
+        return None
+    out = Path(output_dir)
+    for note in recover(out):
+        log(f"note: {note}")
+    if r is True or r in ("auto", "true"):
+        found = latest_checkpoint(out)
+        if found is None:
+            if r == "auto":
+                log(f"note: checkpoint.resume=auto: no checkpoint in {out}; starting fresh")
+                return None
+            raise CheckpointError(
+                f"--resume: no complete checkpoint in {out} (a checkpoint is written every checkpoint.save_every "
+                "steps and at the end). Run without --resume to start fresh, or set checkpoint.resume=auto to "
+                "resume only when a checkpoint exists.")
+    else:
+        found = Path(str(r))
+        if not found.is_dir():
+            raise CheckpointError(f"checkpoint.resume: {found} is not a folder (give a checkpoint-<step> folder, "
+                                  "or use --resume to take the latest in logging.output_dir)")
+        problem = check_manifest(found, hashes=False)
+        if problem:
+            raise CheckpointError(f"checkpoint.resume: {found} is not a complete vlmr1 checkpoint: {problem}.")
+    problem = check_manifest(found, hashes=True)
+    if problem:
+        raise CheckpointError(f"checkpoint {found} cannot be used: {problem}. Delete it to resume from an "
+                              "earlier checkpoint, or start fresh.")
+    try:
+        meta = json.loads((found / STATE_JSON).read_text())
+        saved = dict(meta.get("config") or {})
+        saved_procs = int(meta.get("num_processes", num_processes))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {found}: unreadable {STATE_JSON}: {exc}") from None
+    current = cfg.model_dump(mode="json")
+    changes = config_changes({**saved, "num_processes": saved_procs}, {**current, "num_processes": num_processes})
+    refused, noted = resume_problems(changes, current)
+    for line in noted:
+        log(f"note: changed since {found.name}: {line}")
+    if refused:
+        if not cfg.checkpoint.resume_force:
+            raise CheckpointError(
+                f"resuming from {found} with settings that break exact continuation: " + "; ".join(refused)
+                + ". Restore them, or pass --resume-force (checkpoint.resume_force=true) to continue anyway.")
+        for line in refused:
+            log(f"warning: --resume-force: changed since {found.name}: {line}")
+    return found
+
+
+# ---- output folder ------------------------------------------------------------------------
+def check_output_dir(output_dir: str | Path) -> Path:
+    """Create ``output_dir`` if needed and prove it writable (a probe file), before weights load.
+
+    A read-only folder, a path that is a file, or a parent that cannot be created is a
+    :class:`~core.config.ConfigError` naming ``logging.output_dir``.
+    """
+    if not str(output_dir).strip():
+        raise ConfigError("logging.output_dir is empty: name the folder for metrics and checkpoints")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"logging.output_dir: {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".vlmr1-write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"logging.output_dir: cannot write to {out}: {exc.strerror or exc}"
+                          f"{' (a parent is a file)' if isinstance(exc, NotADirectoryError | FileExistsError) else ''}"
+                          ". Choose a writable folder.") from None
+    return out

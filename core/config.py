@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 import sys
 import types
@@ -37,6 +38,12 @@ from pydantic_core import PydanticUndefined
 
 class ConfigError(ValueError):
     """An invalid configuration, with a one-paragraph message naming the key."""
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+#: transformers schedulers that work with the engine's call (no extra kwargs, stepped without a metric).
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt")
 
 
 # ---- YAML -------------------------------------------------------------------------------
@@ -62,6 +69,26 @@ for _first in list("-+0123456789."):
         (tag, rx) for tag, rx in _Loader.yaml_implicit_resolvers.get(_first, []) if tag != "tag:yaml.org,2002:float"
     ]
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    # PyYAML keeps the last of two equal keys: a second `train:` section silently replaced the first.
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key; PyYAML reports it below
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {first}): merge the two into one",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.construct_mapping = _construct_mapping  # type: ignore[method-assign]
 
 
 def yaml_load(text: str) -> Any:
@@ -106,7 +133,16 @@ class RawConfig(dict):
 class Strict(BaseModel):
     """Base of every config section: unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan are refused everywhere: a learning rate or weight of inf only failed at step 2, deep in sampling.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_float32(cls, v: Any) -> Any:
+        # Finite in Python but inf on the device: a reward weight of 1e39 became inf in float32.
+        if isinstance(v, float) and abs(v) > FLOAT32_MAX:
+            raise ValueError(f"{v:g} overflows float32 (largest {FLOAT32_MAX:.3g}): it would become inf on the device")
+        return v
 
 
 class ComponentRef(Strict):
@@ -155,7 +191,7 @@ class ModelConfig(Strict):
 class RewardConfig(ComponentRef):
     """One reward term of the weighted sum."""
 
-    weight: float = Field(1.0, description="weight of this reward in the summed reward")
+    weight: float = Field(1.0, ge=-1e6, le=1e6, description="weight of this reward in the summed reward")
     timeout_s: float = Field(30.0, gt=0, description="time limit for scoring one step")
     on_error: Literal["zero", "skip", "raise"] = Field(
         "zero", description="score of a completion whose reward timed out, raised or gave NaN")
@@ -168,10 +204,10 @@ class RewardConfig(ComponentRef):
 class GRPOConfig(Strict):
     """GRPO hyper-parameters (names follow TRL's GRPOConfig where they mean the same)."""
 
-    num_generations: int = Field(8, ge=2, description="G: completions per prompt")
+    num_generations: int = Field(8, ge=2, le=65536, description="G: completions per prompt")
     max_prompt_length: int | None = Field(None, ge=1, description="truncate prompts to this many tokens")
-    max_completion_length: int = Field(256, ge=1, description="max new tokens per completion")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    max_completion_length: int = Field(256, ge=1, le=1 << 20, description="max new tokens per completion")
+    temperature: float = Field(1.0, ge=1e-3, le=100, description="sampling temperature (logits are divided by it)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
     top_k: int | None = Field(None, ge=0, description="top-k sampling; null/0 = off")
     repetition_penalty: float = Field(1.0, gt=0, description="1.0 = off")
@@ -227,25 +263,36 @@ class TrainConfig(Strict):
 
     mode: Literal["full", "lora", "frozen_vision"] = Field(
         "full", description="train everything, a LoRA adapter (vision frozen), or all but the vision tower")
-    learning_rate: float = Field(1e-6, gt=0)
-    lr_scheduler: str = Field("constant", description="a transformers scheduler name (constant, linear, cosine ...)")
+    learning_rate: float = Field(1e-6, gt=0, le=1.0)
+    lr_scheduler: str = Field("constant", description="a transformers scheduler name: " + ", ".join(SCHEDULERS))
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, description="gradient clipping; null = off")
-    per_device_batch_size: int = Field(8, ge=1, description="completions per micro-batch on each process")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_steps: int = Field(100, ge=1, description="optimizer steps (each on a fresh rollout)")
-    seed: int = 0
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
+    per_device_batch_size: int = Field(8, ge=1, le=1 << 20, description="completions per micro-batch on each process")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1 << 20)
+    max_steps: int = Field(100, ge=1, le=1 << 40, description="optimizer steps (each on a fresh rollout)")
+    seed: int = Field(0, ge=0, le=1 << 24, description="the run's seed (per-step sampling seeds derived from it "
+                                                       "must fit in 64 bits)")
     shuffle: bool = Field(True, description="visit training prompts in a seeded random order each epoch; "
                           "false = in the task's order (for tasks that interleave classes)")
     gradient_checkpointing: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        if v not in SCHEDULERS:
+            close = difflib.get_close_matches(v, SCHEDULERS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown learning-rate scheduler.{hint} Valid: {', '.join(SCHEDULERS)}")
+        return v
+
 
 class LoggingConfig(Strict):
     """Where and what to log."""
 
-    output_dir: str = Field("runs/quickstart", description="metrics, completions, checkpoints and plots go here")
+    output_dir: str = Field("runs/quickstart", min_length=1, pattern=r"\S",
+                            description="metrics, completions, checkpoints and plots go here")
     log_completions_every: int = Field(10, ge=0, description="steps between completions.jsonl dumps; 0 = never")
     tensorboard: bool = True
     wandb: bool = False
@@ -258,7 +305,12 @@ class CheckpointConfig(Strict):
 
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
     keep_last: int = Field(2, ge=1, description="older checkpoints are deleted")
-    resume: bool | Literal["auto"] | str = Field(False, description="true/auto = latest in output_dir, or a path")
+    resume: bool | Literal["auto"] | str = Field(
+        False, description="true (`--resume`) = the latest checkpoint in output_dir, an error if there is none; "
+                           "auto = the latest if any, else start fresh; or a checkpoint folder")
+    resume_force: bool = Field(
+        False, description="resume even when batch, G, seed, schedule or data changed since the checkpoint "
+                           "(`--resume-force`); the run then no longer continues the checkpointed one exactly")
     save_final: bool = True
 
 
@@ -321,7 +373,8 @@ class RunConfig(Strict):
         ga = self.train.gradient_accumulation_steps
         per_step = num_processes * self.train.per_device_batch_size * ga
         if per_step % g:
-            valid = [b for b in range(1, 4 * g + 1) if (num_processes * b * ga) % g == 0][:4]
+            unit = g // math.gcd(g, num_processes * ga)  # closed form: a search up to 4 * G hung for huge G
+            valid = [unit * k for k in range(1, 5)]
             raise ConfigError(
                 f"{self.origin('train.per_device_batch_size')}: batch arithmetic: {num_processes} process(es) x "
                 f"train.per_device_batch_size {self.train.per_device_batch_size} x "
@@ -398,18 +451,34 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: ``line N: problem`` (PyYAML's own message spans several lines with a caret)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    text = f"{context}; {problem}" if context else problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {text}" if mark is not None else " ".join(text.split())
+
+
 def load_raw(path: str | Path | None, default: str | Path | None = None) -> RawConfig:
     """Read a YAML config file into a :class:`RawConfig` (``default`` when ``path`` is None)."""
     src = Path(path) if path else (Path(default) if default else None)
     if src is None:
         return RawConfig({})
+    if src.is_dir():
+        raise ConfigError(f"config file {src} is a folder, not a YAML file")
     if not src.is_file():
         raise ConfigError(f"config file {src} does not exist")
-    text = src.read_text()
+    try:
+        text = src.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{src}: not UTF-8 text (byte {exc.start}): is this a YAML config file?") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {src}: cannot read it: {exc.strerror or exc}") from None
     try:
         data = yaml_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{src}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{src}: not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{src}: the top level must be a mapping of sections (model, task, rewards, ...)")
     return RawConfig(data, str(src), _key_lines(text))

@@ -29,20 +29,35 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
         if wandb:
-            import wandb as wb  # optional extra: pip install vlmr1[wandb]
+            from core.extras import require
+
+            require("wandb", "wandb", "logging.wandb=true")
+            import wandb as wb
 
             self._wandb = wb.init(config=run_config or {}, dir=str(self.dir))
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop records of steps after ``step`` (written before a crash)."""
+    def truncate_after(self, step: int) -> dict[str, int]:
+        """On resume: drop records of steps after ``step`` (written before a crash).
+
+        A line that does not parse (torn by a kill or a full disk mid-write) is dropped too,
+        so the next append starts on a clean line. Returns the dropped-line count per file.
+        """
+        dropped: dict[str, int] = {}
         if not self.is_main:
-            return
+            return dropped
         for name in ("metrics.jsonl", "completions.jsonl"):
             path = self.dir / name
             if not path.exists():
                 continue
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            rows = read_jsonl(path)
+            kept = [ln for ln, rec in rows if rec is not None and rec.get("step", 0) <= step]
+            torn = sum(rec is None for _, rec in rows)
+            if torn:
+                dropped[name] = torn
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.replace(path)  # a kill mid-rewrite keeps the old file, never half of it
+        return dropped
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Write one step's metrics."""
@@ -74,6 +89,23 @@ class MetricsWriter:
             self._wandb.finish()
 
 
+def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any] | None]]:
+    """``(line, record)`` per non-empty line; ``record`` is None where the line is not a JSON object.
+
+    Bytes that are not UTF-8 (a torn multi-byte character) are replaced rather than fatal.
+    """
+    out: list[tuple[str, dict[str, Any] | None]] = []
+    for ln in Path(path).read_bytes().decode("utf-8", errors="replace").splitlines():
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            rec = None
+        out.append((ln, rec if isinstance(rec, dict) else None))
+    return out
+
+
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
@@ -90,7 +122,7 @@ def plot_rewards(output_dir: str | Path, keys: tuple[str, ...] = ("reward",)) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    rows = [rec for _, rec in read_jsonl(path) if rec is not None and isinstance(rec.get("step"), int | float)]
     if not rows:
         return None
     names = list(keys) + sorted({k for r in rows for k in r if k.startswith("rewards/") and k.count("/") == 1

@@ -236,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--box-decimals and --save-steps must be >= 0, --logging-steps >= 1")
         if "{answer}" not in args.template and args.template != "auto":
             raise ConfigError(f"--template {args.template!r} must contain {{answer}}")
+        from core.extras import require
+
+        require(("trl", "datasets"), "sft", "python -m core.sft")  # optional: not in vlmr1's base install
         return run(plan, host.registry, args)
     except (ConfigError, PluginError) as exc:
         print(f"error: {exc}", file=sys.stderr)

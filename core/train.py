@@ -3,11 +3,17 @@
 Without ``--config`` the built-in default runs: the CPU quickstart (a tiny Qwen2.5-VL
 built offline learns a synthetic colour task). ``--dry-run`` validates the config against
 the installed plugins, prints the resolved config and plan, and loads no weights.
+
+Every expected failure (bad config, data, checkpoint, plugin, reward, an unwritable output
+folder, a full disk, a non-finite loss) ends with one ``error: ...`` paragraph and exit code
+2 (1 for failures during training), never a traceback; the output folder is checked to be
+writable before any weights load.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -25,8 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plugins", help="comma-separated plugin distributions to load; 'none' = built-ins only")
     p.add_argument("--strict-plugins", action="store_true", help="any plugin that fails to load is fatal")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from the latest checkpoint in the output dir, or from PATH")
+    p.add_argument("--resume", nargs="?", const="true", default=None,
+                   help="resume from the latest checkpoint in the output dir (an error if there is none), "
+                        "or from PATH")
+    p.add_argument("--resume-force", action="store_true",
+                   help="resume even if batch, G, seed, schedule or data changed since the checkpoint")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.learning_rate=1e-5")
     return p.parse_args(argv)
 
@@ -42,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides)
         if args.resume is not None:
             overrides.append(f"checkpoint.resume={args.resume}")
+        if args.resume_force:
+            overrides.append("checkpoint.resume_force=true")
         cfg = build_config(raw, overrides, source=args.config or "default config")
         plugins = args.plugins if args.plugins is not None else cfg.plugins
         host = PluginHost(plugins, strict=args.strict_plugins)
@@ -61,14 +72,39 @@ def main(argv: list[str] | None = None) -> int:
         for f in host.failures():
             print(f"warning: plugin {f.distribution} {f.status}; run `python -m core.plugins list`", file=sys.stderr)
         return 0
-    from core.grpo.trainer import run
+    from core.checkpoint import CheckpointError, check_output_dir
+    from core.grpo.guard import NonFiniteError
+    from core.grpo.rewards import RewardError
     from core.interfaces import DataError
+    from core.registry import ComponentError
 
     try:
+        check_output_dir(cfg.logging.output_dir)  # before any weights load
+        if cfg.logging.wandb:
+            from core.extras import require
+
+            require("wandb", "wandb", "logging.wandb=true")
+        from core.grpo.trainer import run
+
         return run(plan, host.registry)
-    except DataError as exc:  # bad data names its file and line; no traceback from deep inside
+    except (ConfigError, PluginError, DataError, ComponentError) as exc:
+        # Bad input names its file, line or key; no traceback from deep inside.
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, CheckpointError) and "while writing" in str(exc) else 2
+    except (RewardError, NonFiniteError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # disk full, permissions, a vanished file: one line, not a traceback
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``disk full while writing FILE (...)`` / ``cannot write FILE: reason``, on one line."""
+    target = exc.filename or "a file"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full while writing {target}: free space in logging.output_dir and rerun with --resume"
+    return f"{exc.strerror or exc} ({target}) [{type(exc).__name__}]"
 
 
 def _num_processes() -> int:

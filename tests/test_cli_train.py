@@ -69,7 +69,7 @@ def test_dry_run_world_size_and_resume(site, capsys, monkeypatch):
     rc, out, err = run(capsys, "--resume")
     assert rc == 0, err
     cfg, plan = split_output(out)
-    assert cfg["checkpoint"]["resume"] == "auto"
+    assert cfg["checkpoint"]["resume"] is True  # --resume: the latest checkpoint, an error if none
     assert plan["batch"]["num_processes"] == 2 and plan["batch"]["prompts_per_step"] == 4
 
 

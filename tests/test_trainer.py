@@ -110,7 +110,9 @@ def test_resume_is_bit_identical(full_run, tmp_path):
     out.mkdir()
     shutil.copytree(ref_tmp / "out" / "checkpoint-2", out / "checkpoint-2")
     lines = (ref_tmp / "out" / "metrics.jsonl").read_text().splitlines()
-    (out / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # a step-3 line written before the crash
+    # a step-3 line written before the crash, then a line torn by the kill (no newline, cut mid-record)
+    (out / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
+    (out / "completions.jsonl").write_text('{"step": 2, "prompt": "x"}\n{"step": 3, "prom')
     (out / ".checkpoint-4.tmp").mkdir()  # and a half-written checkpoint, which must be ignored
     proc = train(cfg, "--resume")
     assert "resumed from" in proc.stdout

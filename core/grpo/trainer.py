@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from core.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from core.checkpoint import load_trainer_state, resolve_resume, save_checkpoint, set_rng_state
 from core.config import ConfigError, RunConfig, to_yaml
+from core.grpo.guard import check_finite
 from core.grpo.logprobs import build_train_inputs, completion_logprobs, pad_completions
 from core.grpo.loss import LossNormalizer, group_advantages, grpo_loss
 from core.grpo.rewards import RewardRunner, RewardSpec
@@ -337,13 +338,16 @@ def run(plan: Plan, registry: Registry) -> int:
     # before any weights are loaded.
     task = registry.create("tasks", cfg.task.name, plan.options["task"])
     train_set = task.load("train")
+    if len(train_set) == 0:
+        raise ConfigError(f"task {cfg.task.name!r}: the training split is empty (every row skipped or no rows)")
     eval_set: Sequence[Sample] = []
     if cfg.eval.enabled:
         if "eval" in task.splits():
             eval_set = task.load("eval")
         else:
             accelerator.print(f"note: task {cfg.task.name!r} has no eval split; skipping evaluation")
-    resume_from = _find_resume(cfg, out_dir)
+    with accelerator.main_process_first():  # the main process repairs an interrupted save first
+        resume_from = resolve_resume(cfg, out_dir, world, log=accelerator.print)
     bundle = load_models(plan, registry, accelerator, device_obj, resume_from)
     trainable = [p for p in bundle.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
@@ -383,7 +387,7 @@ def run(plan: Plan, registry: Registry) -> int:
     start_step = 0
     eval_result: dict[str, Any] = {}
     if resume_from is not None:
-        blob, meta = load_trainer_state(resume_from)
+        blob, meta = load_trainer_state(resume_from, verify=False)  # verified above
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         set_rng_state(blob["rng"])
@@ -420,7 +424,7 @@ def run(plan: Plan, registry: Registry) -> int:
 
         save_checkpoint(out_dir, step, save_model=save_model, optimizer=optimizer, scheduler=scheduler,
                         state={"data_position": step * batch["prompts_per_step"], "eval": eval_result,
-                               "config": cfg.model_dump(mode="json")},
+                               "config": cfg.model_dump(mode="json"), "num_processes": world},
                         keep_last=cfg.checkpoint.keep_last, is_main=accelerator.is_main_process)
         accelerator.wait_for_everyone()
 
@@ -633,6 +637,9 @@ def _update(cfg: RunConfig, accelerator: Any, model: Any, bundle: ModelBundle, o
         if cfg.train.max_grad_norm is not None:
             gn = accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
             grad_norm = float(gn) if gn is not None else float("nan")  # DeepSpeed clips inside its engine
+        # Stop before the optimizer writes NaN weights (core.grpo.guard names the likely setting).
+        check_finite(total, grad_norm if cfg.train.max_grad_norm is not None and gn is not None else None, cfg,
+                     int(scheduler.last_epoch) + 1, optimizer)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -668,21 +675,6 @@ def _configure_deepspeed(accelerator: Any, cfg: RunConfig) -> None:
     ds["train_batch_size"] = cfg.train.per_device_batch_size * accelerator.num_processes
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = cfg.train.max_grad_norm or 0.0
-
-
-def _find_resume(cfg: RunConfig, out_dir: Path) -> Path | None:
-    r = cfg.checkpoint.resume
-    if r is False or r == "false":
-        return None
-    if r is True or r == "auto":
-        found = latest_checkpoint(out_dir)
-        if found is None and r is True:
-            raise ConfigError(f"checkpoint.resume: no complete checkpoint in {out_dir}")
-        return found
-    p = Path(str(r))
-    if not (p / "trainer_state.json").is_file():
-        raise ConfigError(f"checkpoint.resume: {p} is not a complete vlmr1 checkpoint (no trainer_state.json)")
-    return p
 
 
 def _nanmean(x: torch.Tensor) -> float:

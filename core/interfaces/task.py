@@ -62,7 +62,7 @@ class Sample:
                 try:
                     with Image.open(src) as f:
                         img = f.copy()
-                except (OSError, ValueError) as exc:
+                except Exception as exc:  # noqa: BLE001 - PIL's DecompressionBombError is neither OSError nor ValueError
                     raise DataError(
                         f"sample {self.id!r}: cannot read image {src}: {exc}",
                         file=self.meta.get("source_file"),

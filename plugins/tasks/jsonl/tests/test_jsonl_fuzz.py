@@ -153,8 +153,9 @@ def test_catalogue_error_names_file_and_line(tmp_path, folder, reason, bad):
 def test_corrupt_images_without_decode_check_fail_lazily_with_file_and_line(tmp_path, folder):
     names = ["ok.png", "corrupt.png", "truncated.png", "empty.png"]
     path = _write(tmp_path / "lazy.jsonl", [json.dumps({**_conv(), "image": n}) for n in names])
-    samples = VlmR1Jsonl.from_options({"data_files": str(path), "image_folders": str(folder)}).load()
-    assert len(samples) == 4  # existence is all that load() checks by default
+    samples = VlmR1Jsonl.from_options({"data_files": str(path), "image_folders": str(folder),
+                                       "check_images": "exists"}).load()
+    assert len(samples) == 4  # existence is all that load() checks with check_images: exists
     samples[0].load_images()
     for line, s in enumerate(samples[1:], start=2):
         with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{line}: cannot read image"):

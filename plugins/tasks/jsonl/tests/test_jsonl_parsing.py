@@ -275,7 +275,7 @@ def test_image_paths_may_not_escape_their_folder(tmp_path, imgs):
 def test_corrupt_image_lazy_error_and_decode_check(tmp_path, imgs):
     (imgs / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     f = write_jsonl(tmp_path / "d.jsonl", [row("<image>q", image="a.png"), row("<image>q", image="bad.png")])
-    good, bad = task(data_files=str(f), image_folders=str(imgs)).load()  # existence check only
+    good, bad = task(data_files=str(f), image_folders=str(imgs), check_images="exists").load()
     good.load_images()
     with pytest.raises(DataError, match=rf"{f}:2: cannot read image .*bad\.png"):
         bad.load_images()

@@ -14,6 +14,7 @@ from core.interfaces.task import Sample, TaskFormat
 from vlmr1_jsonl.common import (
     BadRow,
     FileTaskOptions,
+    ImageLimits,
     RowLog,
     Source,
     canonical_split,
@@ -40,6 +41,7 @@ class FileTask(TaskFormat):
         self.template = resolve_template(self.options.question_template)
         self.template_prefix, self.template_suffix = split_template(self.template)
         self.log = RowLog(self.options.on_bad_row)
+        self.limits = ImageLimits(self.options.max_image_pixels, self.options.max_aspect_ratio)
         self._splits: dict[str, list[Sample]] = {}
         self._ids: Counter = Counter()
 

@@ -81,8 +81,15 @@ class FileTaskOptions(BaseModel):
         "error", description="error: raise DataError naming file:line; skip: drop the row and count it")
     allow_outside_image_folder: bool = Field(
         False, description="allow absolute image paths and '..' that leave the image folder")
-    check_images: Literal["exists", "decode"] = Field(
-        "exists", description="at load time: check that image files exist, or fully decode each one")
+    check_images: Literal["exists", "header", "decode"] = Field(
+        "header", description="at load time: check that image files exist; also read each header (format, size "
+                              "within the pixel budget, aspect ratio: no decoding); or fully decode each one")
+    max_image_pixels: int = Field(
+        100_000_000, ge=1, description="pixel budget per image: a larger one (e.g. a decompression bomb) is a bad "
+                                       "row, refused from its header before any decoding")
+    max_aspect_ratio: float = Field(
+        200.0, ge=1.0, description="longer side / shorter side above this is a bad row (Qwen-VL processors fail "
+                                   "past 200)")
     max_samples: int | None = Field(None, ge=1, description="keep at most this many samples per split")
 
     @field_validator("data_files", "image_folders", "reward_method", "eval_files", "eval_image_folders",
@@ -191,10 +198,11 @@ class ImageRef(os.PathLike):
     and line the image came from, so a bad image never surfaces as an anonymous crash.
     """
 
-    __slots__ = ("path", "file", "line")
+    __slots__ = ("path", "file", "line", "limits")
 
-    def __init__(self, path: str, file: str | None = None, line: int | None = None) -> None:
-        self.path, self.file, self.line = path, file, line
+    def __init__(self, path: str, file: str | None = None, line: int | None = None,
+                 limits: ImageLimits | None = None) -> None:
+        self.path, self.file, self.line, self.limits = path, file, line, limits
 
     def __fspath__(self) -> str:
         return self.path
@@ -212,27 +220,74 @@ class ImageRef(os.PathLike):
         return hash(self.path)
 
     def __reduce__(self):
-        return (ImageRef, (self.path, self.file, self.line))
+        return (ImageRef, (self.path, self.file, self.line, self.limits))
 
     def __call__(self):
         """Open and fully decode the image as RGB."""
         try:
-            return decode_image(self.path)
+            return decode_image(self.path, self.limits)
+        except BadRow as exc:  # already says what is wrong with which image
+            raise DataError(f"{exc} [{exc.reason}]", file=self.file, line=self.line) from exc
         except Exception as exc:  # noqa: BLE001 - any decoder failure is bad data, reported with its row
             raise DataError(f"cannot read image {self.path}: {type(exc).__name__}: {exc}",
                             file=self.file, line=self.line) from exc
 
 
-def decode_image(path: str):
-    """Open and fully decode ``path`` (not just the header), converted to RGB."""
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an image may be, checked from its header before any pixel is decoded."""
+
+    max_pixels: int = 100_000_000
+    max_aspect_ratio: float = 200.0
+
+    def check(self, img: Any, path: str) -> None:
+        """Raise :class:`BadRow` for an empty, oversized (decompression bomb) or extreme-aspect image."""
+        w, h = img.size
+        if w < 1 or h < 1:
+            raise BadRow("unreadable_image", f"image {path} has size {w}x{h}")
+        if w * h > self.max_pixels:
+            raise BadRow("image_too_large", f"image {path} is {w}x{h} = {w * h / 1e6:.0f} Mpx, over the pixel "
+                         f"budget max_image_pixels={self.max_pixels} (a decompression bomb?); not decoded")
+        if max(w, h) / min(w, h) > self.max_aspect_ratio:
+            raise BadRow("image_aspect", f"image {path} is {w}x{h}: aspect ratio {max(w, h) / min(w, h):.0f} "
+                         f"over max_aspect_ratio={self.max_aspect_ratio:g}")
+
+
+def open_image(path: str, limits: ImageLimits | None = None):
+    """Open ``path`` lazily (header only) and check it against ``limits``; raise :class:`BadRow` if unusable.
+
+    PIL's own decompression-bomb guard (an error from ~179 Mpx) still applies on top.
+    """
+    import warnings
+
     from PIL import Image
 
-    with Image.open(path) as img:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below decides
+            img = Image.open(path)
+    except Image.DecompressionBombError as exc:  # PIL refuses past ~179 Mpx while reading the header
+        budget = (limits or ImageLimits()).max_pixels
+        raise BadRow("image_too_large", f"image {path} is over the pixel budget max_image_pixels={budget} (a "
+                     f"decompression bomb? PIL: {exc}); not decoded") from exc
+    except Exception as exc:  # noqa: BLE001 - not an image, empty, truncated header, PIL's bomb error
+        raise BadRow("unreadable_image", f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+    try:
+        (limits or ImageLimits()).check(img, path)
+    except BadRow:
+        img.close()
+        raise
+    return img
+
+
+def decode_image(path: str, limits: ImageLimits | None = None):
+    """Open and fully decode ``path`` (not just the header), converted to RGB, within ``limits``."""
+    with open_image(path, limits) as img:
         img.load()
         return img.convert("RGB") if img.mode != "RGB" else img.copy()
 
 
-def resolve_image(name: Any, folder: str, allow_outside: bool, check: str) -> str:
+def resolve_image(name: Any, folder: str, allow_outside: bool, check: str, limits: ImageLimits | None = None) -> str:
     """The path of image ``name`` inside ``folder``; raises :class:`BadRow` if it is unusable.
 
     The containment check is lexical (absolute paths and ``..`` components), not ``realpath``,
@@ -248,9 +303,13 @@ def resolve_image(name: Any, folder: str, allow_outside: bool, check: str) -> st
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise BadRow("missing_image", f"image {path} does not exist")
-    if check == "decode":
+    if check == "header":
+        open_image(path, limits).close()
+    elif check == "decode":
         try:
-            decode_image(path)
+            decode_image(path, limits)
+        except BadRow:
+            raise
         except Exception as exc:  # noqa: BLE001 - see ImageRef.__call__
             raise BadRow("unreadable_image", f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
     return path

@@ -121,7 +121,8 @@ class VlmR1Jsonl(FileTask):
         elif not isinstance(method, str) or not method:
             raise BadRow("wrong_type", f"accu_reward_method must be a non-empty string, got {method!r}")
         o = self.options
-        paths = [resolve_image(n, src.image_folder, o.allow_outside_image_folder, o.check_images) for n in names]
+        paths = [resolve_image(n, src.image_folder, o.allow_outside_image_folder, o.check_images, self.limits)
+                 for n in names]
         solution = extract_solution(answer)
         boxes = solution_boxes(solution, method in o.box_reward_methods)
 
@@ -146,7 +147,7 @@ class VlmR1Jsonl(FileTask):
             meta["extra"] = extra
         return Sample(
             id=self.unique_id(row.get("id"), src, line),
-            images=[ImageRef(p, src.path, line) for p in paths],
+            images=[ImageRef(p, src.path, line, self.limits) for p in paths],
             messages=self.messages(content),
             solution=solution,
             reward_method=method,

@@ -75,7 +75,8 @@ class RecJson(FileTask):
             if not all(0 <= v <= 1000 for v in normalized):
                 raise BadRow("invalid_box", f"normalized_solution {row['normalized_solution']!r} is outside 0-1000")
         o = self.options
-        path = resolve_image(row["image"], src.image_folder, o.allow_outside_image_folder, o.check_images)
+        path = resolve_image(row["image"], src.image_folder, o.allow_outside_image_folder, o.check_images,
+                             self.limits)
         text = {"type": "text", "text": self.template_prefix + problem + self.template_suffix}
         image = {"type": "image"}
         meta: dict[str, Any] = {
@@ -93,7 +94,7 @@ class RecJson(FileTask):
             meta["extra"] = extra
         return Sample(
             id=self.unique_id(row.get("id"), src, line),
-            images=[ImageRef(path, src.path, line)],
+            images=[ImageRef(path, src.path, line, self.limits)],
             messages=self.messages([image, text] if o.text_position == "after_image" else [text, image]),
             solution=box,
             reward_method=src.reward_method,
