@@ -596,11 +596,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PluginError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from core.interfaces import DataError
+    from core.train import describe_os_error
+
     try:
         return _run(args, plan, host.registry)
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:  # a bad image or row names its file and line
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unreadable checkpoint, full disk: one line, not a traceback
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace, plan: Plan, registry: Registry) -> int:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.config import ConfigError, build_config, load_raw
 from core.evaluate import METHOD_KINDS, answer_text, parse_box, parse_objects, plan_without_groups
+from core.interfaces.task import DataError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -240,9 +241,14 @@ def main(argv: list[str] | None = None) -> int:
 
         require(("trl", "datasets"), "sft", "python -m core.sft")  # optional: not in vlmr1's base install
         return run(plan, host.registry, args)
-    except (ConfigError, PluginError) as exc:
+    except (ConfigError, PluginError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # unreadable checkpoint, full disk: one line, not a traceback
+        from core.train import describe_os_error
+
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
 
 
 def _sft_config(config_cls: Any, out: Path, t: Any, device: Any, args: argparse.Namespace, cfg: Any) -> Any:

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from core.config import ConfigError, build_config, load_raw, to_yaml
+from core.config import ConfigError, RunConfig, build_config, load_raw, to_yaml
 
 #: The embedded default config: the CPU quickstart (examples/quickstart/config.yaml).
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "defaults" / "quickstart.yaml"
@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         raw = load_raw(args.config, DEFAULT_CONFIG)
         overrides = list(args.overrides)
+        if args.resume and "=" in args.resume and not Path(args.resume).exists():
+            # `--resume key=value`: argparse gave the override to --resume's optional PATH.
+            overrides.insert(0, args.resume)
+            args.resume = "true"
         if args.resume is not None:
             overrides.append(f"checkpoint.resume={args.resume}")
         if args.resume_force:
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         check_output_dir(cfg.logging.output_dir)  # before any weights load
+        check_model_path(cfg)
         if cfg.logging.wandb:
             from core.extras import require
 
@@ -101,10 +106,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def describe_os_error(exc: OSError) -> str:
     """``disk full while writing FILE (...)`` / ``cannot write FILE: reason``, on one line."""
-    target = exc.filename or "a file"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"disk full while writing {target}: free space in logging.output_dir and rerun with --resume"
-    return f"{exc.strerror or exc} ({target}) [{type(exc).__name__}]"
+        return (f"disk full while writing {exc.filename or 'output'}: free space in logging.output_dir and rerun "
+                "with --resume")
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where} [{type(exc).__name__}]"
+
+
+def check_model_path(cfg: RunConfig) -> None:
+    """A local ``model.path`` (absolute or ``./``) that does not exist is a config error, before anything loads.
+
+    Hub ids (``org/name``) are left to transformers; a tiny build creates its path.
+    """
+    path = cfg.model.path
+    if not path or cfg.model.tiny is not None:
+        return
+    local = path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+    if local and not Path(path).expanduser().exists():
+        raise ConfigError(f"{cfg.origin('model.path')}: model.path {path} does not exist")
 
 
 def _num_processes() -> int:

@@ -49,8 +49,8 @@ def site(tmp_path_factory):
                                                   {"from": "gpt", "value": "<answer>red</answer>"}]}] * 4
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = {
-        "plugins": ["jsonl"],
-        "model": {"path": str(root / "no-such-model"), "family": "qwen2_5_vl"},
+        "plugins": ["jsonl", "qwen-vl"],
+        "model": {"path": str(root / "model"), "family": "qwen2_5_vl"},  # empty: runs stop before loading it
         "task": {"name": "vlmr1_jsonl", "options": {"data_files": [str(root / "data.jsonl")]}},
         "rewards": [{"name": "accuracy"}],
         "grpo": {"num_generations": 2, "max_completion_length": 4},
@@ -59,6 +59,7 @@ def site(tmp_path_factory):
         "eval": {"enabled": False},
         "logging": {"output_dir": str(root / "out"), "tensorboard": False, "progress_bar": False},
     }
+    (root / "model").mkdir()
     (root / "base.yaml").write_text(yaml.safe_dump(base))
     return root, base
 
@@ -125,50 +126,62 @@ def config_file_cases(root: Path, base: dict) -> list[tuple[str, bytes]]:
     ]
 
 
+def test_base_config_is_valid(site, capsys):
+    root, _ = site
+    rc, err = run_case(capsys, ["--config", str(root / "base.yaml"), "--dry-run"])
+    assert rc == 0, err  # so each case below fails for its own reason
+
+
 def test_bad_inputs_end_in_clear_errors(site, capsys, tmp_path):
     root, base = site
     cfg = str(root / "base.yaml")
-    cases: list[tuple[str, list[str]]] = []
+    # (name, argv, text the error must contain: the error is about this input, not something else)
+    cases: list[tuple[str, list[str], str]] = []
     for name, content in config_file_cases(root, base):
         path = tmp_path / f"{len(cases)}.yaml"
         path.write_bytes(content)
-        cases.append((f"file: {name}", ["--config", str(path), "--dry-run"]))
+        cases.append((f"file: {name}", ["--config", str(path), "--dry-run"], ""))
     for key in NUMERIC_KEYS:
         for value in BAD_VALUES:
-            cases.append((f"{key}={value}", ["--config", cfg, "--dry-run", f"{key}={value}"]))
+            cases.append((f"{key}={value}", ["--config", cfg, "--dry-run", f"{key}={value}"], key))
     for over in REPORTED:
-        cases.append((" ".join(over), ["--config", cfg, "--dry-run", *over]))
+        cases.append((" ".join(over), ["--config", cfg, "--dry-run", *over], over[0].split("=")[0]))
     for args in (["--config", str(tmp_path)], ["--config", str(tmp_path / "missing.yaml")],
                  ["--config", cfg, "--plugins", "no-such-plugin"], ["--config", cfg, "nokey"],
                  ["--config", cfg, "train..seed=1"], ["--config", cfg, "rewards.5.name=x"],
                  ["--config", cfg, "train.seed.x=1"], ["--config", cfg, "task.options.data_files=[]"],
                  ["--config", cfg, "task.name=no_such_task"], ["--config", cfg, "model.family=nope"],
                  ["--config", cfg, "device.name=npu"]):
-        cases.append(("args: " + " ".join(args[2:] or args), args))
+        cases.append(("args: " + " ".join(args[2:] or args), args, ""))
     # Real runs (no --dry-run) whose inputs are bad in ways only the run sees: all before weights load.
     out_file = tmp_path / "a_file"
     out_file.write_text("x")
     bad_rows = tmp_path / "bad.jsonl"
     bad_rows.write_text('{"image": "nope.png", "conversations": []}\nnot json\n')
     run_cases = {
-        "--resume without a checkpoint": ["--resume", f"logging.output_dir={tmp_path / 'fresh'}"],
-        "--resume /bad/path": ["--resume", "/bad/path"],
-        "output_dir is a file": [f"logging.output_dir={out_file}"],
-        "output_dir not writable": ["logging.output_dir=/proc/vlmr1-fuzz"],
-        "output_dir under a file": [f"logging.output_dir={out_file}/sub"],
-        "bad row (on_bad_row: error)": [f"task.options.data_files=[{bad_rows}]"],
-        "empty split (every row skipped)": [f"task.options.data_files=[{bad_rows}]", "task.options.on_bad_row=skip"],
+        "--resume without a checkpoint": (["--resume", f"logging.output_dir={tmp_path / 'fresh'}"],
+                                          "no complete checkpoint"),
+        "--resume /bad/path": (["--resume", "/bad/path"], "/bad/path is not a folder"),
+        "model.path does not exist": ([f"model.path={tmp_path / 'no-such-model'}"], "does not exist"),
+        "output_dir is a file": ([f"logging.output_dir={out_file}"], "is a file, not a folder"),
+        "output_dir not writable": (["logging.output_dir=/proc/vlmr1-fuzz"], "cannot write to /proc/vlmr1-fuzz"),
+        "output_dir under a file": ([f"logging.output_dir={out_file}/sub"], "a parent is a file"),
+        "bad row (on_bad_row: error)": ([f"task.options.data_files=[{bad_rows}]"], f"{bad_rows}:1:"),
+        "empty split (every row skipped)": ([f"task.options.data_files=[{bad_rows}]", "task.options.on_bad_row=skip"],
+                                            "the training split is empty"),
     }
-    for name, extra in run_cases.items():
-        cases.append((f"run: {name}", ["--config", cfg, *extra]))
+    for name, (extra, expect) in run_cases.items():
+        cases.append((f"run: {name}", ["--config", cfg, *extra], expect))
 
     start = time.perf_counter()
     unclear = []
-    for name, argv in cases:
+    for name, argv, expect in cases:
         try:
             rc, err = run_case(capsys, argv)
-            # Exit 2 = refused before any weights load (failing to load the missing model would exit 1).
+            # Exit 2 = refused before any weights load (failing to load the empty model folder would exit 1).
             why = clear_error(rc, err) or (None if rc == 2 else f"exit {rc}, after weights load: {err.strip()[:200]}")
+            if not why and expect not in err:
+                why = f"error is not about {expect!r}: {err.strip()[:300]}"
         except Hung as exc:
             why = str(exc)
         except SystemExit as exc:  # argparse usage errors exit 2 with a usage line: clear, but say so
