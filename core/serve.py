@@ -21,6 +21,17 @@ family's prompt rendering, so greedy answers equal the built-in back end's (one 
 ``generate`` call; requests are served one at a time on the model, while HTTP handling is
 threaded). Images are never fetched from URLs: only base64 ``data:`` URLs are accepted.
 
+Under load (see docs/reliability.md for the measured figures): connections are accepted with a
+listen backlog of ``--backlog`` (128) and served by a fixed pool of ``--workers`` (64) threads;
+more waiting connections than ``--max-queued`` get 503 at once instead of a reset. An idle
+keep-alive connection is closed after ``--idle-timeout`` s, every socket read or write has
+``--socket-timeout`` s and a request body must arrive within ``--request-timeout`` s (408), so
+a slow or silent client cannot hold a worker. A request waits at most ``--queue-timeout`` s for
+the model (503). Limits answered with a 4xx naming the limit: body bytes (413), prompt tokens,
+images per request and pixels per image (400; checked from the image header, before decoding,
+so a decompression bomb costs nothing). The API key is checked, in constant time, before the
+body is read.
+
 Written on the standard library's ``http.server`` (``ThreadingHTTPServer``) rather than a web
 framework: the server has four routes and no streaming, and core should not grow a
 dependency (FastAPI/uvicorn) for them. The conversion helpers below are shared with the
@@ -32,6 +43,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hmac
 import io
 import json
 import os
@@ -40,10 +52,12 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,8 +95,11 @@ def image_to_data_url(image: Image.Image, fmt: str = "png", quality: int = 95) -
     return f"data:image/{fmt};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
-def data_url_to_image(url: str, where: str = "image") -> Image.Image:
-    """Decode a base64 ``data:`` URL to an RGB PIL image; :class:`RequestError` naming ``where`` otherwise."""
+def data_url_to_image(url: str, where: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """Decode a base64 ``data:`` URL to an RGB PIL image; :class:`RequestError` naming ``where`` otherwise.
+
+    ``max_pixels`` is checked against the size in the image's header, before any pixel is decoded.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(url, str) or not url.startswith("data:"):
@@ -98,10 +115,18 @@ def data_url_to_image(url: str, where: str = "image") -> Image.Image:
     except (binascii.Error, ValueError) as exc:
         raise RequestError(f"{where}: invalid base64 in data URL: {exc}", param=where) from None
     try:
-        with Image.open(io.BytesIO(raw)) as img:
+        with warnings.catch_warnings():
+            if max_pixels is not None:  # our own limit, checked below, replaces PIL's bomb warning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw))
+        with img:
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise RequestError(f"{where}: image of {w}x{h} = {w * h / 1e6:.1f} Mpx exceeds this server's limit "
+                                   f"of {max_pixels / 1e6:.1f} Mpx per image (--max-image-pixels)", param=where)
             img.load()
             return img.convert("RGB") if img.mode != "RGB" else img.copy()
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise RequestError(f"{where}: data URL does not hold a readable image: {exc}", param=where) from None
 
 
@@ -141,13 +166,22 @@ def chat_to_openai_messages(messages: Sequence[dict[str, Any]], images: Sequence
     return out
 
 
-def openai_to_chat_messages(messages: Sequence[Any]) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+def openai_to_chat_messages(messages: Sequence[Any], *, max_images: int | None = None,
+                            max_pixels: int | None = None) -> tuple[list[dict[str, Any]], list[Image.Image]]:
     """OpenAI messages -> our chat format and the decoded images (in placeholder order).
 
-    Raises :class:`RequestError` naming ``messages[i].content[j]`` for anything malformed.
+    Raises :class:`RequestError` naming ``messages[i].content[j]`` for anything malformed, and
+    for more than ``max_images`` images (counted before any is decoded) or an image over
+    ``max_pixels``.
     """
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages: must be a non-empty list", param="messages")
+    if max_images is not None:
+        count = sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+                    for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url")
+        if count > max_images:
+            raise RequestError(f"messages: {count} images exceed this server's limit of {max_images} per request "
+                               "(--max-images)", param="messages")
     out: list[dict[str, Any]] = []
     images: list[Image.Image] = []
     for i, msg in enumerate(messages):
@@ -178,7 +212,7 @@ def openai_to_chat_messages(messages: Sequence[Any]) -> tuple[list[dict[str, Any
             elif kind == "image_url":
                 ref = part.get("image_url")
                 url = ref.get("url") if isinstance(ref, dict) else ref
-                images.append(data_url_to_image(url, f"{pw}.image_url"))
+                images.append(data_url_to_image(url, f"{pw}.image_url", max_pixels))
                 parts.append({"type": "image"})
             else:
                 raise RequestError(f"{pw}: unsupported content part type {kind!r} (text, image_url)", param=pw)
@@ -210,11 +244,18 @@ class ChatRequest(BaseModel):
 # ---- the model server ----------------------------------------------------------------------------
 @dataclass
 class ServerLimits:
-    """Per-request bounds."""
+    """Per-request bounds (each breach is a 4xx naming the limit)."""
 
     default_max_tokens: int = 256
     max_tokens: int = 4096
     max_n: int = 64
+    #: Tokens of the rendered prompt text (image placeholders count once, before expansion).
+    max_prompt_tokens: int = 8192
+    max_images: int = 8
+    #: Pixels per image, checked from the header before decoding (16 Mpx = 4096 x 4096).
+    max_image_pixels: int = 4096 * 4096
+    #: Seconds a request waits for the model (one request generates at a time) before a 503.
+    queue_timeout_s: float = 300.0
 
 
 class ModelServer:
@@ -236,6 +277,7 @@ class ModelServer:
         self.engine.setup(RolloutContext(model=model, processor=processor, family=family, device=device,
                                          suppressed_token_ids=family.suppressed_token_ids(processor, model)))
         self._lock = threading.Lock()
+        self._tok_lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, family: str | None = None, family_options: dict | None = None,
@@ -252,7 +294,9 @@ class ModelServer:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise ConfigError(f"checkpoint {path}: no config.json there (is it a transformers checkpoint folder?)")
-        registry = PluginHost(plugins).registry
+        host = PluginHost(plugins)
+        host.warn_failures()
+        registry = host.registry
         try:
             fam_entry = registry.resolve("models", family) if family else registry_family_for(registry, path)
         except LookupError as exc:
@@ -282,6 +326,24 @@ class ModelServer:
         model.eval()
         processor = fam.load_processor(path)
         return cls(model, processor, fam, torch_device, model_id or path.resolve().name, limits)
+
+    def _check_prompt_length(self, messages: list[dict[str, Any]]) -> None:
+        """400 when the prompt text has more than ``max_prompt_tokens`` tokens, before the model is touched.
+
+        Counted on the text parts with the tokenizer (no lock needed); a text too long to be under
+        the limit even at 32 characters per token is refused without tokenizing it.
+        """
+        limit = self.limits.max_prompt_tokens
+        text = "\n".join(p.get("text", "") for m in messages for p in m["content"] if p.get("type") == "text")
+        if len(text) > 32 * limit:
+            raise RequestError(f"messages: the prompt text of {len(text)} characters exceeds this server's limit of "
+                               f"{limit} prompt tokens (--max-prompt-tokens)", param="messages")
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        with self._tok_lock:  # a fast tokenizer may refuse concurrent calls ("Already borrowed")
+            n = len(tok(text, add_special_tokens=False)["input_ids"])
+        if n > limit:
+            raise RequestError(f"messages: the prompt text is {n} tokens, over this server's limit of {limit} "
+                               "(--max-prompt-tokens)", param="messages")
 
     # ---- endpoints ---------------------------------------------------------------------------
     def load_checkpoint(self, body: Any) -> dict[str, Any]:
@@ -354,7 +416,9 @@ class ModelServer:
                                param="max_tokens")
         if req.n > self.limits.max_n:
             raise RequestError(f"n: {req.n} exceeds this server's limit {self.limits.max_n}", param="n")
-        messages, images = openai_to_chat_messages(req.messages)
+        messages, images = openai_to_chat_messages(req.messages, max_images=self.limits.max_images,
+                                                   max_pixels=self.limits.max_image_pixels)
+        self._check_prompt_length(messages)
         greedy = req.temperature == 0.0
         # Greedy decoding gives n identical answers: generate one and repeat it (transformers
         # refuses num_return_sequences > 1 without sampling).
@@ -362,7 +426,12 @@ class ModelServer:
             n=1 if greedy else req.n, max_new_tokens=max_tokens, temperature=req.temperature or 1.0,
             top_p=req.top_p, top_k=req.top_k or None, do_sample=not greedy,
             repetition_penalty=req.repetition_penalty)
-        with self._lock:  # one request at a time on the model (and no swap mid-request)
+        # One request at a time on the model (and no swap mid-request); a bounded wait, so a
+        # backlog of slow requests answers 503 instead of piling up for ever.
+        if not self._lock.acquire(timeout=self.limits.queue_timeout_s):
+            raise RequestError(f"server busy: the model was not free within {self.limits.queue_timeout_s:g} s; "
+                               "retry later", status=503, err_type="server_error")
+        try:
             text = self.family.render_prompt(self.processor, messages)
             prompt = PromptInput(messages=messages, text=text, images=images)
             if req.seed is not None:
@@ -373,6 +442,8 @@ class ModelServer:
                 raise RequestError(f"generation failed: {type(exc).__name__}: {exc}", status=500,
                                    err_type="server_error") from exc
             prompt_ids = self.family.process(self.processor, [text], [images])["input_ids"][0].tolist()
+        finally:
+            self._lock.release()
         if greedy:
             completions = completions * req.n
         choices = []
@@ -402,30 +473,96 @@ class ModelServer:
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------
+@dataclass
+class HTTPLimits:
+    """Connection-level bounds of the HTTP layer (see the module docstring)."""
+
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    #: Seconds an idle keep-alive connection is kept before it is closed (frees its worker).
+    idle_timeout_s: float = 5.0
+    #: Seconds any single socket read or write may block.
+    socket_timeout_s: float = 30.0
+    #: Seconds the whole request body may take to arrive (a slow client gets 408).
+    request_timeout_s: float = 60.0
+    workers: int = 64
+    backlog: int = 128
+    #: Accepted connections waiting for a worker beyond which new ones get 503 at once.
+    max_queued: int = 512
+
+
+def _auth_ok(header: str | None, api_key: str) -> bool:
+    """Constant-time check of ``Authorization: Bearer <key>`` (no timing side channel on the key)."""
+    return hmac.compare_digest((header or "").encode("utf-8", "surrogateescape"), f"Bearer {api_key}".encode())
+
+
 def make_handler(server: ModelServer, *, api_key: str | None = None, quiet: bool = False,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 allow_reload: bool = False) -> type[BaseHTTPRequestHandler]:
+                 allow_reload: bool = False, limits: HTTPLimits | None = None) -> type[BaseHTTPRequestHandler]:
     """The request handler class bound to ``server``."""
+    lim = limits or HTTPLimits(max_request_bytes=max_request_bytes)
 
     class Handler(BaseHTTPRequestHandler):
         # HTTP/1.1 keeps connections alive for clients that pool them (httpx, requests).
         protocol_version = "HTTP/1.1"
         server_version = "vlmr1-serve"
+        # socketserver applies this to the connection: no read or write blocks longer.
+        timeout = lim.socket_timeout_s
 
-        def _send(self, status: int, obj: dict[str, Any]) -> None:
+        def handle_one_request(self) -> None:
+            # Between requests a keep-alive connection waits at most idle_timeout_s for the next one.
+            self.connection.settimeout(lim.idle_timeout_s)
+            try:
+                super().handle_one_request()
+            except TimeoutError:
+                self.close_connection = True
+
+        def parse_request(self) -> bool:
+            self.connection.settimeout(lim.socket_timeout_s)  # the request line arrived: normal timeouts
+            return super().parse_request()
+
+        def _send(self, status: int, obj: dict[str, Any], close: bool = False) -> None:
             data = json.dumps(obj).encode()
+            if close:  # an unread body must not be parsed as the next request
+                self.close_connection = True
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if close:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 
-        def _authorized(self) -> bool:
-            if api_key is None or self.headers.get("Authorization") == f"Bearer {api_key}":
+        def _authorized(self, close: bool = False) -> bool:
+            if api_key is None or _auth_ok(self.headers.get("Authorization"), api_key):
                 return True
             self._send(401, RequestError("missing or wrong API key (Authorization: Bearer ...)", status=401,
-                                         err_type="authentication_error").body())
+                                         err_type="authentication_error").body(), close=close)
             return False
+
+        def _read_body(self, length: int) -> bytes | None:
+            """The body, or ``None`` after answering 408 when it does not arrive within request_timeout_s."""
+            deadline = time.monotonic() + lim.request_timeout_s
+            chunks: list[bytes] = []
+            got = 0
+            try:
+                while got < length:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    self.connection.settimeout(min(left, lim.socket_timeout_s))
+                    chunk = self.rfile.read1(min(length - got, 1 << 16))
+                    if not chunk:  # the client closed the connection mid-body
+                        self.close_connection = True
+                        return None
+                    chunks.append(chunk)
+                    got += len(chunk)
+            except TimeoutError:
+                self._send(408, RequestError(f"request body not received within {lim.request_timeout_s:g} s "
+                                             f"({got} of {length} bytes)", status=408).body(), close=True)
+                return None
+            finally:
+                self.connection.settimeout(lim.socket_timeout_s)
+            return b"".join(chunks)
 
         def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
             path = self.path.split("?", 1)[0].rstrip("/")
@@ -440,25 +577,26 @@ def make_handler(server: ModelServer, *, api_key: str | None = None, quiet: bool
         def do_POST(self) -> None:  # noqa: N802
             path = self.path.split("?", 1)[0].rstrip("/")
             length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                self.close_connection = True
-                self._send(411, RequestError("Content-Length required", status=411).body())
-                return
-            if int(length) > max_request_bytes:
-                self.close_connection = True  # the unread body must not be parsed as the next request
-                self._send(413, RequestError(f"request body of {length} bytes exceeds the limit of "
-                                             f"{max_request_bytes}", status=413).body())
-                return
-            raw = self.rfile.read(int(length))
             routes = {"/v1/chat/completions": server.chat_completion}
             if allow_reload:
                 routes["/v1/load_checkpoint"] = server.load_checkpoint
+            # Route and API key first: nothing of an unauthorised request's body is read.
             if path not in routes:
                 hint = " (start the server with --allow-reload)" if path == "/v1/load_checkpoint" else ""
                 self._send(404, RequestError(f"no route POST {path}{hint}", status=404,
-                                             err_type="NotFoundError").body())
+                                             err_type="NotFoundError").body(), close=length not in (None, "0"))
                 return
-            if not self._authorized():
+            if not self._authorized(close=length not in (None, "0")):
+                return
+            if length is None or not length.isdigit():
+                self._send(411, RequestError("Content-Length required", status=411).body(), close=True)
+                return
+            if int(length) > lim.max_request_bytes:
+                self._send(413, RequestError(f"request body of {length} bytes exceeds the limit of "
+                                             f"{lim.max_request_bytes}", status=413).body(), close=True)
+                return
+            raw = self._read_body(int(length))
+            if raw is None:
                 return
             try:
                 try:
@@ -480,16 +618,74 @@ def make_handler(server: ModelServer, *, api_key: str | None = None, quiet: bool
     return Handler
 
 
+class PooledHTTPServer(HTTPServer):
+    """An HTTP server with a listen backlog and a fixed pool of worker threads.
+
+    ``ThreadingHTTPServer`` starts a thread per connection with a listen backlog of 5: under a
+    burst the kernel resets connections it cannot queue, and idle connections hold threads
+    for ever. Here the backlog is ``limits.backlog``, connections are served by
+    ``limits.workers`` threads, and beyond ``limits.max_queued`` waiting connections a new one
+    is answered 503 (with ``Retry-After``) at once rather than dropped.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], limits: HTTPLimits) -> None:
+        self.request_queue_size = limits.backlog  # read by server_activate() -> listen()
+        self.limits = limits
+        self._pool = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="vlmr1-serve")
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Queue the connection for a worker, or answer 503 when too many are already waiting."""
+        with self._pending_lock:
+            full = self._pending >= self.limits.workers + self.limits.max_queued
+            if not full:
+                self._pending += 1
+        if full:
+            self._reject(request)
+            return
+        self._pool.submit(self._work, request, client_address)
+
+    def _work(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            with self._pending_lock:
+                self._pending -= 1
+
+    def _reject(self, request: Any) -> None:
+        body = json.dumps(RequestError("server overloaded: too many connections waiting; retry later", status=503,
+                                       err_type="server_error").body()).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+                "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+        try:
+            request.settimeout(1.0)
+            request.sendall(head + body)
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Close the socket and stop the workers (running requests are not waited for)."""
+        super().server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def make_http_server(server: ModelServer, host: str = "127.0.0.1", port: int = 8000, *,
                      api_key: str | None = None, quiet: bool = False,
                      max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                     allow_reload: bool = False) -> ThreadingHTTPServer:
-    """Bind a threading HTTP server (port 0 picks a free port; see ``.server_address``)."""
-    httpd = ThreadingHTTPServer((host, port), make_handler(server, api_key=api_key, quiet=quiet,
-                                                           max_request_bytes=max_request_bytes,
-                                                           allow_reload=allow_reload))
-    httpd.daemon_threads = True
-    return httpd
+                     allow_reload: bool = False, limits: HTTPLimits | None = None) -> PooledHTTPServer:
+    """Bind a pooled HTTP server (port 0 picks a free port; see ``.server_address``)."""
+    lim = limits or HTTPLimits(max_request_bytes=max_request_bytes)
+    return PooledHTTPServer((host, port), make_handler(server, api_key=api_key, quiet=quiet,
+                                                       allow_reload=allow_reload, limits=lim), lim)
 
 
 class ServerProcess:
@@ -596,6 +792,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted")
     p.add_argument("--max-n", type=int, default=64, help="largest n accepted")
+    p.add_argument("--max-prompt-tokens", type=int, default=8192, help="largest prompt text, in tokens")
+    p.add_argument("--max-images", type=int, default=8, help="most images per request")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                   help="most pixels per image, checked before decoding (default 4096x4096)")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="largest request body")
+    p.add_argument("--workers", type=int, default=64, help="HTTP worker threads (connections served at once)")
+    p.add_argument("--backlog", type=int, default=128, help="listen backlog (connections the kernel queues)")
+    p.add_argument("--max-queued", type=int, default=512, help="connections waiting for a worker before 503")
+    p.add_argument("--idle-timeout", type=float, default=5.0, help="seconds an idle keep-alive connection is kept")
+    p.add_argument("--socket-timeout", type=float, default=30.0, help="seconds any socket read/write may block")
+    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds for a request body to arrive")
+    p.add_argument("--queue-timeout", type=float, default=300.0, help="seconds a request waits for the model")
     p.add_argument("--api-key-env", help="name of an environment variable holding a key clients must send")
     p.add_argument("--allow-reload", action="store_true",
                    help="enable POST /v1/load_checkpoint (loads any local path: keep the server private)")
@@ -620,7 +828,18 @@ def main(argv: list[str] | None = None) -> int:
         if not api_key:
             print(f"error: --api-key-env {args.api_key_env}: that variable is not set", file=sys.stderr)
             return 2
-    limits = ServerLimits(args.default_max_tokens, args.max_tokens_limit, args.max_n)
+    for name in ("max_prompt_tokens", "max_images", "max_image_pixels", "max_request_bytes", "workers", "backlog"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    for name in ("idle_timeout", "socket_timeout", "request_timeout", "queue_timeout"):
+        if not getattr(args, name) > 0:
+            print(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    limits = ServerLimits(args.default_max_tokens, args.max_tokens_limit, args.max_n, args.max_prompt_tokens,
+                          args.max_images, args.max_image_pixels, args.queue_timeout)
+    http_limits = HTTPLimits(args.max_request_bytes, args.idle_timeout, args.socket_timeout, args.request_timeout,
+                             args.workers, args.backlog, max(0, args.max_queued))
     try:
         server = ModelServer.from_checkpoint(
             args.checkpoint, family=args.family, family_options=family_options, plugins=args.plugins,
@@ -631,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         httpd = make_http_server(server, args.host, args.port, api_key=api_key, quiet=args.quiet,
-                                 allow_reload=args.allow_reload)
+                                 allow_reload=args.allow_reload, limits=http_limits)
     except OSError as exc:
         print(f"error: cannot bind {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
