@@ -511,14 +511,21 @@ def make_handler(server: ModelServer, *, api_key: str | None = None, quiet: bool
         def handle_one_request(self) -> None:
             # Between requests a keep-alive connection waits at most idle_timeout_s for the next one.
             self.connection.settimeout(lim.idle_timeout_s)
+            self._in_request = False
             try:
                 super().handle_one_request()
             except TimeoutError:
                 self.close_connection = True
 
         def parse_request(self) -> bool:
+            self._in_request = True
             self.connection.settimeout(lim.socket_timeout_s)  # the request line arrived: normal timeouts
             return super().parse_request()
+
+        def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+            if not getattr(self, "_in_request", True) and format.startswith("Request timed out"):
+                return  # an idle keep-alive connection closed on time: routine, not an error
+            super().log_error(format, *args)
 
         def _send(self, status: int, obj: dict[str, Any], close: bool = False) -> None:
             data = json.dumps(obj).encode()
