@@ -67,3 +67,42 @@ def test_disk_full_during_training_is_one_line(config, monkeypatch, capsys):
     assert main(["--config", str(config)]) == 1
     assert capsys.readouterr().err == ("error: disk full while writing /out/metrics.jsonl: free space in "
                                        "logging.output_dir and rerun with --resume\n")
+
+
+def checkpoint_in(out, config_path, *overrides: str):
+    """A real checkpoint-2 in ``out`` written for the config at ``config_path`` (plus overrides)."""
+    import torch
+
+    from core.checkpoint import save_checkpoint
+    from core.config import build_config, load_raw
+
+    cfg = build_config(load_raw(config_path), list(overrides))
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return save_checkpoint(out, 2, save_model=lambda f: (f / "config.json").write_text("{}"), optimizer=opt,
+                           scheduler=sched, state={"config": cfg.model_dump(mode="json"), "num_processes": 1},
+                           keep_last=2)
+
+
+def test_resume_with_changed_settings_is_refused_before_weights_load(config, tmp_path, capsys):
+    from core.train import main
+
+    checkpoint_in(tmp_path / "out", config)
+    assert main(["--config", str(config), "--resume", "train.seed=5", "grpo.beta=0.1"]) == 2
+    captured = capsys.readouterr()
+    assert "note: changed since checkpoint-2: grpo.beta: 0.04 -> 0.1" in captured.out
+    assert captured.err.startswith("error: resuming from ") and "train.seed: 0 -> 5" in captured.err
+    assert "--resume-force" in captured.err and "Traceback" not in captured.err
+
+
+def test_tampered_checkpoint_is_refused_by_the_cli(config, tmp_path, capsys):
+    from core.train import main
+
+    ckpt = checkpoint_in(tmp_path / "out", config)
+    state = ckpt / "trainer_state.json"
+    state.write_text(state.read_text().replace('"step": 2', '"step": 9'))
+    assert main(["--config", str(config), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {ckpt} cannot be used: trainer_state.json does not match its "
+                          "SHA-256 in manifest.json"), err
