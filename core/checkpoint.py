@@ -219,6 +219,17 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _unusable(root: Path) -> str:
+    """``; checkpoint-N is there but ...`` for the newest checkpoint folder that is not complete, else ``""``."""
+    if not root.is_dir():
+        return ""
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CKPT_RE.match(p.name)) and p.is_dir())
+    if not found:
+        return ""
+    newest = found[-1][1]
+    return f"; {newest.name} is there but {check_manifest(newest, hashes=False)}"
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint, or None."""
     ckpts = list_checkpoints(output_dir)
@@ -435,9 +446,9 @@ def resolve_resume(cfg: Any, output_dir: str | Path, num_processes: int = 1,
                 log(f"note: checkpoint.resume=auto: no checkpoint in {out}; starting fresh")
                 return None
             raise CheckpointError(
-                f"--resume: no complete checkpoint in {out} (a checkpoint is written every checkpoint.save_every "
-                "steps and at the end). Run without --resume to start fresh, or set checkpoint.resume=auto to "
-                "resume only when a checkpoint exists.")
+                f"--resume: no complete checkpoint in {out}{_unusable(out)} (a checkpoint is written every "
+                "checkpoint.save_every steps and at the end). Run without --resume to start fresh, or set "
+                "checkpoint.resume=auto to resume only when a checkpoint exists.")
     else:
         found = Path(str(r))
         if not found.is_dir():

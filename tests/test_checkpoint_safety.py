@@ -116,6 +116,9 @@ def test_planted_pickle_is_never_loaded(tmp_path):
     (legacy / "trainer_state.json").write_text(json.dumps({"step": 3}))
     with pytest.raises(CheckpointError, match="older vlmr1.*pickle"):
         load_trainer_state(legacy)
+    with pytest.raises(CheckpointError, match="no complete checkpoint in .*; checkpoint-3 is there but it was "
+                                              "written by an older vlmr1"):
+        resolve_resume(build_config(BASE, ["checkpoint.resume=true"]), legacy.parent, log=lambda m: None)
     cfg = build_config(BASE, [f"checkpoint.resume={legacy}"])
     with pytest.raises(CheckpointError, match="not a complete vlmr1 checkpoint"):
         resolve_resume(cfg, tmp_path / "legacy", log=lambda m: None)
