@@ -225,3 +225,90 @@ def test_grounding_r1_format():
 def test_grounding_bad_options(bad, where):
     with pytest.raises(ValidationError, match=where):
         SyntheticGrounding.from_options(bad)
+
+
+# ---- synthetic_grounding: the held-out out-of-domain splits -------------------------------
+def test_grounding_train_and_eval_unchanged_by_ood_splits():
+    """The training distribution is pinned: golden first samples of ``train`` and ``eval``."""
+    task = SyntheticGrounding.from_options({"num_objects": 2})
+    s = task.load("train")[0]
+    assert s.question == "Locate the yellow circle." and s.solution == [1, 34, 22, 55]
+    assert [o["box"] for o in s.meta["objects"]] == [[84, 84, 105, 105], [1, 34, 22, 55]]
+    e = task.load("eval")[1]
+    assert e.question == "Locate the blue square." and e.solution == [87, 91, 108, 112]
+    assert task.load("id")[1].id == e.id  # `id` is an alias of `eval`
+
+
+def test_grounding_ood_reasoning_expressions_name_the_target():
+    from vlmr1_synthetic.common import colour_rgb
+    from vlmr1_synthetic.grounding import REASONING_KINDS
+
+    task = SyntheticGrounding.from_options({"num_objects": 2, "num_eval": 60})
+    kinds = set()
+    for s in task.load("ood_reasoning"):
+        objs, t = s.meta["objects"], s.meta["target_index"]
+        target = objs[t]
+        kinds.add(s.meta["expression"])
+        assert s.solution == target["box"] and s.meta["split"] == "ood_reasoning"
+        assert len({(o["colour"], o["shape"]) for o in objs}) == len(objs)
+        others = [o for i, o in enumerate(objs) if i != t]
+        if s.meta["expression"] == "only_shape":
+            assert s.question == f"Locate the only {target['shape']}."
+            assert all(o["shape"] != target["shape"] for o in others)
+        elif s.meta["expression"] == "left_of":
+            ref = next(o for o in others if s.question.endswith(f"left of the {o['colour']} {o['shape']}."))
+            assert target["box"][1] // 28 == ref["box"][1] // 28  # same grid row
+            assert target["box"][2] <= ref["box"][0]  # entirely to its left
+        else:
+            assert s.meta["expression"] == "not_the" and len(objs) == 2
+            assert s.question == f"Locate the object that is not the {others[0]['colour']} {others[0]['shape']}."
+            # The colour/shape phrase a training-only model keys on names the *other* object.
+            assert f"{target['colour']} {target['shape']}" not in s.question
+        arr = np.asarray(s.load_images()[0])
+        x1, y1, x2, y2 = target["box"]
+        assert (arr[(y1 + y2) // 2, (x1 + x2) // 2] == colour_rgb(target["colour"])).all()
+    assert kinds == set(REASONING_KINDS)
+
+
+def test_grounding_ood_visual_adds_distractors_and_a_new_background():
+    from vlmr1_synthetic.common import colour_rgb
+
+    task = SyntheticGrounding.from_options({"num_objects": 2, "num_eval": 20})
+    assert task.num_objects_in("ood_visual") == 4 and task.num_objects_in("train") == 2
+    for s in task.load("ood_visual"):
+        objs = s.meta["objects"]
+        assert len(objs) == 4 and s.meta["background"] == "gray"
+        target = objs[s.meta["target_index"]]
+        assert s.question == f"Locate the {target['colour']} {target['shape']}." and s.solution == target["box"]
+        arr = np.asarray(s.load_images()[0])
+        occupied = {(o["box"][0] // 28, o["box"][1] // 28) for o in objs}
+        free = next((c, r) for r in range(4) for c in range(4) if (c, r) not in occupied)
+        assert (arr[free[1] * 28 + 14, free[0] * 28 + 14] == colour_rgb("gray")).all()
+    # Capped by the colour/shape pairs: 2 colours x 1 shape leaves room for 2 objects only.
+    small = SyntheticGrounding.from_options({"num_objects": 1, "colours": ["red", "blue"], "shapes": ["square"]})
+    assert small.num_objects_in("ood_visual") == 2
+    with pytest.raises(ValidationError, match="ood_background"):
+        SyntheticGrounding.from_options({"ood_background": "red"})
+
+
+def test_grounding_split_names_are_checked():
+    task = SyntheticGrounding.from_options({})
+    with pytest.raises(ValueError, match="unknown split 'ood_size'.*'ood_reasoning'"):
+        task.load("ood_size")
+    with pytest.raises(ValueError, match="unknown split 'ood_visual'"):
+        _color().load("ood_visual")  # the colour task has no OOD splits
+
+
+def test_grounding_split_example_sheet(tmp_path):
+    """The README's example image renders (one row per evaluation split)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "make_split_examples.py"
+    spec = importlib.util.spec_from_file_location("make_split_examples", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from PIL import Image
+
+    out = mod.main(str(tmp_path / "sheet.png"))
+    assert Image.open(out).size[1] > 3 * 224

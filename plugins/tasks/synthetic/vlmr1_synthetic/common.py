@@ -14,10 +14,11 @@ R1_SUFFIX = (
     "in <answer> </answer> tags."
 )
 
-#: Split name -> the code mixed into every per-sample seed. Different codes make the train and
-#: eval streams disjoint for one ``seed``; aliases map to the same stream.
-SPLIT_CODES = {"train": 0, "eval": 1}
-SPLIT_ALIASES = {"validation": "eval", "val": "eval", "test": "eval"}
+#: Split name -> the code mixed into every per-sample seed. Different codes make the streams
+#: disjoint for one ``seed``; aliases map to the same stream. The ``ood_*`` splits are held-out
+#: evaluation sets of tasks that define them (``synthetic_grounding``).
+SPLIT_CODES = {"train": 0, "eval": 1, "ood_reasoning": 2, "ood_visual": 3}
+SPLIT_ALIASES = {"validation": "eval", "val": "eval", "test": "eval", "id": "eval"}
 
 #: Pure, maximally separable shades for the default vocabulary; any other name goes through
 #: PIL's CSS colour table (``PIL.ImageColor.getrgb``) rather than a hand-written one.
@@ -31,12 +32,12 @@ BASIC_RGB: dict[str, tuple[int, int, int]] = {
 }
 
 
-def canonical_split(split: str) -> str:
-    """``train`` or ``eval`` (``validation``/``val``/``test`` are aliases of ``eval``)."""
+def canonical_split(split: str, allowed: tuple[str, ...] = ("train", "eval")) -> str:
+    """One of ``allowed`` (``validation``/``val``/``test``/``id`` are aliases of ``eval``)."""
     s = SPLIT_ALIASES.get(split, split)
-    if s not in SPLIT_CODES:
-        raise ValueError(f"unknown split {split!r}; synthetic tasks have 'train' and 'eval' "
-                         f"(aliases: {', '.join(SPLIT_ALIASES)})")
+    if s not in allowed:
+        raise ValueError(f"unknown split {split!r}; this task has {', '.join(repr(a) for a in allowed)} "
+                         f"(aliases of 'eval': {', '.join(SPLIT_ALIASES)})")
     return s
 
 

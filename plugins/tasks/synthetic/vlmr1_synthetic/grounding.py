@@ -4,6 +4,16 @@ A referring-expression task with a known answer: "Locate the green circle." over
 with one or more objects, each a distinct (colour, shape) pair in its own grid cell. The answer
 is the target's box ``[x1, y1, x2, y2]`` in original-image pixels.
 
+Splits: ``train`` and ``eval`` (alias ``id``) share one distribution ("Locate the {colour}
+{shape}."). Two held-out splits that training never sees measure out-of-domain grounding, the
+claim R1-style RL is judged on (VLM-R1's LISA-Grounding result):
+
+- ``ood_reasoning`` (LISA-like): the same kind of images, but the expression names the target
+  indirectly -- "the only circle", "the object left of the red square", "the object that is
+  not the blue circle" -- so reading the box off a memorised colour/shape phrase is not enough;
+- ``ood_visual``: the training expressions over a visual shift -- ``ood_distractors`` more
+  objects per image and an unseen ``ood_background`` colour.
+
 Box convention: **inclusive-exclusive** (x1, y1 is the first covered column/row; x2, y2 is
 one past the last), so ``width = x2 - x1`` and the box is the tight bounding box of the
 object's pixels. Integers throughout.
@@ -22,6 +32,13 @@ from core.interfaces.task import Sample, TaskFormat
 from vlmr1_synthetic.common import R1_SUFFIX, GeneratedSamples, canonical_split, colour_rgb, sample_rng
 
 Shape = Literal["square", "circle"]
+
+#: Every split ``load`` accepts (``id``, ``val``, ``validation``, ``test`` are aliases of ``eval``).
+SPLITS = ("train", "eval", "ood_reasoning", "ood_visual")
+#: The held-out out-of-domain splits (evaluation only; same size as ``eval``).
+OOD_SPLITS = ("ood_reasoning", "ood_visual")
+#: ``ood_reasoning``'s expression kinds, drawn uniformly per sample.
+REASONING_KINDS = ("only_shape", "left_of", "not_the")
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,9 @@ class SyntheticGrounding(TaskFormat):
             "plain",
             description="plain: the completion is '[x1, y1, x2, y2]'; r1: <think>..</think><answer>[..]</answer>")
         text_position: Literal["before_image", "after_image"] = "before_image"
+        ood_distractors: int = Field(2, ge=0, description="ood_visual: objects added to num_objects (capped by "
+                                                          "the grid and the colour/shape pairs)")
+        ood_background: str = Field("gray", description="ood_visual: the unseen background colour")
 
         @field_validator("colours")
         @classmethod
@@ -126,8 +146,10 @@ class SyntheticGrounding(TaskFormat):
                 self.prompt.format(colour="red", shape="square")
             except (KeyError, IndexError, ValueError) as exc:
                 raise ValueError(f"prompt may only use the fields {{colour}} and {{shape}}: {exc}") from None
-            if colour_rgb(self.background) in {colour_rgb(c) for c in self.colours}:
-                raise ValueError(f"background {self.background!r} equals one of the object colours")
+            object_rgb = {colour_rgb(c) for c in self.colours}
+            for field_name in ("background", "ood_background"):
+                if colour_rgb(getattr(self, field_name)) in object_rgb:
+                    raise ValueError(f"{field_name} {getattr(self, field_name)!r} equals one of the object colours")
             return self
 
     @property
@@ -149,39 +171,101 @@ class SyntheticGrounding(TaskFormat):
         return text
 
     def load(self, split: str = "train") -> Sequence[Sample]:
-        """The ``train`` or ``eval`` samples, generated lazily and deterministically."""
-        split = canonical_split(split)
+        """The samples of ``split`` (see :data:`SPLITS`), generated lazily and deterministically."""
+        split = canonical_split(split, SPLITS)
         n = self.options.num_train if split == "train" else self.options.num_eval
         return GeneratedSamples(n, partial(self._sample, split))
 
-    def layout(self, split: str, index: int) -> tuple[list[ShapeObject], int]:
-        """The objects of one sample and the index of the target among them."""
-        o = self.options
-        rng = sample_rng(o.seed, canonical_split(split), index)
-        pairs = [(c, s) for c in o.colours for s in o.shapes]
-        chosen = rng.choice(len(pairs), size=o.num_objects, replace=False)
-        cells = rng.choice(o.grid * o.grid, size=o.num_objects, replace=False)
+    def _object(self, rng, colour: str, shape: str, cell_index: int) -> ShapeObject:
         cell, side = self.cell_size, self.object_size
-        objects = []
-        for p, c in zip(chosen, cells, strict=True):
-            row, col = divmod(int(c), o.grid)
-            dx, dy = (int(v) for v in rng.integers(0, cell - side + 1, size=2))
-            x1, y1 = col * cell + dx, row * cell + dy
-            colour, shape = pairs[int(p)]
-            objects.append(ShapeObject(colour, shape, (x1, y1, x1 + side, y1 + side)))
-        return objects, int(rng.integers(o.num_objects))
+        row, col = divmod(int(cell_index), self.options.grid)
+        dx, dy = (int(v) for v in rng.integers(0, cell - side + 1, size=2))
+        x1, y1 = col * cell + dx, row * cell + dy
+        return ShapeObject(colour, shape, (x1, y1, x1 + side, y1 + side))
+
+    def num_objects_in(self, split: str) -> int:
+        """Objects per image in ``split`` (``ood_visual`` adds ``ood_distractors``, capped)."""
+        o = self.options
+        if canonical_split(split, SPLITS) != "ood_visual":
+            return o.num_objects
+        cap = min(o.grid**2, len(o.colours) * len(o.shapes))
+        return min(o.num_objects + o.ood_distractors, cap)
+
+    def layout(self, split: str, index: int) -> tuple[list[ShapeObject], int]:
+        """The objects of one ``train``/``eval``/``ood_visual`` sample and the target's index."""
+        o = self.options
+        split = canonical_split(split, SPLITS)
+        rng = sample_rng(o.seed, split, index)
+        k = self.num_objects_in(split)
+        pairs = [(c, s) for c in o.colours for s in o.shapes]
+        chosen = rng.choice(len(pairs), size=k, replace=False)
+        cells = rng.choice(o.grid * o.grid, size=k, replace=False)
+        objects = [self._object(rng, *pairs[int(p)], int(c)) for p, c in zip(chosen, cells, strict=True)]
+        return objects, int(rng.integers(k))
+
+    def reasoning_layout(self, index: int) -> tuple[list[ShapeObject], int, str, str]:
+        """One ``ood_reasoning`` sample: objects, target index, question and expression kind.
+
+        ``only_shape``: exactly one object has the target's shape ("Locate the only circle.").
+        ``left_of``: the target and a reference object share a grid row, the target to its
+        left ("Locate the object left of the red square."). ``not_the``: two objects; the
+        target is the one not named ("Locate the object that is not the blue circle.").
+        Images have ``max(2, num_objects)`` objects with distinct (colour, shape) pairs, like
+        training images; ``only_shape`` needs two shapes and falls back to ``left_of``.
+        """
+        o = self.options
+        rng = sample_rng(o.seed, "ood_reasoning", index)
+        kinds = [k for k in REASONING_KINDS if k != "only_shape" or len(o.shapes) > 1]
+        kind = kinds[int(rng.integers(len(kinds)))]
+        k = 2 if kind == "not_the" else max(2, o.num_objects)
+        k = min(k, o.grid**2, len(o.colours) * len(o.shapes))
+        if kind == "only_shape":
+            shape = o.shapes[int(rng.integers(len(o.shapes)))]
+            other = [s for s in o.shapes if s != shape]
+            target_pair = (o.colours[int(rng.integers(len(o.colours)))], shape)
+            rest = [(c, s) for c in o.colours for s in other]
+            picks = [rest[int(i)] for i in rng.choice(len(rest), size=min(k - 1, len(rest)), replace=False)]
+            pairs = [target_pair, *picks]
+        else:
+            all_pairs = [(c, s) for c in o.colours for s in o.shapes]
+            pairs = [all_pairs[int(i)] for i in rng.choice(len(all_pairs), size=k, replace=False)]
+        if kind == "left_of" and o.grid >= 2:
+            row = int(rng.integers(o.grid))
+            left, right = sorted(int(c) for c in rng.choice(o.grid, size=2, replace=False))
+            fixed = [row * o.grid + left, row * o.grid + right]
+            free = [c for c in range(o.grid**2) if c not in fixed]
+            cells = fixed + [free[int(i)] for i in rng.choice(len(free), size=len(pairs) - 2, replace=False)]
+        else:
+            cells = [int(c) for c in rng.choice(o.grid**2, size=len(pairs), replace=False)]
+        objects = [self._object(rng, c, s, cell) for (c, s), cell in zip(pairs, cells, strict=True)]
+        if kind == "only_shape":
+            question = f"Locate the only {objects[0].shape}."
+        elif kind == "left_of":
+            ref = objects[1]
+            question = f"Locate the object left of the {ref.colour} {ref.shape}."
+        else:
+            ref = objects[1]
+            question = f"Locate the object that is not the {ref.colour} {ref.shape}."
+        # Shuffle the drawing order so the target is not always the first object listed.
+        order = [int(i) for i in rng.permutation(len(objects))]
+        return [objects[i] for i in order], order.index(0), question, kind
 
     def _sample(self, split: str, index: int) -> Sample:
         o = self.options
-        objects, t = self.layout(split, index)
+        kind = "colour_shape"
+        if split == "ood_reasoning":
+            objects, t, question, kind = self.reasoning_layout(index)
+        else:
+            objects, t = self.layout(split, index)
+            question = o.prompt.format(colour=objects[t].colour, shape=objects[t].shape)
         target = objects[t]
-        question = o.prompt.format(colour=target.colour, shape=target.shape)
+        background = o.ood_background if split == "ood_visual" else o.background
         if o.answer_format == "r1":
             question += R1_SUFFIX
         text = {"type": "text", "text": question}
         image = {"type": "image"}
         content = [text, image] if o.text_position == "before_image" else [image, text]
-        loader = ShapesImage(o.image_size, colour_rgb(o.background),
+        loader = ShapesImage(o.image_size, colour_rgb(background),
                              tuple((colour_rgb(ob.colour), ob.shape, ob.box) for ob in objects))
         return Sample(
             id=f"{self.name}/{split}/{index:06d}",
@@ -195,6 +279,8 @@ class SyntheticGrounding(TaskFormat):
                 "index": index,
                 "objects": [ob.as_dict() for ob in objects],
                 "target_index": t,
+                "expression": kind,
+                "background": background,
                 "box_convention": "pixels, inclusive-exclusive [x1, y1, x2, y2]",
                 "image_sizes": [(o.image_size, o.image_size)],
                 "reference_completion": self.format_answer(target.box),
