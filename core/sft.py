@@ -281,6 +281,38 @@ def _sft_config(config_cls: Any, out: Path, t: Any, device: Any, args: argparse.
     )
 
 
+def _cpu_time_callback() -> Any:
+    """A ``TrainerCallback`` that records this process's CPU seconds spent in training.
+
+    Logged as ``cpu_time_s`` (cumulative since training started) in every log entry and written
+    to ``cpu_time.json`` in each ``checkpoint-N`` folder, so an SFT run and a GRPO run (whose
+    ``metrics.jsonl`` has per-step ``cpu_time_s``) can be compared at equal compute on a shared
+    machine, where wall time depends on the other load.
+    """
+    import time
+
+    from transformers import TrainerCallback
+
+    class CPUTime(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, D102
+            self.start = time.process_time()
+
+        def elapsed(self) -> float:
+            return round(time.process_time() - self.start, 3)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, D102
+            if logs is not None:
+                logs["cpu_time_s"] = self.elapsed()
+
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, D102
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                (folder / "cpu_time.json").write_text(
+                    json.dumps({"step": state.global_step, "cpu_time_s": self.elapsed()}) + "\n")
+
+    return CPUTime()
+
+
 def run(plan: Plan, registry: Registry, args: argparse.Namespace) -> int:
     """Train and save; returns a process exit code."""
     import datasets
@@ -313,9 +345,11 @@ def run(plan: Plan, registry: Registry, args: argparse.Namespace) -> int:
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
         sft_args = _sft_config(SFTConfig, out, t, device, args, cfg)
     dataset = datasets.Dataset.from_dict({"index": list(range(len(train_set)))})
+    cpu_clock = _cpu_time_callback()
     trainer = SFTTrainer(model=bundle.model, args=sft_args, train_dataset=dataset, data_collator=collator,
-                         processing_class=bundle.processor)
+                         processing_class=bundle.processor, callbacks=[cpu_clock])
     result = trainer.train()
+    cpu_seconds = cpu_clock.elapsed()
     if bundle.lora:  # merged weights: core.train / core.evaluate load the folder as a full model.path
         if trainer.is_world_process_zero():
             trainer.model.merge_and_unload().save_pretrained(out, safe_serialization=True)
@@ -327,7 +361,7 @@ def run(plan: Plan, registry: Registry, args: argparse.Namespace) -> int:
         info = {"steps": trainer.state.global_step, "train_loss": result.training_loss,
                 "first_logged_loss": losses[0] if losses else math.nan,
                 "last_logged_loss": losses[-1] if losses else math.nan,
-                "log_history": trainer.state.log_history, "template": args.template,
+                "cpu_time_s": cpu_seconds, "log_history": trainer.state.log_history, "template": args.template,
                 "box_format": args.box_format, "config": cfg.model_dump(mode="json")}
         (out / "sft_state.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
         print(f"SFT done: {info['steps']} steps, loss {info['first_logged_loss']:.4f} -> "

@@ -432,7 +432,7 @@ def run(plan: Plan, registry: Registry) -> int:
                                                                           and cfg.logging.progress_bar),
                desc="GRPO", dynamic_ncols=True)
     for step in range(start_step, cfg.train.max_steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         # Seeded per (step, rank): sampling is reproducible across resume and differs per rank.
         torch.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + rank)
         ro, res, all_total, all_per, dyn = _rollout_step(cfg, accelerator, bundle, engine, runner, sampler,
@@ -470,6 +470,8 @@ def run(plan: Plan, registry: Registry) -> int:
             "completion_length": float(lengths.mean()),
             "truncated_frac": float(truncs.mean()),
             "step_time_s": step_time,
+            # CPU seconds of this process (all threads): equal-compute comparisons on a shared machine.
+            "cpu_time_s": time.process_time() - c0,
             **device_obj.memory_stats(),
         }
         writer.log(step + 1, m)

@@ -142,7 +142,9 @@ def test_tiny_builder_overrides(tmp_path):
     fam = Qwen2VLFamily()
     model = fam.load_model(path, dtype=torch.float32)
     assert model.config.text_config.hidden_size == 32 and model.config.text_config.num_hidden_layers == 1
-    assert model.config.text_config.rope_parameters["mrope_section"] == [1, 1, 2]
+    # hidden 32 -> 2 heads of 16 (head_dim 16 by default), kv heads 1; mRoPE splits head_dim/2 = 8.
+    assert model.config.text_config.num_attention_heads == 2 and model.config.text_config.num_key_value_heads == 1
+    assert model.config.text_config.rope_parameters["mrope_section"] == [2, 3, 3]
     tok = fam.load_processor(path).tokenizer
     assert len(tok("zebra", add_special_tokens=False)["input_ids"]) == 1
 
