@@ -130,7 +130,7 @@ def test_grades_through_the_endpoint(judge):
     req = Grader.requests[0]
     assert req["path"] == "/v1/chat/completions" and req["auth"] == f"Bearer {KEY}"
     body = req["body"]
-    assert body["model"] == "grader-1" and body["temperature"] == 0.0 and body["max_tokens"] == 16
+    assert body["model"] == "grader-1" and body["temperature"] == 0.0 and body["max_tokens"] == 256
     assert body["messages"][0]["role"] == "system" and "evaluation expert" in body["messages"][0]["content"]
     users = [r["body"]["messages"][-1]["content"] for r in Grader.requests]
     assert any(re.fullmatch(r"Q: What colour is the car\?\nA: <<<answer-(\w+)>>>\nRed\n<<<end-answer-\1>>>\n"

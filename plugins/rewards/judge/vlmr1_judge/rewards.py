@@ -112,7 +112,7 @@ class JudgeReward(Reward):
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE
         temperature: float = Field(0.0, ge=0.0)
-        max_tokens: int = Field(16, ge=1)
+        max_tokens: int = Field(256, ge=1, description="room for a short analysis before the final SCORE line")
         extra_body: dict[str, Any] = Field(default_factory=dict, description="extra request fields")
         reply_format: Literal["score_line", "json"] = Field(
             "score_line", description="score_line: the reply's last line is `SCORE: x`; json: the reply is "
