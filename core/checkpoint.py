@@ -302,14 +302,25 @@ def _swap_in(tmp: Path, final: Path) -> None:
 
 def _write_failure(exc: OSError, final: Path, tmp: Path, root: Path) -> str:
     what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+    need = ""
+    earlier = [p for p in list_checkpoints(root) if p != final]
+    if earlier:  # the previous checkpoint's size is the best estimate of what this one needs
+        try:
+            files = json.loads((earlier[-1] / MANIFEST).read_text())["files"]
+            need = f"about {_size(sum(f['size'] for f in files.values()))} needed (as {earlier[-1].name}), "
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     try:
-        free = shutil.disk_usage(root).free / 2**20
-        where = f"{free:.0f} MB free in {root}"
+        where = f"{need}{_size(shutil.disk_usage(root).free)} free in {root}"
     except OSError:
-        where = f"in {root}"
+        where = f"{need}in {root}"
     return (f"{what} while writing {final.name} ({where}); the partial checkpoint was removed and earlier "
             f"checkpoints are intact. Free space (or lower checkpoint.keep_last) and rerun with --resume. "
             f"[{type(exc).__name__}: {exc}]")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
 
 
 def _write_synced(path: Path, data: bytes) -> None:
