@@ -274,16 +274,16 @@ def test_grounding_ood_visual_adds_distractors_and_a_new_background():
     from vlmr1_synthetic.common import colour_rgb
 
     task = SyntheticGrounding.from_options({"num_objects": 2, "num_eval": 20})
-    assert task.num_objects_in("ood_visual") == 4 and task.num_objects_in("train") == 2
+    assert task.num_objects_in("ood_visual") == 6 and task.num_objects_in("train") == 2
     for s in task.load("ood_visual"):
         objs = s.meta["objects"]
-        assert len(objs) == 4 and s.meta["background"] == "gray"
+        assert len(objs) == 6 and s.meta["background"] == "#202020"
         target = objs[s.meta["target_index"]]
         assert s.question == f"Locate the {target['colour']} {target['shape']}." and s.solution == target["box"]
         arr = np.asarray(s.load_images()[0])
         occupied = {(o["box"][0] // 28, o["box"][1] // 28) for o in objs}
         free = next((c, r) for r in range(4) for c in range(4) if (c, r) not in occupied)
-        assert (arr[free[1] * 28 + 14, free[0] * 28 + 14] == colour_rgb("gray")).all()
+        assert (arr[free[1] * 28 + 14, free[0] * 28 + 14] == colour_rgb("#202020")).all()
     # Capped by the colour/shape pairs: 2 colours x 1 shape leaves room for 2 objects only.
     small = SyntheticGrounding.from_options({"num_objects": 1, "colours": ["red", "blue"], "shapes": ["square"]})
     assert small.num_objects_in("ood_visual") == 2

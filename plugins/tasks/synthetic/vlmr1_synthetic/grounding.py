@@ -11,8 +11,8 @@ claim R1-style RL is judged on (VLM-R1's LISA-Grounding result):
 - ``ood_reasoning`` (LISA-like): the same kind of images, but the expression names the target
   indirectly -- "the only circle", "the object left of the red square", "the object that is
   not the blue circle" -- so reading the box off a memorised colour/shape phrase is not enough;
-- ``ood_visual``: the training expressions over a visual shift -- ``ood_distractors`` more
-  objects per image and an unseen ``ood_background`` colour.
+- ``ood_visual``: the training expressions over a visual shift -- ``ood_distractors`` (4) more
+  objects per image and an unseen ``ood_background`` colour (dark gray).
 
 Box convention: **inclusive-exclusive** (x1, y1 is the first covered column/row; x2, y2 is
 one past the last), so ``width = x2 - x1`` and the box is the tight bounding box of the
@@ -110,9 +110,11 @@ class SyntheticGrounding(TaskFormat):
             "plain",
             description="plain: the completion is '[x1, y1, x2, y2]'; r1: <think>..</think><answer>[..]</answer>")
         text_position: Literal["before_image", "after_image"] = "before_image"
-        ood_distractors: int = Field(2, ge=0, description="ood_visual: objects added to num_objects (capped by "
+        ood_distractors: int = Field(4, ge=0, description="ood_visual: objects added to num_objects (capped by "
                                                           "the grid and the colour/shape pairs)")
-        ood_background: str = Field("gray", description="ood_visual: the unseen background colour")
+        ood_background: str = Field("#202020", description="ood_visual: the unseen background colour (dark gray; "
+                                                           "a mid gray makes a black-trained tiny model write no "
+                                                           "box at all)")
 
         @field_validator("colours")
         @classmethod
