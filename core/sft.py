@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(load_raw(args.config, DEFAULT_CONFIG), list(args.overrides),
                            source=args.config or "default config")
         host = PluginHost(args.plugins if args.plugins is not None else cfg.plugins)
+        host.warn_failures()  # a plugin that failed to import is named at the start of every run
         plan = plan_without_groups(cfg, host.registry)
         if args.box_decimals < 0 or args.logging_steps < 1 or args.save_steps < 0:
             raise ConfigError("--box-decimals and --save-steps must be >= 0, --logging-steps >= 1")
