@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from core.config import ConfigError
 
@@ -275,7 +276,7 @@ def save_checkpoint(
         _write_synced(tmp / STATE_JSON, json.dumps(meta, indent=1, default=str).encode())
         _fsync_tree(tmp)
         write_manifest(tmp)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a failed write as its own error type
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(_write_failure(exc, final, tmp, root)) from None
@@ -300,8 +301,15 @@ def _swap_in(tmp: Path, final: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def _write_failure(exc: OSError, final: Path, tmp: Path, root: Path) -> str:
-    what = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+def _write_failure(exc: Exception, final: Path, tmp: Path, root: Path) -> str:
+    code = getattr(exc, "errno", None)
+    if code is None:  # SafetensorError: "... I/O error: No space left on device (os error 28)"
+        m = re.search(r"os error (\d+)", str(exc))
+        code = int(m.group(1)) if m else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        what = "disk full"
+    else:
+        what = os.strerror(code) if code else str(exc)
     need = ""
     earlier = [p for p in list_checkpoints(root) if p != final]
     if earlier:  # the previous checkpoint's size is the best estimate of what this one needs

@@ -215,6 +215,25 @@ def test_disk_full_leaves_no_partial_folder(tmp_path):
     assert latest_checkpoint(tmp_path) == good
 
 
+def test_real_write_failure_leaves_no_partial_folder(tmp_path):
+    """A real failed write (file-size limit, like a full disk to the writer): one line, nothing partial left."""
+    import resource
+    import signal
+
+    good = save(tmp_path, 2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))
+    try:
+        with pytest.raises(CheckpointError, match=r"^File too large while writing checkpoint-4 \(about"):
+            save(tmp_path, 4)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert latest_checkpoint(tmp_path) == good
+
+
 def test_pruning_keeps_the_last_and_never_a_half_folder(tmp_path):
     for s in (1, 2, 3):
         save(tmp_path, s, keep_last=2)
