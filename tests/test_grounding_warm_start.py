@@ -74,3 +74,15 @@ def test_sft_grounding_boxes_depend_on_the_image(tmp_path):
     # boxes of 48 and Acc@0.5 0.40 when written.
     assert len(distinct) >= 8, sorted(distinct)
     assert acc >= 0.2, (acc, sorted(distinct)[:10])
+
+    # A held-out split by name, no config edit: the out-of-domain reasoning expressions.
+    ood = subprocess.run(
+        [sys.executable, "-m", "core.evaluate", "--config", str(CONFIG), "--plugins", PLUGINS, "--quiet",
+         "--checkpoint", str(tmp_path / "sft"), "--split", "ood_reasoning", "--limit", "6",
+         "--out", str(tmp_path / "ood"), *common],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ood.returncode == 0, ood.stderr[-3000:]
+    summary = json.loads((tmp_path / "ood" / "summary.json").read_text())
+    assert summary["split"] == "ood_reasoning" and summary["num_samples"] == 6
+    rows = [json.loads(line) for line in (tmp_path / "ood" / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["id"].startswith("synthetic_grounding/ood_reasoning/") for r in rows)
