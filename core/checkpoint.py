@@ -164,6 +164,8 @@ def check_manifest(folder: str | Path, *, hashes: bool) -> str | None:
     if not isinstance(files, dict):
         return f"its {MANIFEST} is malformed"
     for rel, info in files.items():
+        if not isinstance(info, dict) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            return f"its {MANIFEST} is malformed (entry {rel!r})"
         p = folder / rel
         try:
             size = p.stat().st_size

@@ -139,6 +139,18 @@ def test_tampered_file_is_refused(tmp_path, victim):
         resolve_resume(cfg, tmp_path, log=lambda m: None)
 
 
+@pytest.mark.parametrize("entry", [{"../../etc/hostname": {"size": 1}}, {"/etc/hostname": {"size": 1}},
+                                   {"model.safetensors": "x"}])
+def test_malformed_manifest_is_refused(tmp_path, entry):
+    ckpt = save(tmp_path, 2)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"].update(entry)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="manifest.json is malformed"):
+        load_trainer_state(ckpt)
+    assert list_checkpoints(tmp_path) == []
+
+
 def test_state_json_cannot_smuggle_objects(tmp_path):
     ckpt = save(tmp_path, 1)
     meta = json.loads((ckpt / "trainer_state.json").read_text())
