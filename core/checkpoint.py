@@ -324,7 +324,7 @@ def _write_failure(exc: Exception, final: Path, tmp: Path, root: Path) -> str:
         where = f"{need}{_size(shutil.disk_usage(root).free)} free in {root}"
     except OSError:
         where = f"{need}in {root}"
-    return (f"{what} while writing {final.name} ({where}); the partial checkpoint was removed and earlier "
+    return (f"{what} while writing {final.name} ({where}); the partial checkpoint was removed and any earlier "
             f"checkpoints are intact. Free space (or lower checkpoint.keep_last) and rerun with --resume. "
             f"[{type(exc).__name__}: {exc}]")
 
