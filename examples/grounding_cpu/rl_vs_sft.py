@@ -256,7 +256,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/grounding_cpu"))
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the two arms (default 0,1,2)")
     p.add_argument("--sft-steps", type=int, default=2500, help="warm-start SFT steps (default 2500)")
-    p.add_argument("--grpo-steps", type=int, default=120, help="GRPO steps per seed (default 120)")
+    p.add_argument("--grpo-steps", type=int, default=600, help="GRPO steps per seed (default 600)")
     p.add_argument("--points", type=int, default=6, help="evaluation points along each arm (default 6)")
     p.add_argument("--eval-n", type=int, default=200, help="images per split (default 200)")
     p.add_argument("--eval-batch", type=int, default=100, help="prompts per generate call (default 100)")

@@ -14,7 +14,7 @@ exec "$PY" examples/grounding_cpu/rl_vs_sft.py \
   --out "${OUT:-runs/grounding_cpu}" \
   --seeds "${SEEDS:-0,1,2}" \
   --sft-steps "${SFT_STEPS:-2500}" \
-  --grpo-steps "${GRPO_STEPS:-120}" \
+  --grpo-steps "${GRPO_STEPS:-600}" \
   --points "${POINTS:-6}" \
   --eval-n "${EVAL_N:-200}" \
   --jobs "${JOBS:-2}" \
