@@ -36,6 +36,8 @@ def test_example_model_has_16_dim_heads_and_one_token_per_grid_cell(tmp_path):
     cfg = _example_config()
     opts = TinyQwenOptions.model_validate(cfg.model.tiny)
     assert opts.hidden_size // opts.num_heads == 16, "grounding needs head_dim 16 (see TinyQwenOptions)"
+    # A trained random vision tower learned to silence blue objects (every miss a blue target).
+    assert cfg.train.mode == "frozen_vision"
 
     path = Qwen25VLFamily.build_tiny_checkpoint(tmp_path / "tiny", **cfg.model.tiny)
     fam = Qwen25VLFamily()
