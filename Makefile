@@ -27,5 +27,8 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 
+# The table in benchmarks/README.md: the vision-heavy headline (gradient checkpointing off and
+# on, both sides) and the tiny quickstart model. ~20 min on 2 idle cores.
 bench: install
-	$(PY) benchmarks/step_vs_trl.py $(ARGS)
+	$(PY) benchmarks/step_vs_trl.py --config vision --grad-ckpt both $(ARGS)
+	$(PY) benchmarks/step_vs_trl.py --config tiny --grad-ckpt off --max-new-tokens 8 --prompts 4 --steps 9 $(ARGS)

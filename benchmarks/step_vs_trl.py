@@ -1,12 +1,29 @@
-"""Seconds per GRPO step and peak memory: vlmr1 vs trl.GRPOTrainer, same everything.
+"""Seconds per GRPO step and peak memory: vlmr1 vs trl.GRPOTrainer, interleaved, same work.
 
-    python benchmarks/step_vs_trl.py [--steps 12] [--warmup 2] [--generations 8] [--prompts 4]
+    python benchmarks/step_vs_trl.py                       # the headline: vision-heavy config
+    python benchmarks/step_vs_trl.py --config tiny --grad-ckpt both --steps 9
 
-Both sides train the same tiny Qwen2.5-VL checkpoint (built offline once), on the same
-synthetic colour prompts (same messages, same images), with the same G, completion length,
-beta, learning rate, temperature and exact-match reward. Each side runs in its own fresh
-process so peak memory (max RSS) is its own; the first ``--warmup`` steps are dropped and
-the median of the rest is reported, with the ratio vlmr1 / TRL (below 1 = vlmr1 faster).
+How the comparison is kept fair:
+
+* Both sides train the same tiny Qwen2.5-VL checkpoint (built offline once per invocation) on
+  the same synthetic colour prompts and images, with the same G, prompts per step, completion
+  length, beta, learning rate, temperature, gradient clipping and an exact-match reward.
+* Gradient checkpointing is set explicitly and equally on both sides (TRL's ``GRPOConfig``
+  turns it on by default); ``--grad-ckpt both`` measures both settings.
+* Each side runs in its own fresh process (so its peak RSS is its own), and the two processes
+  step **strictly alternately**: a side only starts its next step when the parent says so,
+  and the other side is blocked meanwhile. Load from other users of the machine then hits both
+  sides alike; the parent alternates which side goes first. Threads are pinned
+  (``--threads``, default all cores) with ``torch.set_num_threads`` and ``OMP_NUM_THREADS``.
+* The first ``--warmup`` steps are dropped. Reported: per side the median and minimum of the
+  measured steps, the **paired-median ratio** (median over steps of vlmr1_i / trl_i, each
+  pair taken back to back) and the **ratio of minima**; below 1 = vlmr1 faster / smaller.
+  On a shared machine a step's wall time mostly measures who else was running; the process
+  CPU time per step (all threads) is far steadier, so its paired-median ratio is printed too.
+* Forward hooks count the work each side does per step: images through the vision tower and
+  language-model token positions, split into generation, reference and policy training
+  passes. Mean completion lengths are printed too: a random tiny policy rarely emits EOS, so
+  both sides normally generate the full ``--max-new-tokens``.
 """
 
 from __future__ import annotations
@@ -21,60 +38,145 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+#: Model and task per named config. ``vision`` is the headline: a vision-heavy model where
+#: each 224x224 image is 64 merged image tokens and the prompt ~100 tokens.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny": {"tiny": {}, "image_size": 28, "prompt": "What colour is this image?"},
+    "vision": {
+        "tiny": {"hidden_size": 384, "num_layers": 6, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1024,
+                 "vision_hidden_size": 128, "vision_depth": 4, "vision_heads": 4, "max_pixels": 224 * 224},
+        "image_size": 224,
+        "prompt": "Look carefully at the picture and answer with a single word. "
+                  "What colour is this image? Choose one of red, green, blue or yellow.",
+    },
+}
 
+
+# ---- shared -------------------------------------------------------------------------------
 def host():
     from core.plugins import PluginHost
 
     return PluginHost()
 
 
-def common(args):
-    return {"G": args.generations, "prompts": args.prompts, "max_new": args.max_new_tokens, "beta": args.beta,
-            "lr": args.lr, "steps": args.steps, "temperature": 1.0}
+def task_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"num_train": 256, "num_eval": 8, "image_size": cfg["image_size"], "prompt": cfg["prompt"]}
 
 
-def run_vlmr1(args, ckpt: str, out: str) -> dict:
+class Counter:
+    """Forward pre-hooks counting vision-tower images and language-model token positions.
+
+    A pass is ``gen`` (policy, no grad), ``train`` (policy, grad) or ``ref`` (reference model).
+    """
+
+    def __init__(self) -> None:
+        self.c: dict[str, float] = defaultdict(float)
+
+    def attach(self, model: Any, kind: str) -> None:
+        import torch
+
+        for name, mod in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "visual" and name.count(".") <= 2:
+                def vis(_m, args, kwargs, _k=kind):
+                    grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+                    k = _k if _k == "ref" else ("train" if torch.is_grad_enabled() else "gen")
+                    self.c[f"vision_images/{k}"] += 0 if grid is None else grid.shape[0]
+                mod.register_forward_pre_hook(vis, with_kwargs=True)
+            elif leaf == "language_model" and name.count(".") <= 2:
+                def lm(_m, args, kwargs, _k=kind):
+                    x = kwargs.get("inputs_embeds")
+                    if x is None:
+                        x = kwargs.get("input_ids", args[0] if args else None)
+                    k = _k if _k == "ref" else ("train" if torch.is_grad_enabled() else "gen")
+                    self.c[f"lm_calls/{k}"] += 1
+                    self.c[f"lm_tokens/{k}"] += 0 if x is None else x.shape[0] * x.shape[1]
+                mod.register_forward_pre_hook(lm, with_kwargs=True)
+
+    def take(self) -> dict[str, float]:
+        out, self.c = dict(self.c), defaultdict(float)
+        return out
+
+
+class Baton:
+    """The child's side of the lock-step protocol: wait for ``GO``, time the step, report it."""
+
+    def __init__(self) -> None:
+        self.counter = Counter()
+        self.t0 = self.c0 = 0.0
+
+    def begin(self) -> None:
+        line = sys.stdin.readline().strip()
+        if line != "GO":  # parent said stop (or died): end the run now
+            os._exit(0)
+        self.counter.take()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+    def end(self, extra: dict[str, Any] | None = None) -> None:
+        dt, cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+        rec = {"time": dt, "cpu": cpu, "counts": self.counter.take(), **(extra or {})}
+        print("STEP " + json.dumps(rec), flush=True)
+
+
+# ---- the two sides -------------------------------------------------------------------------
+def run_vlmr1(args, cfg: dict[str, Any], ckpt: str, out: str, baton: Baton) -> dict:
+    import core.grpo.trainer as trainer
     from core.config import build_config
-    from core.grpo.trainer import run
     from core.plan import make_plan
 
-    c = common(args)
     raw = {
         "model": {"path": ckpt, "family": "qwen2_5_vl"},
-        "task": {"name": "synthetic_color", "options": {"num_train": 256, "num_eval": 8}},
+        "task": {"name": "synthetic_color", "options": task_options(cfg)},
         "rewards": [{"name": "all_match"}],
-        "grpo": {"num_generations": c["G"], "max_completion_length": c["max_new"], "beta": c["beta"],
-                 "temperature": c["temperature"]},
-        "train": {"learning_rate": c["lr"], "per_device_batch_size": c["G"] * c["prompts"], "max_steps": c["steps"],
-                  "max_grad_norm": 1.0},
+        "grpo": {"num_generations": args.generations, "max_completion_length": args.max_new_tokens,
+                 "beta": args.beta, "temperature": 1.0, "prefix_sharing": args.prefix_sharing == "on"},
+        "train": {"learning_rate": args.lr, "per_device_batch_size": args.generations * args.prompts,
+                  "max_steps": args.warmup + args.steps, "max_grad_norm": 1.0,
+                  "gradient_checkpointing": args.side_ckpt},
         "logging": {"output_dir": out, "tensorboard": False, "progress_bar": False, "plot": False,
                     "log_completions_every": 0},
         "checkpoint": {"save_final": False},
         "eval": {"enabled": False},
     }
+    orig_load, orig_rollout, orig_writer = trainer.load_models, trainer._rollout_step, trainer.MetricsWriter
+
+    def load_models(*a, **k):
+        bundle = orig_load(*a, **k)
+        baton.counter.attach(bundle.model, "policy")
+        if bundle.ref_model is not None:
+            baton.counter.attach(bundle.ref_model, "ref")
+        return bundle
+
+    def rollout_step(*a, **k):
+        baton.begin()
+        return orig_rollout(*a, **k)
+
+    class Writer(orig_writer):
+        def log(self, step: int, metrics: dict[str, Any]) -> None:
+            baton.end({"completion_length": metrics.get("completion_length")})
+            super().log(step, metrics)
+
+    trainer.load_models, trainer._rollout_step, trainer.MetricsWriter = load_models, rollout_step, Writer
     h = host()
-    plan = make_plan(build_config(raw), h.registry)
-    run(plan, h.registry)
-    rows = [json.loads(ln) for ln in Path(out, "metrics.jsonl").read_text().splitlines()]
-    return {"step_times": [r["step_time_s"] for r in rows], "reward": [r["reward"] for r in rows]}
+    trainer.run(make_plan(build_config(raw), h.registry), h.registry)
+    return {}
 
 
-def run_trl(args, ckpt: str, out: str) -> dict:
+def run_trl(args, cfg: dict[str, Any], ckpt: str, out: str, baton: Baton) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    c = common(args)
-    task = host().registry.create("tasks", "synthetic_color", {"num_train": 256, "num_eval": 8})
-    rows = []
-    for s in task.load("train"):
-        rows.append({"prompt": s.messages, "image": s.load_images()[0], "solution": s.solution})
-    ds = Dataset.from_list(rows)
+    task = host().registry.create("tasks", "synthetic_color", task_options(cfg))
+    ds = Dataset.from_list([{"prompt": s.messages, "image": s.load_images()[0], "solution": s.solution}
+                            for s in task.load("train")])
 
     def exact(completions, solution, **_):
         outs = []
@@ -83,75 +185,179 @@ def run_trl(args, ckpt: str, out: str) -> dict:
             outs.append(1.0 if text.strip().lower() == str(sol).strip().lower() else 0.0)
         return outs
 
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
+    class Lockstep(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
+            baton.begin()
 
         def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
+            baton.end()
 
     processor = AutoProcessor.from_pretrained(ckpt)
     processor.tokenizer.padding_side = "left"
     model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype="float32")
-    cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=c["G"] * c["prompts"], num_generations=c["G"],
-                     max_completion_length=c["max_new"], beta=c["beta"], learning_rate=c["lr"], max_steps=c["steps"],
-                     temperature=c["temperature"], use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-                     logging_steps=1, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
-                     weight_decay=0.0, dataloader_num_workers=0, seed=0)
-    trainer = GRPOTrainer(model=model, reward_funcs=[exact], args=cfg, train_dataset=ds, processing_class=processor,
-                          callbacks=[Timer()])
+    gc = GRPOConfig(output_dir=out, per_device_train_batch_size=args.generations * args.prompts,
+                    num_generations=args.generations, max_completion_length=args.max_new_tokens, beta=args.beta,
+                    learning_rate=args.lr, max_steps=args.warmup + args.steps, temperature=1.0, use_cpu=True,
+                    bf16=False, report_to="none", save_strategy="no", logging_steps=1, lr_scheduler_type="constant",
+                    warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, dataloader_num_workers=0, seed=0,
+                    gradient_checkpointing=args.side_ckpt)
+    trainer = GRPOTrainer(model=model, reward_funcs=[exact], args=gc, train_dataset=ds, processing_class=processor,
+                          callbacks=[Lockstep()])
+    baton.counter.attach(trainer.model, "policy")
+    if getattr(trainer, "ref_model", None) is not None:
+        baton.counter.attach(trainer.ref_model, "ref")
     trainer.train()
-    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    return {"step_times": times, "reward": rewards}
+    return {"completion_length": [h["completions/mean_length"] for h in trainer.state.log_history
+                                  if "completions/mean_length" in h]}
 
 
 def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cfg = CONFIGS[args.config]
+    baton = Baton()
+    print("READY", flush=True)
     fn = run_vlmr1 if args.side == "vlmr1" else run_trl
     with tempfile.TemporaryDirectory() as out:
-        res = fn(args, args.ckpt, out)
+        res = fn(args, cfg, args.ckpt, out, baton)
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print("RESULT " + json.dumps(res))
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# ---- the parent ----------------------------------------------------------------------------
+def _read(proc: subprocess.Popen, prefix: str, side: str) -> dict:
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait()
+            sys.exit(f"{side} side exited (rc {proc.returncode}) before sending {prefix.strip()}; "
+                     f"see its stderr above")
+        if line.startswith(prefix):
+            return json.loads(line[len(prefix):]) if line[len(prefix):].strip() else {}
+
+
+def measure(args, ckpt: str, ckpt_on: bool) -> dict:
+    """One lock-step run of both sides with gradient checkpointing ``ckpt_on``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    procs = {}
+    for side in ("vlmr1", "trl"):
+        cmd = [sys.executable, __file__, "--side", side, "--ckpt", ckpt, "--config", args.config,
+               "--side-ckpt", str(int(ckpt_on)), "--threads", str(args.threads), "--generations",
+               str(args.generations), "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
+               "--beta", str(args.beta), "--lr", str(args.lr), "--steps", str(args.steps), "--warmup",
+               str(args.warmup), "--prefix-sharing", args.prefix_sharing]
+        procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sys.stderr,
+                                       text=True, bufsize=1, env=env)
+        _read(procs[side], "READY", side)
+    steps: dict[str, list[dict]] = {"vlmr1": [], "trl": []}
+    for i in range(args.warmup + args.steps):
+        order = ("vlmr1", "trl") if i % 2 == 0 else ("trl", "vlmr1")
+        for side in order:
+            procs[side].stdin.write("GO\n")
+            procs[side].stdin.flush()
+            steps[side].append(_read(procs[side], "STEP ", side))
+            print(f"  step {i + 1}/{args.warmup + args.steps} {side}: {steps[side][-1]['time']:.2f} s "
+                  f"(CPU {steps[side][-1]['cpu']:.2f} s)", file=sys.stderr, flush=True)
+    results = {}
+    for side, proc in procs.items():
+        proc.stdin.close()  # no further GO: the loop has ended its last step already
+        results[side] = _read(proc, "RESULT ", side)
+        proc.wait()
+    return {"steps": steps, "results": results}
+
+
+def summarise(args, run: dict) -> dict:
+    w = args.warmup
+    t = {s: [x["time"] for x in run["steps"][s][w:]] for s in ("vlmr1", "trl")}
+    cpu = {s: [x["cpu"] for x in run["steps"][s][w:]] for s in ("vlmr1", "trl")}
+    pairs = [a / b for a, b in zip(t["vlmr1"], t["trl"], strict=True)]
+    cpu_pairs = [a / b for a, b in zip(cpu["vlmr1"], cpu["trl"], strict=True)]
+    counts = {}
+    for s in ("vlmr1", "trl"):
+        keys = sorted({k for x in run["steps"][s][w:] for k in x["counts"]})
+        counts[s] = {k: statistics.mean(x["counts"].get(k, 0.0) for x in run["steps"][s][w:]) for k in keys}
+    lens = {
+        "vlmr1": statistics.mean(x["completion_length"] for x in run["steps"]["vlmr1"][w:]),
+        "trl": statistics.mean(run["results"]["trl"]["completion_length"][w:] or [float("nan")]),
+    }
+    rss = {s: run["results"][s]["peak_rss_gib"] for s in ("vlmr1", "trl")}
+    return {
+        "median_s": {s: statistics.median(v) for s, v in t.items()},
+        "min_s": {s: min(v) for s, v in t.items()},
+        "paired_median_ratio": statistics.median(pairs),
+        "ratio_of_minima": min(t["vlmr1"]) / min(t["trl"]),
+        "cpu_median_s": {s: statistics.median(v) for s, v in cpu.items()},
+        "cpu_paired_median_ratio": statistics.median(cpu_pairs),
+        "peak_rss_gib": rss,
+        "rss_ratio": rss["vlmr1"] / rss["trl"],
+        "completion_length": lens,
+        "counts_per_step": counts,
+        "step_times": t,
+        "step_cpu_times": cpu,
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="vision")
+    p.add_argument("--steps", type=int, default=7, help="measured steps per side (after warm-up)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--generations", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--grad-ckpt", choices=["off", "on", "both"], default="off")
+    p.add_argument("--prefix-sharing", choices=["on", "off"], default="on",
+                   help="vlmr1's grpo.prefix_sharing (off = the plain one-row-per-completion training passes)")
+    p.add_argument("--json", help="also write the full results here")
     p.add_argument("--side", choices=["vlmr1", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--side-ckpt", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.side_ckpt = bool(args.side_ckpt)
     if args.side:
         child(args)
         return
+    import torch
+
+    settings = {"off": [False], "on": [True], "both": [False, True]}[args.grad_ckpt]
+    report: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), load avg {os.getloadavg()[0]:.1f} at start",
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join([Path(sys.executable).name, "benchmarks/step_vs_trl.py", *sys.argv[1:]]),
+        "config": args.config, "threads": args.threads, "G": args.generations, "prompts": args.prompts,
+        "max_new_tokens": args.max_new_tokens, "beta": args.beta, "steps": args.steps, "warmup": args.warmup,
+        "prefix_sharing": args.prefix_sharing,
+        "runs": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = str(Path(tmp, "tiny-qwen2.5-vl"))
-        host().registry.get("models", "qwen2_5_vl").build_tiny_checkpoint(ckpt)
-        results = {}
-        for side in ("vlmr1", "trl"):
-            cmd = [sys.executable, __file__, "--side", side, "--ckpt", ckpt] + sys.argv[1:]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                sys.exit(f"{side} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-            results[side] = json.loads(line[len("RESULT "):])
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU(s), torch threads default; "
-          f"G={args.generations}, prompts/step={args.prompts}, max_new_tokens={args.max_new_tokens}, "
-          f"beta={args.beta}, steps={args.steps} (first {args.warmup} dropped)")
-    med = {}
-    for side, res in results.items():
-        t = res["step_times"][args.warmup:]
-        med[side] = statistics.median(t)
-        print(f"{side:6s} median s/step {med[side]:.3f}  (min {min(t):.3f}, max {max(t):.3f}, n={len(t)})  "
-              f"peak RSS {res['peak_rss_gib']:.2f} GiB")
-    print(f"ratio vlmr1/trl: time {med['vlmr1'] / med['trl']:.2f}x, "
-          f"peak RSS {results['vlmr1']['peak_rss_gib'] / results['trl']['peak_rss_gib']:.2f}x")
+        host().registry.get("models", "qwen2_5_vl").build_tiny_checkpoint(ckpt, **CONFIGS[args.config]["tiny"])
+        for on in settings:
+            report["runs"]["ckpt_on" if on else "ckpt_off"] = summarise(args, measure(args, ckpt, on))
+    print(f"{report['date']}  {report['machine']}  torch {report['torch']}  threads {args.threads}")
+    print(f"config {args.config}: G={args.generations}, prompts/step={args.prompts}, "
+          f"max_new_tokens={args.max_new_tokens}, beta={args.beta}, vlmr1 prefix_sharing {args.prefix_sharing}, "
+          f"{args.steps} measured steps "
+          f"after {args.warmup} warm-up, sides stepping alternately")
+    for name, r in report["runs"].items():
+        print(f"\n[gradient checkpointing {'on' if name == 'ckpt_on' else 'off'} on both sides]")
+        for s in ("vlmr1", "trl"):
+            c = r["counts_per_step"][s]
+            work = ", ".join(f"{k} {v:g}" for k, v in c.items())
+            print(f"  {s:5s} median {r['median_s'][s]:.3f} s/step (min {r['min_s'][s]:.3f}, "
+                  f"CPU {r['cpu_median_s'][s]:.2f} s)  "
+                  f"peak RSS {r['peak_rss_gib'][s]:.2f} GiB  mean completion {r['completion_length'][s]:.1f} tokens")
+            print(f"        per step: {work}")
+        print(f"  vlmr1/trl: paired-median time ratio {r['paired_median_ratio']:.2f}x, ratio of minima "
+              f"{r['ratio_of_minima']:.2f}x, paired-median CPU-time ratio {r['cpu_paired_median_ratio']:.2f}x, "
+              f"peak RSS {r['rss_ratio']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from core.config import ConfigError, RunConfig, to_yaml
 from core.grpo.guard import check_finite
 from core.grpo.logprobs import build_train_inputs, completion_logprobs, pad_completions
 from core.grpo.loss import LossNormalizer, group_advantages, grpo_loss
+from core.grpo.prefix import PackedRows, can_share_prefix, pack, packed_logprobs
 from core.grpo.rewards import RewardRunner, RewardSpec
 from core.interfaces import (
     Completion,
@@ -594,26 +595,42 @@ def _update(cfg: RunConfig, accelerator: Any, model: Any, bundle: ModelBundle, o
     norm = LossNormalizer(num_sequences=kept, num_tokens=int(comp_mask.sum()),
                           max_completion_length=g.max_completion_length, global_tokens=global_tokens,
                           num_processes=accelerator.num_processes)
-    # Micro-batches: inputs are built once and reused by every iteration (mu > 1).
+    # Micro-batches: inputs are built once and reused by every iteration (mu > 1). With
+    # grpo.prefix_sharing, where the family and attention kernel allow, each group's prompt and
+    # images run once, packed with its completions (core.grpo.prefix); otherwise one
+    # [prompt, completion] row per completion.
+    unwrapped = accelerator.unwrap_model(model)
+    shared = g.prefix_sharing and can_share_prefix(bundle.family, unwrapped)
     mbs = []
     for s in range(0, n, mb_size):
         idx = list(range(s, min(s + mb_size, n)))
         t = max(int(comp_mask[idx].sum(1).max()), 1)
-        p_inputs = bundle.family.process(bundle.processor, [ro.prompts[i].text for i in idx],
-                                         [ro.prompts[i].images for i in idx]).to(dev)
         ids, mask = comp_ids[idx, :t], comp_mask[idx, :t]
-        mbs.append((idx, build_train_inputs(p_inputs, ids, mask, bundle.family.per_token_keys), mask, t))
+        inputs: Any = None
+        if shared:
+            inputs = pack(bundle.family, unwrapped, bundle.processor, [ro.prompts[i] for i in idx], ids, dev)
+        if inputs is None:
+            p_inputs = bundle.family.process(bundle.processor, [ro.prompts[i].text for i in idx],
+                                             [ro.prompts[i].images for i in idx]).to(dev)
+            inputs = build_train_inputs(p_inputs, ids, mask, bundle.family.per_token_keys)
+        mbs.append((idx, inputs, mask, t))
+
+    def logps(m: Any, inputs: Any, t: int) -> torch.Tensor:
+        if isinstance(inputs, PackedRows):
+            return packed_logprobs(m, inputs, g.temperature)
+        return completion_logprobs(m, inputs, t, g.temperature)
+
     old, ref = [None] * len(mbs), [None] * len(mbs)
     with torch.no_grad():
         for k, (_, inputs, _, t) in enumerate(mbs):
             if g.num_iterations > 1:
-                old[k] = completion_logprobs(model, inputs, t, g.temperature)
+                old[k] = logps(model, inputs, t)
             if g.beta > 0:
                 if bundle.lora:
-                    with accelerator.unwrap_model(model).disable_adapter():
-                        ref[k] = completion_logprobs(model, inputs, t, g.temperature)
+                    with unwrapped.disable_adapter():
+                        ref[k] = logps(model, inputs, t)
                 else:
-                    ref[k] = completion_logprobs(bundle.ref_model, inputs, t, g.temperature)
+                    ref[k] = logps(bundle.ref_model, inputs, t)
     eps_high = g.epsilon_high if g.epsilon_high is not None else g.epsilon
     losses: list[float] = []
     kl_sum = clipped = low = high = tokens = 0.0
@@ -625,9 +642,8 @@ def _update(cfg: RunConfig, accelerator: Any, model: Any, bundle: ModelBundle, o
             sync = k == len(mbs) - 1
             ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
             with ctx:
-                logps = completion_logprobs(model, inputs, t, g.temperature)
-                out = grpo_loss(logps, old[k], ref[k], adv[idx], mask, norm, beta=g.beta, epsilon_low=g.epsilon,
-                                epsilon_high=eps_high, loss_type=g.loss_type,
+                out = grpo_loss(logps(model, inputs, t), old[k], ref[k], adv[idx], mask, norm, beta=g.beta,
+                                epsilon_low=g.epsilon, epsilon_high=eps_high, loss_type=g.loss_type,
                                 importance_sampling_level=g.importance_sampling_level)
                 accelerator.backward(out.loss)
             total += float(out.loss.detach())

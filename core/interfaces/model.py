@@ -37,12 +37,18 @@ class ModelFamily(Component):
         per_token_keys: processor outputs aligned with ``input_ids`` that must be extended
             (with zeros) over completion tokens for the training forward, so training-time
             log-probabilities use the same multimodal positions generation used.
+        prefix_sharing: whether the engine may run this family's training passes packed,
+            one prompt per group with its completions under a block-causal mask
+            (:mod:`core.grpo.prefix`). Opt in once the ``shared_prefix`` conformance check
+            passes: it needs a model whose positions come from :meth:`prompt_positions` and
+            whose attention is purely causal (not, e.g., bidirectional over image tokens).
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
     box_convention: ClassVar[BoxConvention] = "unknown"
     fallback: ClassVar[bool] = False
     per_token_keys: ClassVar[tuple[str, ...]] = ("token_type_ids", "mm_token_type_ids")
+    prefix_sharing: ClassVar[bool] = False
 
     # ---- selection -------------------------------------------------------------------
     @classmethod
@@ -125,6 +131,29 @@ class ModelFamily(Component):
     def suppressed_token_ids(self, processor: Any, model: Any) -> list[int]:
         """Token ids generation must never emit (image/video pads and similar)."""
         return []
+
+    def prompt_positions(self, model: Any, inputs: Any) -> torch.Tensor | None:
+        """Position ids of processed, left-padded prompts, for the packed training forward.
+
+        ``[axes, B, L]`` for multimodal RoPE, ``[B, L]`` for 1-D positions, or ``None`` for
+        ``0 .. len-1`` over each prompt's unpadded tokens. The default asks the model's own
+        ``get_rope_index`` (Qwen2/2.5/3-VL, GLM-4V) and otherwise returns ``None``.
+        """
+        import inspect
+
+        import torch
+
+        finder = next((m for m in model.modules() if callable(getattr(m, "get_rope_index", None))), None)
+        if finder is None:
+            return None
+        fn = finder.get_rope_index
+        params = inspect.signature(fn).parameters
+        keys = ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw", "attention_mask")
+        kwargs = {k: inputs.get(k) for k in keys if k in params}
+        if "mm_token_type_ids" in params and kwargs.get("mm_token_type_ids") is None:
+            return None  # cannot tell image tokens from text: let the caller use 1-D positions
+        with torch.no_grad():
+            return fn(**kwargs)[0]
 
     # ---- offline tiny checkpoints (tests, quickstart) ------------------------------
     @classmethod

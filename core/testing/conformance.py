@@ -425,3 +425,88 @@ def check_plugin(
             raise ConformanceError(f"plugin registers no {kind} named {', '.join(missing)}; "
                                    f"it registers {info.components}")
     return info.components
+
+
+# ---- model families: the shared-prefix training forward ----------------------------------
+#: Tolerances of :func:`check_shared_prefix` (float32 on CPU; observed ~1e-6 on every family).
+SHARED_LOGPROB_ATOL = 1e-5
+SHARED_GRAD_RTOL = 1e-4
+
+
+def check_shared_prefix(ctx: Any, group_size: int = 3) -> None:
+    """The packed shared-prefix forward equals the plain one, with images encoded once.
+
+    For a family with ``prefix_sharing`` on, three prompts (0, 1 and 2 images) with
+    ``group_size`` completions each (different lengths, so padding is exercised) go through
+    the plain path (``[prompt, completion]`` rows, prompts processed per completion) and the
+    packed path (:mod:`core.grpo.prefix`). Asserts: per-token log-probs equal within
+    ``SHARED_LOGPROB_ATOL``; every parameter gradient of the summed log-probs within
+    ``SHARED_GRAD_RTOL`` of the largest gradient; the vision tower receives exactly one
+    group's worth of pixels (``1 / group_size`` of the plain path's: each unique image
+    once). A family that has not opted in must fall back (``can_share_prefix`` is false).
+    """
+    import torch
+
+    from core.grpo.logprobs import build_train_inputs, completion_logprobs, pad_completions
+    from core.grpo.prefix import can_share_prefix, pack, packed_logprobs
+    from core.testing.models import _prompts
+
+    model, proc, family = ctx.model, ctx.processor, ctx.family
+    name = ctx.family_cls.name
+    if not family.prefix_sharing:
+        if can_share_prefix(family, model):
+            raise ConformanceError(f"{name}: prefix_sharing is off but can_share_prefix() is true")
+        return
+    if not can_share_prefix(family, model):
+        raise ConformanceError(f"{name}: prefix_sharing is on but the tiny model's attention "
+                               f"({model.config._attn_implementation!r}) cannot take a block-causal mask")
+    tok = getattr(proc, "tokenizer", proc)
+    words = tok.encode(" red green blue yellow the answer is", add_special_tokens=False)
+    prompts = _prompts(ctx)
+    rows = [p for p in prompts for _ in range(group_size)]
+    comps = [[words[(r + i) % len(words)] for i in range(3 + 2 * (r % group_size))] for r in range(len(rows))]
+    ids, mask = pad_completions(comps, tok.pad_token_id)
+    tower = model.get_submodule(family.vision_module_names(model)[0])
+    pixels = [0]
+
+    def count(_m: Any, args: Any, kwargs: Any) -> None:
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        pixels[0] += x.numel() if isinstance(x, torch.Tensor) else 0
+
+    def run(fn: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        pixels[0] = 0
+        model.zero_grad(set_to_none=True)
+        lp = fn()
+        (lp * mask).sum().backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return lp.detach(), grads, pixels[0]
+
+    def plain() -> torch.Tensor:
+        rep = family.process(proc, [p.text for p in rows], [p.images for p in rows])
+        return completion_logprobs(model, build_train_inputs(rep, ids, mask, family.per_token_keys), ids.shape[1])
+
+    handle = tower.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        lp_plain, g_plain, px_plain = run(plain)
+        packed = pack(family, model, proc, rows, ids, force=True)
+        lp_shared, g_shared, px_shared = run(lambda: packed_logprobs(model, packed))
+    finally:
+        handle.remove()
+    m = mask.bool()
+    diff = (lp_plain - lp_shared)[m].abs().max().item()
+    if diff > SHARED_LOGPROB_ATOL:
+        raise ConformanceError(f"{name}: shared-prefix log-probs differ from the plain path by {diff:.3g} "
+                               f"(> {SHARED_LOGPROB_ATOL}); are prompt_positions() right for this model?")
+    if g_plain.keys() != g_shared.keys():
+        raise ConformanceError(f"{name}: the shared-prefix path reaches other parameters: "
+                               f"{sorted(g_plain.keys() ^ g_shared.keys())[:5]}")
+    scale = max(g.abs().max().item() for g in g_plain.values())
+    worst = max(g_plain, key=lambda n: (g_plain[n] - g_shared[n]).abs().max().item())
+    gdiff = (g_plain[worst] - g_shared[worst]).abs().max().item()
+    if gdiff > SHARED_GRAD_RTOL * scale:
+        raise ConformanceError(f"{name}: shared-prefix gradient of {worst} differs by {gdiff:.3g} "
+                               f"(largest gradient {scale:.3g})")
+    if px_plain == 0 or px_shared * group_size != px_plain:
+        raise ConformanceError(f"{name}: the vision tower got {px_shared} pixel values in the shared path and "
+                               f"{px_plain} in the plain one; expected each unique image once (1/{group_size})")

@@ -21,6 +21,10 @@ paths training uses, on CPU in float32:
                       excludes the token embeddings and the LM head.
 ``box_round_trip``    a known box written in the family's convention maps back to
                       original-image pixels.
+``shared_prefix``     the packed training forward (one prompt per group, block-causal
+                      mask; :mod:`core.grpo.prefix`) gives the plain path's log-probs and
+                      gradients and encodes each unique image once
+                      (:func:`core.testing.conformance.check_shared_prefix`).
 ``grpo_step``         one real GRPO step through ``core.grpo.trainer.run`` (beta 0, a
                       reward that varies between completions) changes language and vision
                       weights; the saved checkpoint reloads with plain
@@ -152,6 +156,13 @@ def _rollout(ctx: ConformanceContext, suppressed: list[int]) -> Any:
 
 
 # ---- checks ------------------------------------------------------------------------------
+def check_shared_prefix(ctx: ConformanceContext) -> None:
+    """See :func:`core.testing.conformance.check_shared_prefix`."""
+    from core.testing.conformance import check_shared_prefix as check
+
+    check(ctx)
+
+
 def check_reload(ctx: ConformanceContext) -> None:
     """Saved checkpoint reloads through the Auto classes; the family claims it; seeds repeat."""
     import torch
@@ -416,6 +427,7 @@ CONFORMANCE_CHECKS: dict[str, Callable[[ConformanceContext], None]] = {
     "vision_modules": check_vision_modules,
     "box_round_trip": check_box_round_trip,
     "grpo_step": check_grpo_step_changes_weights,
+    "shared_prefix": check_shared_prefix,
 }
 
 

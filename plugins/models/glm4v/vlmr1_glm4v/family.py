@@ -212,6 +212,8 @@ class GLM4VFamily(ModelFamily):
     # The GLM processors return `mm_token_type_ids`; the training forward needs it (extended
     # with zeros over the completion) to rebuild the same 3-D RoPE positions generation used.
     per_token_keys = ("mm_token_type_ids",)
+    #: Training passes run one prompt per group (core.grpo.prefix); positions from get_rope_index.
+    prefix_sharing = True
     Options = GLM4VOptions
 
     @classmethod

@@ -165,6 +165,8 @@ class InternVLFamily(ModelFamily):
     box_convention = "normalized_1000"
     # The InternVL processor returns no per-token type ids; 1-D RoPE needs nothing extra.
     per_token_keys = ()
+    #: Training passes run one prompt per group (core.grpo.prefix); 1-D positions.
+    prefix_sharing = True
     Options = InternVLOptions
 
     # ---- loading ---------------------------------------------------------------------

@@ -159,6 +159,8 @@ class QwenVLFamily(ModelFamily):
     """Shared behaviour of the Qwen-VL families (not registered itself)."""
 
     Options = QwenVLOptions
+    #: Training passes run one prompt per group (core.grpo.prefix); mRoPE from get_rope_index.
+    prefix_sharing = True
     #: Text of the default system turn the family's chat template inserts (None: none).
     default_system: ClassVar[str | None] = "You are a helpful assistant."
     #: Vision patch size and default tiny image-area bounds (multiples of (patch * 2)^2).
