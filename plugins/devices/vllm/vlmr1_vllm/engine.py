@@ -98,6 +98,9 @@ class VLLMRollout(RolloutEngine):
             None, description="server_api vllm: folder the server can read, where each weight sync writes the "
             "policy (default: a temporary folder, i.e. the server runs on this machine)")
         max_concurrent_requests: int = Field(64, ge=1, description="server_api vllm: prompts in flight at once")
+        send_seed: bool = Field(
+            True, description="server_api vllm: send each prompt's seed (vLLM 0.32's CPU build crashes on a seeded "
+            "request whose prefill is chunked, 'CPU Generator does not use offset': set false there)")
         choices: list[str] | None = Field(
             None, description="server_api vllm: sample only these answers (vLLM structured outputs `choice`)")
         # both
@@ -119,6 +122,7 @@ class VLLMRollout(RolloutEngine):
                                  "use mode 'server' for larger models")
             if self.mode != "server" or self.server_api != "vllm":
                 used = [k for k in ("weight_sync_dir", "choices") if getattr(self, k) is not None]
+                used += ["send_seed"] if not self.send_seed else []
                 if used:
                     raise ValueError(f"{', '.join(used)}: only used with mode 'server' and server_api 'vllm'")
             if self.base_url and not self.base_url.startswith(("http://", "https://")):
@@ -282,7 +286,7 @@ class VLLMRollout(RolloutEngine):
         # for one completion and repeat it, as the transformers engine does.
         repeat = kw["n"] if kw["temperature"] == 0 else 1
         kw["n"] //= repeat
-        bodies = [chat_request(p, kw, choices=o.choices) for p in prompts]
+        bodies = [chat_request(p, kw, choices=o.choices, seed=o.send_seed) for p in prompts]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=min(o.max_concurrent_requests, max(len(bodies), 1))) as pool:
             answers = list(pool.map(self._http.chat, bodies))  # concurrent, so the server batches them
@@ -466,7 +470,8 @@ def openai_messages(prompt: PromptInput) -> list[dict[str, Any]]:
             if isinstance(m.get("content"), list) else m for m in server_messages(prompt)]
 
 
-def chat_request(prompt: PromptInput, kw: dict[str, Any], *, choices: list[str] | None = None) -> dict[str, Any]:
+def chat_request(prompt: PromptInput, kw: dict[str, Any], *, choices: list[str] | None = None,
+                 seed: bool = True) -> dict[str, Any]:
     """The ``/v1/chat/completions`` body for one prompt (vLLM's extensions: token ids, top_k, seed, choice)."""
     body: dict[str, Any] = {"messages": openai_messages(prompt), "return_token_ids": True,
                             "add_generation_prompt": True, **{k: v for k, v in kw.items() if k != "logprobs"}}
@@ -474,7 +479,7 @@ def chat_request(prompt: PromptInput, kw: dict[str, Any], *, choices: list[str] 
         body["logit_bias"] = {str(t): b for t, b in body["logit_bias"].items()}  # JSON keys are strings
     if "logprobs" in kw:
         body["logprobs"] = True
-    if prompt.seed is not None:
+    if seed and prompt.seed is not None:
         body["seed"] = prompt.seed
     if choices:
         body["structured_outputs"] = {"choice": list(choices)}
