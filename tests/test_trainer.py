@@ -66,8 +66,9 @@ def test_outputs_are_written(full_run):
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("reward", "reward_std", "rewards/all_match", "rewards/default", "kl", "clip_ratio",
-                "completion_length", "loss", "lr", "step_time_s"):
+                "completion_length", "loss", "lr", "step_time_s", "cpu_time_s"):
         assert key in rows[0], key
+    assert all(0 < r["cpu_time_s"] for r in rows)  # this process's CPU seconds for the step
     comps = [json.loads(ln) for ln in (out / "completions.jsonl").read_text().splitlines()]
     assert {c["step"] for c in comps} == {1, 2, 4} and all("completion" in c and "reward" in c for c in comps)
     ev = json.loads((out / "eval.json").read_text())

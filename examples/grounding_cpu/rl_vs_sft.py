@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if not seeds or args.points < 1 or args.grpo_steps < args.points or args.sft_steps < 1:
         raise SystemExit("need at least one seed, --points >= 1, --grpo-steps >= --points and --sft-steps >= 1")
+    if args.grpo_steps % args.points:
+        raise SystemExit(f"--grpo-steps ({args.grpo_steps}) must be a multiple of --points ({args.points}): the "
+                         "checkpoints are evenly spaced and the last one is the final step")
     extra, gextra, sextra = (shlex.split(x) for x in (args.extra, args.grpo_extra, args.sft_extra))
     threads = 1 if args.jobs > 1 else None
     py, plug = args.python, ["--plugins", args.plugins]
@@ -313,9 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     grpo_cpu = [cpu_at_checkpoints(out / f"seed{s}" / "grpo", "grpo") for s in seeds]
     grpo_total = sum(max(c.values()) for c in grpo_cpu) / len(seeds)
 
-    # 2b. SFT arms: the CPU seconds the GRPO arms spent, at the warm start's CPU seconds per step.
-    sft_steps = max(args.points, round(grpo_total / sft_cpu_per_step))
-    sft_every = max(1, sft_steps // args.points)
+    # 2b. SFT arms: the CPU seconds the GRPO arms spent, at the warm start's CPU seconds per step,
+    # rounded to a multiple of --points so the checkpoints are evenly spaced and end at the last step.
+    sft_steps = args.points * max(1, round(grpo_total / sft_cpu_per_step / args.points))
+    sft_every = sft_steps // args.points
     sft_cmds = []
     for seed in seeds:
         run = out / f"seed{seed}" / "sft"
