@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -80,9 +79,9 @@ def checkpoints(run: Path) -> list[Path]:
 def cpu_at_checkpoints(run: Path, arm: str) -> dict[int, float]:
     """Step -> cumulative training CPU seconds at that checkpoint."""
     if arm == "sft":
-        return {int(json.loads((c / "cpu_time.json").read_text())["step"]):
-                float(json.loads((c / "cpu_time.json").read_text())["cpu_time_s"])
-                for c in checkpoints(run) if (c / "cpu_time.json").is_file()}
+        rows = [json.loads((c / "cpu_time.json").read_text()) for c in checkpoints(run)
+                if (c / "cpu_time.json").is_file()]
+        return {int(r["step"]): float(r["cpu_time_s"]) for r in rows}
     total, out = 0.0, {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -131,21 +130,17 @@ def evaluate_run(run: Path, points: Sequence[Path], splits: Sequence[str], eval_
 
 # ---- the report ----------------------------------------------------------------------------
 def interpolate(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
-    """Piecewise-linear ``y(x)`` (clamped at the ends)."""
-    if x <= xs[0]:
-        return ys[0]
-    for i in range(1, len(xs)):
-        if x <= xs[i]:
-            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-            return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-9)
-    return ys[-1]
+    """Piecewise-linear ``y(x)``, clamped at the ends (``numpy.interp``)."""
+    import numpy as np
+
+    return float(np.interp(x, xs, ys))
 
 
 def mean_std(vals: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
-    m = sum(vals) / len(vals)
-    s = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return m, s
+    import statistics
+
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
