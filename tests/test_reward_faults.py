@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import yaml
 
 from core.grpo.rewards import RewardError, RewardRunner, RewardSpec
 from core.interfaces import Reward, RewardBatch, RewardItem
+from core.testing import HangsOnce
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 32  # completions per step, as in a small real run
@@ -36,21 +36,6 @@ class PoisonRow(Reward):
     def score(self, batch):
         if any(it.completion == "poison" for it in batch):
             raise ValueError("unparsable completion")
-        return [1.0] * len(batch)
-
-
-class HangsOnce(Reward):
-    name = "hangs_once"
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-        self.release = threading.Event()
-
-    def score(self, batch):
-        self.calls += 1
-        if self.calls == 1:
-            self.release.wait(60)
         return [1.0] * len(batch)
 
 

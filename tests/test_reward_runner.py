@@ -12,6 +12,7 @@ import torch
 
 from core.grpo.rewards import RewardError, RewardResult, RewardRunner, RewardSpec, RewardTimeoutError
 from core.interfaces import Reward, RewardBatch, RewardItem
+from core.testing import HangsOnce
 
 
 def batch(n: int) -> RewardBatch:
@@ -131,25 +132,8 @@ def test_reward_that_sleeps_forever_does_not_stop_the_step():
     assert len(alive) == 2 and all(t.daemon for t in alive)
 
 
-class HangsOnce(Reward):
-    """The first call hangs (a lost connection); every later call answers at once."""
-
-    name = "hangs_once"
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-        self.release = threading.Event()
-
-    def score(self, b):
-        self.calls += 1
-        if self.calls == 1:
-            self.release.wait(30)
-        return [1.0] * len(b)
-
-
 def test_a_timed_out_call_is_replaced_and_the_next_call_is_tried_fresh():
-    r = HangsOnce()
+    r = HangsOnce(hang_s=30)
     runner = RewardRunner([spec("judge", r, timeout=0.3)])
     try:
         assert runner(batch(2)).metrics["rewards/judge_timeouts"] == 2

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ComponentsPlugin",
+    "HangsOnce",
     "make_image",
     "make_sample",
     "reward_batch",
@@ -72,6 +73,31 @@ class ComponentsPlugin:
     def vlmr1_register_devices(self, register: Any) -> None:
         """Register the devices and rollout engines among the classes."""
         self._register(register, Device, RolloutEngine)
+
+
+class HangsOnce(Reward):
+    """A reward whose first call blocks (a lost connection) and every later call scores 1.0.
+
+    For testing a reward runner's timeouts: the first call waits on :attr:`release` for at
+    most ``hang_s`` seconds; set ``release`` when the test ends so no thread lingers.
+    """
+
+    name = "hangs_once"
+
+    def __init__(self, hang_s: float = 60.0) -> None:
+        import threading
+
+        super().__init__()
+        self.hang_s = hang_s
+        self.calls = 0
+        self.release = threading.Event()
+
+    def score(self, batch: RewardBatch) -> list[float]:
+        """Block on the first call, then 1.0 for every completion."""
+        self.calls += 1
+        if self.calls == 1:
+            self.release.wait(self.hang_s)
+        return [1.0] * len(batch)
 
 
 def reward_batch(completions: Iterable[str], solution: Any = None, **fields: Any) -> RewardBatch:
