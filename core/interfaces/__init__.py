@@ -2,6 +2,7 @@
 
 from core.interfaces.base import Component, NestedComponent, NoOptions
 from core.interfaces.device import Device
+from core.interfaces.hf_family import PixelBoundsOptions, TransformersFamily
 from core.interfaces.model import BoxConvention, ModelFamily
 from core.interfaces.reward import (
     BoxTransform,
@@ -24,6 +25,7 @@ __all__ = [
     "ModelFamily",
     "NestedComponent",
     "NoOptions",
+    "PixelBoundsOptions",
     "PromptInput",
     "Reward",
     "RewardBatch",
@@ -34,5 +36,6 @@ __all__ = [
     "SamplingParams",
     "Sample",
     "TaskFormat",
+    "TransformersFamily",
     "identity_box_transform",
 ]

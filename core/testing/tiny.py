@@ -6,6 +6,9 @@ BPE tokenizer with the ``tokenizers`` library on a built-in corpus (chat-templat
 reasoning/answer tags, digits, JSON/box punctuation, colours, shapes, question words) plus
 whatever a family adds, and wraps it in a ``transformers.PreTrainedTokenizerFast`` that
 saves and reloads through ``AutoTokenizer`` / ``AutoProcessor`` like a real one.
+The rest of a family's builder is shared too: :class:`TinyOptions` (the options every tiny
+build has, their checks, and the decoder / ViT config dicts), :func:`save_tiny_model` and
+:func:`reload_tokenizer`, so a family's ``build_tiny_checkpoint`` states only its architecture.
 
 Example (a family's tiny builder)::
 
@@ -19,11 +22,17 @@ Example (a family's tiny builder)::
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
+
+_T = TypeVar("_T", bound="TinyOptions")
 
 #: Words every tiny tokenizer learns, so typical prompts and answers tokenise into few ids.
 BASE_CORPUS: tuple[str, ...] = (
@@ -157,3 +166,118 @@ def build_tiny_tokenizer(
             "tokenizer; pass the pre_tokenizer_regex that class uses"
         )
     return tok
+
+
+def reload_tokenizer(tokenizer: Any, **kwargs: Any) -> Any:
+    """Save ``tokenizer`` and load it back through ``AutoTokenizer`` with ``kwargs``.
+
+    How a transformers tokenizer gets what only loading sets up: named tokens
+    (``extra_special_tokens={"image_token": ...}``, read by processors as
+    ``tokenizer.image_token``), a BOS post-processor (``add_bos_token=True``) ...
+    """
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return AutoTokenizer.from_pretrained(tmp, **kwargs)
+
+
+class TinyOptions(BaseModel):
+    """The options every family's ``build_tiny_checkpoint`` shares; subclass to add its own.
+
+    A decoder of ``num_layers`` x ``hidden_size`` with ``num_heads`` / ``num_kv_heads``, a
+    vision tower of width ``vision_hidden_size``, a tokenizer of ``vocab_size`` trained on
+    :data:`BASE_CORPUS` plus ``extra_corpus``, weights drawn with ``seed``. ``rope_theta`` is
+    tiny on purpose: with the real 1e6 a 2-layer, 16-dim-head model cannot tell nearby
+    positions apart. A subclass whose defaults depend on other options fills them in
+    :meth:`resolve_defaults`; its own checks go in its own ``model_validator`` (run after these).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=1)
+    rope_theta: float = Field(3.0, gt=0)
+    vision_hidden_size: int = Field(32, ge=8)
+    vision_heads: int = Field(2, ge=1)
+    vocab_size: int = Field(512, ge=300)
+    extra_corpus: list[str] = Field(default_factory=list)
+    seed: int = 0
+
+    def resolve_defaults(self) -> None:
+        """Fill options whose defaults depend on others (before the shape checks); default none."""
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> TinyOptions:
+        self.resolve_defaults()
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        if self.vision_hidden_size % self.vision_heads:
+            raise ValueError("vision_hidden_size must be divisible by vision_heads")
+        return self
+
+    @classmethod
+    def for_build(cls: type[_T], owner: type, path: str | Path, options: Mapping[str, Any]) -> tuple[_T, Path]:
+        """Validate ``options`` for ``owner.build_tiny_checkpoint`` and create ``path``.
+
+        Raises ``ValueError`` naming the builder and the bad option.
+        """
+        try:
+            opts = cls.model_validate(dict(options))
+        except Exception as exc:  # pydantic's message names the bad option
+            raise ValueError(f"{owner.__name__}.build_tiny_checkpoint: invalid options: {exc}") from exc
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        return opts, path
+
+    def tokenizer(self, special_tokens: Sequence[str], corpus: Iterable[str] = (), **kwargs: Any) -> Any:
+        """:func:`build_tiny_tokenizer` with these options' ``vocab_size`` and ``extra_corpus``.
+
+        ``corpus``: the family's own words (added before ``extra_corpus``); ``kwargs`` go to
+        :func:`build_tiny_tokenizer` (``eos_token``, ``tokenizer_class`` ...).
+        """
+        return build_tiny_tokenizer(special_tokens, extra_corpus=[*corpus, *self.extra_corpus],
+                                    vocab_size=self.vocab_size, **kwargs)
+
+    def vit_config(self, num_layers: int, **extra: Any) -> dict[str, Any]:
+        """A ViT-style ``vision_config`` (CLIP, SigLIP, InternViT keys) of ``num_layers``, plus ``extra``."""
+        return {
+            "hidden_size": self.vision_hidden_size,
+            "intermediate_size": 2 * self.vision_hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": self.vision_heads,
+            **extra,
+        }
+
+    def text_config(self, vocab_size: int, **extra: Any) -> dict[str, Any]:
+        """The decoder part of a model config (``text_config``), plus ``extra`` keys."""
+        return {
+            "vocab_size": vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "max_position_embeddings": 4096,
+            **extra,
+        }
+
+
+def save_tiny_model(config: Any, path: str | Path, *, seed: int, **generation: Any) -> Any:
+    """Initialise ``AutoModelForImageTextToText`` from ``config`` with ``seed``, save it, return it.
+
+    Its generation config samples at temperature 1 (like the real chat checkpoints) with the
+    ``generation`` ids (``eos_token_id``, ``pad_token_id`` ...).
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(**generation, do_sample=True, temperature=1.0)
+    model.save_pretrained(path)
+    return model
