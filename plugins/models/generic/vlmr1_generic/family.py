@@ -2,13 +2,14 @@
 
 SmolVLM / Idefics3, Gemma 3, LLaVA(-NeXT, -OneVision), Mistral 3, PaliGemma ... load through
 ``AutoModelForImageTextToText`` / ``AutoProcessor`` and their chat templates, so the defaults
-of :class:`~core.interfaces.ModelFamily` already carry most of the behaviour. What a dedicated
+of :class:`~core.interfaces.TransformersFamily` already carry most of the behaviour. What a dedicated
 family knows and this one cannot:
 
 * the **box convention** of the model's answers: ``unknown`` unless the config says otherwise
   (``options.box_convention``), so box rewards must be told;
 * extra per-token inputs beyond ``token_type_ids`` / ``mm_token_type_ids``;
-* model-specific generation defects (see :func:`fix_multi_image_expansion`).
+* model-specific generation defects (:class:`~core.interfaces.TransformersFamily` repairs the
+  known one, see :func:`core.compat.fix_multi_image_expansion`).
 
 It is a **fallback**: it claims every ``model_type`` transformers maps to
 ``AutoModelForImageTextToText``, including those a dedicated family (Qwen-VL, InternVL, GLM-4V)
@@ -18,64 +19,18 @@ also claims; the plugin host must prefer the dedicated one (class attribute ``fa
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.compat import fix_multi_image_expansion
-from core.interfaces import ModelFamily
+from core.interfaces import TransformersFamily
+from core.interfaces.hf_family import single_token_ids
+from core.testing.tiny import TinyOptions, reload_tokenizer, save_tiny_model
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
-
-log = logging.getLogger(__name__)
-
-#: Attribute names under which transformers processors keep their vision placeholder tokens
-#: (image/video pads, image begin/end markers, Idefics3's fake/global image tokens ...).
-PROCESSOR_TOKEN_ATTRS: tuple[str, ...] = (
-    "image_token",
-    "video_token",
-    "boi_token",
-    "eoi_token",
-    "start_image_token",
-    "end_image_token",
-    "image_start_token",
-    "image_end_token",
-    "fake_image_token",
-    "global_image_token",
-    "vision_start_token",
-    "vision_end_token",
-)
-#: Config / processor attributes that hold such ids directly.
-TOKEN_ID_ATTRS: tuple[str, ...] = (
-    "image_token_id",
-    "image_token_index",
-    "video_token_id",
-    "video_token_index",
-    "boi_token_index",
-    "eoi_token_index",
-    "boi_token_id",
-    "eoi_token_id",
-    "image_start_token_id",
-    "image_end_token_id",
-    "vision_start_token_id",
-    "vision_end_token_id",
-)
-#: Names transformers gives vision towers (the list ``PreTrainedModel.get_encoder`` searches)
-#: and multimodal projectors across its image-text-to-text models.
-VISION_TOWER_NAMES: tuple[str, ...] = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_tower")
-PROJECTOR_NAMES: tuple[str, ...] = (
-    "multi_modal_projector",
-    "connector",
-    "mm_projector",
-    "vision_projection",
-    "visual_projection",
-    "embed_vision",
-)
 
 #: Chat template of the tiny LLaVA, in LLaVA-1.5's ``USER: <image>\n... ASSISTANT:``
 #: format (images in message order; string contents and system turns accepted).
@@ -156,7 +111,7 @@ class GenericOptions(BaseModel):
         return self
 
 
-class TinyGenericOptions(BaseModel):
+class TinyGenericOptions(TinyOptions):
     """Options of :meth:`GenericFamily.build_tiny_checkpoint` (all overridable).
 
     ``arch``: ``llava`` (CLIP vision + Llama, ``LlavaForConditionalGeneration``) or ``gemma3``
@@ -164,25 +119,14 @@ class TinyGenericOptions(BaseModel):
     tokens, driven by ``token_type_ids``). ``image_size`` / ``patch_size``: the vision input;
     LLaVA writes one ``<image>`` token per patch (28 / 14: 4), Gemma 3 average-pools the patch
     grid to ``mm_tokens_per_image`` = 4 soft tokens (28 / 7: 4x4 patches -> 2x2). ``rope_theta``
-    is tiny on purpose so a 2-layer model can tell nearby positions apart.
+    is tiny on purpose so a 2-layer model can tell nearby positions apart. The decoder and
+    tokenizer options are :class:`~core.testing.tiny.TinyOptions`'.
     """
 
-    model_config = ConfigDict(extra="forbid")
     arch: Literal["llava", "gemma3"] = "llava"
-    hidden_size: int = Field(64, ge=8)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
-    num_kv_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(128, ge=1)
-    rope_theta: float = Field(3.0, gt=0)
-    vision_hidden_size: int = Field(32, ge=8)
     vision_layers: int = Field(2, ge=2)  # LLaVA reads the second-to-last vision layer
-    vision_heads: int = Field(2, ge=1)
     image_size: int = Field(28, ge=2)
     patch_size: int | None = Field(None, ge=1, description="default: 14 (llava), 7 (gemma3)")
-    vocab_size: int = Field(512, ge=300)
-    extra_corpus: list[str] = Field(default_factory=list)
-    seed: int = 0
 
     @property
     def patch(self) -> int:
@@ -191,12 +135,6 @@ class TinyGenericOptions(BaseModel):
 
     @model_validator(mode="after")
     def _shapes(self) -> TinyGenericOptions:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
-        if self.vision_hidden_size % self.vision_heads:
-            raise ValueError("vision_hidden_size must be divisible by vision_heads")
         grid, rest = divmod(self.image_size, self.patch)
         if rest:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch})")
@@ -205,26 +143,13 @@ class TinyGenericOptions(BaseModel):
         return self
 
 
-def single_token_ids(tokenizer: Any, tokens: list[str]) -> set[int]:
-    """Ids of those ``tokens`` that are one vocabulary entry each (others are skipped).
-
-    A token missing from a vocabulary maps to the unknown id or ``None``; the round trip
-    ``id -> token`` filters both out, so nothing unrelated is ever suppressed.
-    """
-    ids: set[int] = set()
-    for t in tokens:
-        i = tokenizer.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i >= 0 and tokenizer.convert_ids_to_tokens(i) == t:
-            ids.add(i)
-    return ids
-
-
-class GenericFamily(ModelFamily):
+class GenericFamily(TransformersFamily):
     """Any ``AutoModelForImageTextToText`` checkpoint, as a fallback.
 
     Loading, prompting (the checkpoint's own chat template) and processing are transformers'
-    defaults; vision modules are found by transformers' usual module names; suppressed ids
-    come from the processor's and config's image/video token attributes.
+    defaults; vision modules are found by transformers' usual module names and suppressed ids
+    come from the processor's and config's image/video token attributes (both
+    :class:`~core.interfaces.TransformersFamily`'s defaults). What is left here: the options.
     """
 
     name = "generic"
@@ -247,14 +172,11 @@ class GenericFamily(ModelFamily):
         return model_type in image_text_to_text_model_types()
 
     # ---- loading ---------------------------------------------------------------------
-    def load_model(
-        self, path: str | Path, *, dtype: torch.dtype, attn_implementation: str | None = None
-    ) -> Any:
-        """``AutoModelForImageTextToText`` after checking the checkpoint is a decoder-only VLM.
+    def check_checkpoint(self, path: str | Path) -> Any:
+        """Refuse a checkpoint that is not a decoder-only ``AutoModelForImageTextToText`` VLM.
 
         Encoder-decoder models (BLIP, Florence-2, Pix2Struct ...) are refused: GRPO's training
         forward appends completions to the prompt, which only decoder-only models accept.
-        Multi-image expansion in ``generate`` is repaired where transformers needs it.
         """
         from transformers import AutoConfig
 
@@ -268,10 +190,7 @@ class GenericFamily(ModelFamily):
             raise ValueError(
                 f"{path}: {cfg.model_type!r} is an encoder-decoder model; vlmr1 trains decoder-only VLMs"
             )
-        model = super().load_model(path, dtype=dtype, attn_implementation=attn_implementation)
-        if fix_multi_image_expansion(model):
-            log.info("%s: repaired multi-image expansion in generate()", type(model).__name__)
-        return model
+        return cfg
 
     def processor_init_kwargs(self) -> dict[str, Any]:
         """``options.processor_kwargs``."""
@@ -300,21 +219,6 @@ class GenericFamily(ModelFamily):
             kwargs.setdefault("add_special_tokens", False)
         return processor(text=list(texts), padding=True, return_tensors="pt", **kwargs)
 
-    def resized_image_size(self, processor: Any, image: Image.Image) -> tuple[int, int]:
-        """The fixed ``size`` of image processors that resize to ``height`` x ``width``; else unchanged.
-
-        Processors with aspect-preserving resizes, crops or tiling are not modelled (the
-        family offers no ``absolute_resized`` convention for that reason).
-        """
-        ip = getattr(processor, "image_processor", None)
-        size = getattr(ip, "size", None)
-        if size is not None and getattr(ip, "do_resize", True):
-            get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
-            h, w = get("height"), get("width")
-            if h and w:
-                return int(w), int(h)
-        return image.size
-
     # ---- facts for training ----------------------------------------------------------
     def vision_module_names(self, model: Any) -> list[str]:
         """``options.vision_modules``, else the shallowest module of each known tower/projector name.
@@ -322,51 +226,30 @@ class GenericFamily(ModelFamily):
         Raises a ValueError naming the option when nothing is found (rather than letting
         frozen-vision training or LoRA silently cover the vision tower).
         """
-        names = [n for n, _ in model.named_modules()]
-        present = set(names)
         if self.options.vision_modules is not None:
+            present = {n for n, _ in model.named_modules()}
             missing = [n for n in self.options.vision_modules if n not in present]
             if missing:
                 raise ValueError(f"model.options.vision_modules: {missing} not found in {type(model).__name__}")
             return list(self.options.vision_modules)
-        out = []
-        for leaf in (*VISION_TOWER_NAMES, *PROJECTOR_NAMES):
-            hits = [n for n in names if n.rsplit(".", 1)[-1] == leaf]
-            if hits:
-                best = min(hits, key=lambda n: n.count("."))
-                if not any(best == o or best.startswith(o + ".") for o in out):  # not inside one found
-                    out.append(best)
-        if not any(n.rsplit(".", 1)[-1] in VISION_TOWER_NAMES for n in out):
-            raise ValueError(
-                f"model family {self.name!r}: no vision tower named {'/'.join(VISION_TOWER_NAMES)} in "
-                f"{type(model).__name__}; set model.options.vision_modules"
-            )
-        return out
+        try:
+            return super().vision_module_names(model)
+        except ValueError as exc:  # a model with names this family does not know: say what to set
+            raise ValueError(f"{exc}; set model.options.vision_modules") from None
 
     def suppressed_token_ids(self, processor: Any, model: Any) -> list[int]:
         """Vision placeholder ids from the processor's and config's token attributes.
 
         Strings (``processor.image_token`` ...) count only when they are one vocabulary entry;
         ids (``config.image_token_id`` ...) only when inside the vocabulary. Plus
-        ``options.suppress_tokens``.
+        ``options.suppress_tokens``, each of which must be one vocabulary entry.
         """
         tok = getattr(processor, "tokenizer", processor)
-        vocab_size = len(tok)
-        ids: set[int] = set()
-        cfgs = [getattr(model, "config", None)]
-        cfgs.append(getattr(cfgs[0], "text_config", None))
-        for src in (processor, *cfgs):
-            for attr in TOKEN_ID_ATTRS:
-                val = getattr(src, attr, None)
-                if isinstance(val, int) and 0 <= val < max(vocab_size, _vocab_size(model)):
-                    ids.add(val)
-        strings = [getattr(processor, a, None) for a in PROCESSOR_TOKEN_ATTRS]
-        wanted = [s for s in strings if isinstance(s, str)] + list(self.options.suppress_tokens)
-        found = single_token_ids(tok, wanted)
+        found = single_token_ids(tok, self.options.suppress_tokens)
         unknown = [t for t in self.options.suppress_tokens if t not in {tok.convert_ids_to_tokens(i) for i in found}]
         if unknown:
             raise ValueError(f"model.options.suppress_tokens: {unknown} are not single tokens of this tokenizer")
-        return sorted(ids | found)
+        return sorted(set(super().suppressed_token_ids(processor, model)) | found)
 
     # ---- offline tiny checkpoints ----------------------------------------------------
     @classmethod
@@ -384,12 +267,7 @@ class GenericFamily(ModelFamily):
         :class:`TinyGenericOptions`. Reloads offline with ``AutoModelForImageTextToText`` /
         ``AutoProcessor``.
         """
-        try:
-            o = TinyGenericOptions.model_validate(options)
-        except Exception as exc:  # pydantic's message names the bad option
-            raise ValueError(f"{cls.__name__}.build_tiny_checkpoint: invalid options: {exc}") from exc
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        o, path = TinyGenericOptions.for_build(cls, path, options)
         (_tiny_llava if o.arch == "llava" else _tiny_gemma3)(o, path)
         return path
 
@@ -401,43 +279,11 @@ def _tiny_tokenizer(o: TinyGenericOptions, specials: tuple[str, ...], corpus: li
     Reloading with ``add_bos_token`` / a dict ``extra_special_tokens`` is how a transformers
     tokenizer gets its BOS post-processor and named tokens (``tokenizer.boi_token`` ...).
     """
-    import tempfile
-
-    from transformers import AutoTokenizer
-
-    from core.testing.tiny import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer(list(specials), extra_corpus=[*corpus, *o.extra_corpus], vocab_size=o.vocab_size,
-                               eos_token=eos, pad_token=pad, bos_token=bos, unk_token="<unk>")
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(tmp)
-        kwargs: dict[str, Any] = {"add_bos_token": True}
-        if named:
-            kwargs["extra_special_tokens"] = dict(named)
-        return AutoTokenizer.from_pretrained(tmp, **kwargs)
-
-
-def _text_config(o: TinyGenericOptions, vocab_size: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "vocab_size": vocab_size,
-        "hidden_size": o.hidden_size,
-        "intermediate_size": o.intermediate_size,
-        "num_hidden_layers": o.num_layers,
-        "num_attention_heads": o.num_heads,
-        "num_key_value_heads": o.num_kv_heads,
-        "max_position_embeddings": 4096,
-        **extra,
-    }
-
-
-def _save_model(config: Any, o: TinyGenericOptions, path: Path, **generation: Any) -> None:
-    import torch
-    from transformers import AutoModelForImageTextToText, GenerationConfig
-
-    torch.manual_seed(o.seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(do_sample=True, temperature=1.0, **generation)
-    model.save_pretrained(path)
+    tok = o.tokenizer(specials, corpus, eos_token=eos, pad_token=pad, bos_token=bos, unk_token="<unk>")
+    kwargs: dict[str, Any] = {"add_bos_token": True}
+    if named:
+        kwargs["extra_special_tokens"] = dict(named)
+    return reload_tokenizer(tok, **kwargs)
 
 
 def _tiny_llava(o: TinyGenericOptions, path: Path) -> None:
@@ -449,18 +295,10 @@ def _tiny_llava(o: TinyGenericOptions, path: Path) -> None:
     ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
     grid = o.image_size // o.patch
     config = LlavaConfig(
-        vision_config={
-            "model_type": "clip_vision_model",
-            "hidden_size": o.vision_hidden_size,
-            "intermediate_size": 2 * o.vision_hidden_size,
-            "num_hidden_layers": o.vision_layers,
-            "num_attention_heads": o.vision_heads,
-            "image_size": o.image_size,
-            "patch_size": o.patch,
-            "projection_dim": o.vision_hidden_size,
-        },
-        text_config=_text_config(
-            o, len(tok), model_type="llama",
+        vision_config=o.vit_config(o.vision_layers, model_type="clip_vision_model", image_size=o.image_size,
+                                   patch_size=o.patch, projection_dim=o.vision_hidden_size),
+        text_config=o.text_config(
+            len(tok), model_type="llama",
             rope_parameters={"rope_type": "default", "rope_theta": o.rope_theta},
             bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
         ),
@@ -469,7 +307,8 @@ def _tiny_llava(o: TinyGenericOptions, path: Path) -> None:
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
-    _save_model(config, o, path, eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"])
+    save_tiny_model(config, path, seed=o.seed, eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
+                    bos_token_id=ids["<s>"])
     # LLaVA-1.5's preprocessing (CLIP: shortest edge, centre crop), at the tiny size.
     LlavaProcessor(
         image_processor=CLIPImageProcessor(
@@ -497,27 +336,20 @@ def _tiny_gemma3(o: TinyGenericOptions, path: Path) -> None:
     eos = [ids["<eos>"], ids["<end_of_turn>"]]
     layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(o.num_layers)]
     config = Gemma3Config(
-        text_config=_text_config(
-            o, len(tok), model_type="gemma3_text", head_dim=o.hidden_size // o.num_heads,
+        text_config=o.text_config(
+            len(tok), model_type="gemma3_text", head_dim=o.hidden_size // o.num_heads,
             query_pre_attn_scalar=o.hidden_size // o.num_heads, sliding_window=16, layer_types=layer_types,
             rope_parameters={"full_attention": rope, "sliding_attention": dict(rope)},
             bos_token_id=ids["<bos>"], eos_token_id=eos, pad_token_id=ids["<pad>"],
         ),
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": o.vision_hidden_size,
-            "intermediate_size": 2 * o.vision_hidden_size,
-            "num_hidden_layers": o.vision_layers,
-            "num_attention_heads": o.vision_heads,
-            "image_size": o.image_size,
-            "patch_size": o.patch,
-        },
+        vision_config=o.vit_config(o.vision_layers, model_type="siglip_vision_model", image_size=o.image_size,
+                                   patch_size=o.patch),
         mm_tokens_per_image=4,
         boi_token_index=ids["<start_of_image>"],
         eoi_token_index=ids["<end_of_image>"],
         image_token_index=ids["<image_soft_token>"],
     )
-    _save_model(config, o, path, eos_token_id=eos, pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"])
+    save_tiny_model(config, path, seed=o.seed, eos_token_id=eos, pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"])
     Gemma3Processor(
         image_processor=Gemma3ImageProcessor(size={"height": o.image_size, "width": o.image_size}),
         tokenizer=tok,
@@ -525,7 +357,3 @@ def _tiny_gemma3(o: TinyGenericOptions, path: Path) -> None:
         image_seq_length=4,
     ).save_pretrained(path)
 
-
-def _vocab_size(model: Any) -> int:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return int(emb.weight.shape[0]) if emb is not None else 0

@@ -17,17 +17,16 @@ model_type     checkpoints                          classes
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from core.compat import fix_multi_image_expansion
-from core.interfaces import ModelFamily
+from core.interfaces import PixelBoundsOptions, TransformersFamily
+from core.interfaces.hf_family import sibling_function, size_value, transformers_has
+from core.testing.tiny import TinyOptions, save_tiny_model
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
 
 #: Special tokens of the real GLM-4.1V / 4.5V tokenizers that the processor, the chat
@@ -94,7 +93,7 @@ CHAT_TEMPLATE = (
 Variant = Literal["glm4v", "glm4v_moe", "glm46v"]
 
 
-class GLM4VOptions(BaseModel):
+class GLM4VOptions(PixelBoundsOptions):
     """Options of the GLM-4V family (``model.options`` in a run config).
 
     ``min_pixels`` / ``max_pixels`` bound the image area after ``smart_resize`` (the image
@@ -103,46 +102,25 @@ class GLM4VOptions(BaseModel):
     ``None`` keeps the checkpoint's values.
     """
 
-    model_config = ConfigDict(extra="forbid")
-    min_pixels: int | None = Field(None, ge=1)
-    max_pixels: int | None = Field(None, ge=1)
 
-    @model_validator(mode="after")
-    def _ordered(self) -> GLM4VOptions:
-        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
-            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
-        return self
-
-
-class TinyGLM4VOptions(BaseModel):
+class TinyGLM4VOptions(TinyOptions):
     """Options of :meth:`GLM4VFamily.build_tiny_checkpoint` (all overridable).
 
     ``variant`` picks the architecture (``glm4v`` dense, ``glm4v_moe`` with a tiny MoE decoder,
     ``glm46v``). ``partial_rotary_factor`` 0.5 and the T/H/W ``mrope_section`` split follow the
     real checkpoints (scaled to the tiny head); ``rope_theta`` is tiny on purpose so a 2-layer
-    model can tell nearby positions apart.
+    model can tell nearby positions apart. The other decoder and tokenizer options are
+    :class:`~core.testing.tiny.TinyOptions`'.
     """
 
-    model_config = ConfigDict(extra="forbid")
     variant: Variant = "glm4v"
-    hidden_size: int = Field(64, ge=8)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
-    num_kv_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(128, ge=1)
-    rope_theta: float = Field(3.0, gt=0)
     partial_rotary_factor: float = Field(0.5, gt=0, le=1)
     mrope_section: list[int] | None = None
     num_experts: int = Field(4, ge=1)
     experts_per_token: int = Field(2, ge=1)
-    vision_hidden_size: int = Field(32, ge=8)
     vision_depth: int = Field(2, ge=1)
-    vision_heads: int = Field(2, ge=1)
-    vocab_size: int = Field(512, ge=300)
-    extra_corpus: list[str] = Field(default_factory=list)
     min_pixels: int | None = Field(None, ge=1)
     max_pixels: int | None = Field(None, ge=1)
-    seed: int = 0
 
     def rotary_half(self) -> int:
         """Number of rotary frequencies: ``head_dim * partial_rotary_factor / 2``."""
@@ -150,12 +128,6 @@ class TinyGLM4VOptions(BaseModel):
 
     @model_validator(mode="after")
     def _shapes(self) -> TinyGLM4VOptions:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
-        if self.vision_hidden_size % self.vision_heads:
-            raise ValueError("vision_hidden_size must be divisible by vision_heads")
         if self.experts_per_token > self.num_experts:
             raise ValueError("experts_per_token must not exceed num_experts")
         half = self.rotary_half()
@@ -169,35 +141,15 @@ class TinyGLM4VOptions(BaseModel):
         return self
 
 
-def _transformers_has(model_type: str) -> bool:
-    """Whether ``transformers.models.<model_type>`` exists (looked up without importing it)."""
-    from importlib.util import find_spec
-
-    try:
-        return find_spec(f"transformers.models.{model_type}") is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def glm4v_available() -> tuple[bool, str]:
     """Whether the installed transformers has the GLM-4.1V classes, and if not, why not."""
-    if not _transformers_has("glm4v"):
+    if not transformers_has("glm4v"):
         return False, ("the installed transformers has no GLM-4.1V classes (transformers.models.glm4v; "
                        "they need transformers>=4.53): the glm4v model family is unavailable")
     return True, ""
 
 
-def single_token_ids(tokenizer: Any, tokens: tuple[str, ...] | list[str]) -> set[int]:
-    """Ids of those ``tokens`` that are one vocabulary entry each (others are skipped)."""
-    ids: set[int] = set()
-    for t in tokens:
-        i = tokenizer.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i >= 0 and tokenizer.convert_ids_to_tokens(i) == t:
-            ids.add(i)
-    return ids
-
-
-class GLM4VFamily(ModelFamily):
+class GLM4VFamily(TransformersFamily):
     """GLM-4.1V / GLM-4.5V / GLM-4.6V.
 
     Boxes: GLM-V answers grounding prompts with ``<|begin_of_box|>[x1, y1, x2, y2]<|end_of_box|>``
@@ -215,51 +167,18 @@ class GLM4VFamily(ModelFamily):
     #: Training passes run one prompt per group (core.grpo.prefix); positions from get_rope_index.
     prefix_sharing = True
     Options = GLM4VOptions
+    # Loading, the pixel-bound options (GLM's image processors take them only as ``size``),
+    # the generate() multi-image repair, vision modules and suppressed ids:
+    # TransformersFamily's, with these names.
+    vision_towers = ("visual",)
+    vision_projectors = ()
+    vision_tower_parts = ("merger",)
+    suppressed_tokens = VISION_TOKENS
 
     @classmethod
     def handles(cls, model_type: str) -> bool:
         """One of :attr:`model_types` whose classes the installed transformers provides."""
-        return model_type in cls.model_types and _transformers_has(model_type)
-
-    # ---- loading ---------------------------------------------------------------------
-    def load_model(
-        self, path: str | Path, *, dtype: torch.dtype, attn_implementation: str | None = None
-    ) -> Any:
-        """Load with ``AutoModelForImageTextToText`` after checking ``config.model_type``.
-
-        Also repairs multi-image expansion in ``generate`` where this transformers needs it
-        (:func:`fix_multi_image_expansion`): GRPO samples n completions per prompt with
-        ``num_return_sequences``, and every one of them must see the prompt's own images.
-        """
-        from transformers import AutoConfig
-
-        model_type = AutoConfig.from_pretrained(str(path)).model_type
-        if not self.handles(model_type):
-            raise ValueError(
-                f"{path}: config.model_type is {model_type!r}, but model family {self.name!r} "
-                f"handles {list(self.model_types)}"
-            )
-        model = super().load_model(path, dtype=dtype, attn_implementation=attn_implementation)
-        fix_multi_image_expansion(model)
-        return model
-
-    def load_processor(self, path: str | Path) -> Any:
-        """``AutoProcessor`` (left padding) with ``min_pixels`` / ``max_pixels`` applied to ``size``.
-
-        The GLM image processors take the area bounds only as ``size`` (no ``min_pixels``
-        kwarg), so they are set on the loaded image processor, whose ``size`` every call uses.
-        """
-        proc = super().load_processor(path)
-        if self.options.min_pixels is not None or self.options.max_pixels is not None:
-            ip = proc.image_processor
-            size = dict(ip.size.items()) if hasattr(ip.size, "items") else {
-                "shortest_edge": ip.size.shortest_edge, "longest_edge": ip.size.longest_edge}
-            if self.options.min_pixels is not None:
-                size["shortest_edge"] = self.options.min_pixels
-            if self.options.max_pixels is not None:
-                size["longest_edge"] = self.options.max_pixels
-            ip.size = size if isinstance(ip.size, dict) else type(ip.size)(**size)
-        return proc
+        return model_type in cls.model_types and transformers_has(model_type)
 
     # ---- processing ------------------------------------------------------------------
     def resized_image_size(self, processor: Any, image: Image.Image) -> tuple[int, int]:
@@ -270,50 +189,15 @@ class GLM4VFamily(ModelFamily):
         as the processor does. Boxes are 0-1000 normalised, so rewards do not need this.
         """
         ip = processor.image_processor
-        module = importlib.import_module(type(ip).__module__)
-        smart_resize = getattr(module, "smart_resize", None)
+        smart_resize = sibling_function(ip, "smart_resize")
         if smart_resize is None:  # an image processor defined elsewhere: use the reference one
             from transformers.models.glm4v.image_processing_glm4v import smart_resize
-        size = ip.size
-        get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
         width, height = image.size
         tp = ip.temporal_patch_size
         h, w = smart_resize(num_frames=tp, height=height, width=width, temporal_factor=tp,
-                            factor=ip.patch_size * ip.merge_size,
-                            min_pixels=get("shortest_edge"), max_pixels=get("longest_edge"))
+                            factor=ip.patch_size * ip.merge_size, min_pixels=size_value(ip.size, "shortest_edge"),
+                            max_pixels=size_value(ip.size, "longest_edge"))
         return int(w), int(h)
-
-    # ---- facts for training ----------------------------------------------------------
-    def vision_module_names(self, model: Any) -> list[str]:
-        """The vision tower (``model.visual``) and its patch merger (``model.visual.merger``).
-
-        Names come from ``named_modules()``, so wrapped models (PEFT, DDP) work too.
-        """
-        names = [n for n, _ in model.named_modules()]
-        towers = [n for n in names if n.rsplit(".", 1)[-1] == "visual"]
-        if not towers:
-            raise ValueError(f"model family {self.name!r}: no `visual` module in {type(model).__name__}")
-        tower = min(towers, key=lambda n: n.count("."))
-        merger = f"{tower}.merger"
-        return [tower, merger] if merger in set(names) else [tower]
-
-    def suppressed_token_ids(self, processor: Any, model: Any) -> list[int]:
-        """Ids of ``<|image|>``, ``<|video|>`` and the image/video begin/end markers.
-
-        Taken from the model config (``image_token_id`` ...) and the tokenizer, never
-        hard-coded, so the tiny and the real vocabularies both work.
-        """
-        ids: set[int] = set()
-        cfg = getattr(model, "config", None)
-        for attr in ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
-                     "video_start_token_id", "video_end_token_id"):
-            val = getattr(cfg, attr, None)
-            if isinstance(val, int):
-                ids.add(val)
-        tok = getattr(processor, "tokenizer", processor)
-        named = [getattr(processor, a, None) for a in ("image_token", "video_token")]
-        ids |= single_token_ids(tok, [t for t in named if isinstance(t, str)] + list(VISION_TOKENS))
-        return sorted(ids)
 
     # ---- offline tiny checkpoints ----------------------------------------------------
     @staticmethod
@@ -337,49 +221,25 @@ class GLM4VFamily(ModelFamily):
         Options: :class:`TinyGLM4VOptions`. Reloads offline with
         ``AutoModelForImageTextToText`` / ``AutoProcessor``.
         """
-        import torch
-        from transformers import AutoModelForImageTextToText, GenerationConfig
-
-        from core.testing.tiny import build_tiny_tokenizer
-
-        try:
-            o = TinyGLM4VOptions.model_validate(options)
-        except Exception as exc:  # pydantic's message names the bad option
-            raise ValueError(f"{cls.__name__}.build_tiny_checkpoint: invalid options: {exc}") from exc
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        o, path = TinyGLM4VOptions.for_build(cls, path, options)
         patch, merge = 14, 2
         factor = patch * merge
         # GLM's smart_resize counts an image as 2 frames: the bounds are 2x the image area.
         min_px = o.min_pixels if o.min_pixels is not None else 2 * factor * factor
         max_px = o.max_pixels if o.max_pixels is not None else 2 * (2 * factor) ** 2
 
-        tok = build_tiny_tokenizer(
-            list(GLM_SPECIAL_TOKENS),
-            extra_corpus=["<|begin_of_box|>[100, 200, 300, 400]<|end_of_box|>", *o.extra_corpus],
-            vocab_size=o.vocab_size,
-            eos_token="<|endoftext|>",
-            pad_token="<|endoftext|>",
-        )
+        tok = o.tokenizer(GLM_SPECIAL_TOKENS, ["<|begin_of_box|>[100, 200, 300, 400]<|end_of_box|>"],
+                          eos_token="<|endoftext|>", pad_token="<|endoftext|>")
         tok.chat_template = CHAT_TEMPLATE
         ids = {t: tok.convert_tokens_to_ids(t) for t in GLM_SPECIAL_TOKENS}
-        text: dict[str, Any] = {
-            "vocab_size": len(tok),
-            "hidden_size": o.hidden_size,
-            "intermediate_size": o.intermediate_size,
-            "num_hidden_layers": o.num_layers,
-            "num_attention_heads": o.num_heads,
-            "num_key_value_heads": o.num_kv_heads,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": o.rope_theta,
-                "partial_rotary_factor": o.partial_rotary_factor,
-                "mrope_section": o.mrope_section or cls._mrope_section(o.rotary_half()),
-            },
-            "eos_token_id": ids["<|endoftext|>"],
-            "pad_token_id": ids["<|endoftext|>"],
+        rope = {
+            "rope_type": "default",
+            "rope_theta": o.rope_theta,
+            "partial_rotary_factor": o.partial_rotary_factor,
+            "mrope_section": o.mrope_section or cls._mrope_section(o.rotary_half()),
         }
+        text = o.text_config(len(tok), rope_parameters=rope, eos_token_id=ids["<|endoftext|>"],
+                             pad_token_id=ids["<|endoftext|>"])
         vision = {
             "depth": o.vision_depth,
             "hidden_size": o.vision_hidden_size,
@@ -427,15 +287,8 @@ class GLM4VFamily(ModelFamily):
             text["model_type"] = "glm4v_text"
             vision["model_type"] = "glm4v_vision"
         config = ConfigCls(text_config=text, vision_config=vision, **token_ids)
-        torch.manual_seed(o.seed)
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-        model.generation_config = GenerationConfig(
-            eos_token_id=[ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]],
-            pad_token_id=ids["<|endoftext|>"],
-            do_sample=True,
-            temperature=1.0,
-        )
-        model.save_pretrained(path)
+        save_tiny_model(config, path, seed=o.seed, pad_token_id=ids["<|endoftext|>"],
+                        eos_token_id=[ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]])
         kw = {"patch_size": patch, "merge_size": merge, "temporal_patch_size": 2}
         ProcessorCls(
             image_processor=ImageCls(size={"shortest_edge": min_px, "longest_edge": max_px}, **kw),

@@ -8,16 +8,16 @@ the subclasses state what differs: ``model_type``, box convention and the tiny a
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from core.interfaces import ModelFamily
+from core.interfaces import PixelBoundsOptions, TransformersFamily
+from core.interfaces.hf_family import sibling_function, transformers_has
+from core.testing.tiny import TinyOptions, save_tiny_model
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
 
 #: The special tokens of the real Qwen2-VL / Qwen2.5-VL / Qwen3-VL tokenizers that the
@@ -84,7 +84,7 @@ def qwen_chat_template(default_system: str | None) -> str:
     )
 
 
-class QwenVLOptions(BaseModel):
+class QwenVLOptions(PixelBoundsOptions):
     """Options of every Qwen-VL family.
 
     ``min_pixels`` / ``max_pixels`` bound the area an image is resized to (the processor's
@@ -92,18 +92,8 @@ class QwenVLOptions(BaseModel):
     VLM-R1's REC recipe uses ``max_pixels = 12845056`` and ``min_pixels = 3136``.
     """
 
-    model_config = ConfigDict(extra="forbid")
-    min_pixels: int | None = Field(None, ge=1)
-    max_pixels: int | None = Field(None, ge=1)
 
-    @model_validator(mode="after")
-    def _ordered(self) -> QwenVLOptions:
-        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
-            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
-        return self
-
-
-class TinyQwenOptions(BaseModel):
+class TinyQwenOptions(TinyOptions):
     """Options of :meth:`QwenVLFamily.build_tiny_checkpoint` (all overridable).
 
     ``rope_theta`` is tiny on purpose: with the real 1e6 a 2-layer, 16-dim-head model cannot
@@ -117,46 +107,38 @@ class TinyQwenOptions(BaseModel):
     and writes the marginal box distribution. With hidden 128, the old fixed 4 heads (head_dim 32)
     stayed on that plateau for 1500 SFT steps at lr 1e-3 (every greedy answer the same box) and
     left it only at lr 3e-3 after ~600 steps; 8 heads of 16 left it by step ~350 at lr 1e-3
-    (examples/grounding_cpu/README.md has the measurements).
+    (examples/grounding_cpu/README.md has the measurements). The other decoder and tokenizer
+    options are :class:`~core.testing.tiny.TinyOptions`'.
     """
 
-    model_config = ConfigDict(extra="forbid")
-    hidden_size: int = Field(64, ge=8)
-    num_layers: int = Field(2, ge=1)
     num_heads: int | None = Field(None, ge=1, description="default: hidden_size // 16")
     num_kv_heads: int | None = Field(None, ge=1, description="default: half of num_heads (at least 1)")
-    intermediate_size: int = Field(128, ge=1)
-    rope_theta: float = Field(3.0, gt=0)
     mrope_section: list[int] | None = None
-    vision_hidden_size: int = Field(32, ge=8)
     vision_depth: int = Field(2, ge=1)
-    vision_heads: int = Field(2, ge=1)
-    vocab_size: int = Field(512, ge=300)
-    extra_corpus: list[str] = Field(default_factory=list)
     min_pixels: int | None = Field(None, ge=1)
     max_pixels: int | None = Field(None, ge=1)
-    seed: int = 0
 
-    @model_validator(mode="after")
-    def _shapes(self) -> TinyQwenOptions:
+    def resolve_defaults(self) -> None:
+        """Heads from ``hidden_size`` (head_dim 16) and half as many KV heads, where not given."""
         if self.num_heads is None:
             self.num_heads = max(1, self.hidden_size // 16)
         if self.num_kv_heads is None:
             self.num_kv_heads = max(1, self.num_heads // 2) if self.num_heads % 2 == 0 else self.num_heads
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
-        if self.vision_hidden_size % self.vision_heads:
-            raise ValueError("vision_hidden_size must be divisible by vision_heads")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> TinyQwenOptions:
         half = self.hidden_size // self.num_heads // 2
         if self.mrope_section is not None and (len(self.mrope_section) != 3 or sum(self.mrope_section) != half):
             raise ValueError(f"mrope_section {self.mrope_section} must be 3 ints summing to head_dim/2 = {half}")
         return self
 
 
-class QwenVLFamily(ModelFamily):
-    """Shared behaviour of the Qwen-VL families (not registered itself)."""
+class QwenVLFamily(TransformersFamily):
+    """Shared behaviour of the Qwen-VL families (not registered itself).
+
+    Loading, the pixel-bound options, vision modules and suppressed ids are
+    :class:`~core.interfaces.TransformersFamily`'s, set by the class attributes below.
+    """
 
     Options = QwenVLOptions
     #: Training passes run one prompt per group (core.grpo.prefix); mRoPE from get_rope_index.
@@ -167,48 +149,12 @@ class QwenVLFamily(ModelFamily):
     tiny_patch_size: ClassVar[int] = 14
     #: Whether the text RoPE interleaves the T/H/W sections (Qwen3-VL) or concatenates them.
     mrope_interleaved: ClassVar[bool] = False
-
-    # ---- loading ---------------------------------------------------------------------
-    def load_model(
-        self, path: str | Path, *, dtype: torch.dtype, attn_implementation: str | None = None
-    ) -> Any:
-        """Load with ``AutoModelForImageTextToText`` after checking ``config.model_type``.
-
-        Real checkpoints and the tiny ones take exactly this path.
-        """
-        from transformers import AutoConfig
-
-        model_type = AutoConfig.from_pretrained(str(path)).model_type
-        if not self.handles(model_type):
-            raise ValueError(
-                f"{path}: config.model_type is {model_type!r}, but model family {self.name!r} "
-                f"handles {list(self.model_types)}"
-            )
-        return super().load_model(path, dtype=dtype, attn_implementation=attn_implementation)
-
-    def load_processor(self, path: str | Path) -> Any:
-        """``AutoProcessor`` (left padding) with ``min_pixels`` / ``max_pixels`` applied.
-
-        The bounds are set on the loaded image processor's ``size`` (``shortest_edge`` /
-        ``longest_edge``) rather than passed to ``from_pretrained``: transformers 5 would
-        also keep them as per-call kwargs and warn on every processor call.
-        """
-        proc = super().load_processor(path)
-        updates = {}
-        if self.options.min_pixels is not None:
-            updates["shortest_edge"] = self.options.min_pixels
-        if self.options.max_pixels is not None:
-            updates["longest_edge"] = self.options.max_pixels
-        if updates:
-            ip = proc.image_processor
-            merged = {**dict(ip.size), **updates}
-            if merged.get("shortest_edge", 0) > merged.get("longest_edge", float("inf")):
-                raise ValueError(
-                    f"{path}: min_pixels {merged['shortest_edge']} exceeds max_pixels {merged['longest_edge']} "
-                    "(one of them comes from the checkpoint's preprocessor config)"
-                )
-            ip.size = type(ip.size)(**merged)
-        return proc
+    #: The tower is ``model.visual``; its projectors (``merger`` and, for Qwen3-VL, the
+    #: ``deepstack_merger_list``) live inside it and are listed too.
+    vision_towers = ("visual",)
+    vision_projectors = ()
+    vision_tower_parts = ("merger", "deepstack_merger_list")
+    suppressed_tokens = VISION_TOKENS
 
     # ---- processing ------------------------------------------------------------------
     def resized_image_size(self, processor: Any, image: Image.Image) -> tuple[int, int]:
@@ -218,50 +164,13 @@ class QwenVLFamily(ModelFamily):
         torchvision or the PIL backend), so the result is what the model saw.
         """
         ip = processor.image_processor
-        module = importlib.import_module(type(ip).__module__)
-        smart_resize = getattr(module, "smart_resize", None)
+        smart_resize = sibling_function(ip, "smart_resize")
         if smart_resize is None:  # a subclass defined elsewhere: use the reference one
             from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
         min_px, max_px = ip.size.get("shortest_edge"), ip.size.get("longest_edge")
         width, height = image.size
         h, w = smart_resize(height, width, factor=ip.patch_size * ip.merge_size, min_pixels=min_px, max_pixels=max_px)
         return int(w), int(h)
-
-    # ---- facts for training ----------------------------------------------------------
-    def vision_module_names(self, model: Any) -> list[str]:
-        """The vision tower (``model.visual`` in transformers 5) and its merger(s).
-
-        The tower comes first; its projectors (``merger`` and, for Qwen3-VL, the
-        ``deepstack_merger_list``) live inside it and are listed too for callers that treat
-        the projector separately. Works on wrapped models (PEFT, DDP) since names are taken
-        from ``named_modules()``.
-        """
-        names = [n for n, _ in model.named_modules()]
-        towers = [n for n in names if n.rsplit(".", 1)[-1] == "visual"]
-        if not towers:
-            raise ValueError(f"model family {self.name!r}: no `visual` module in {type(model).__name__}")
-        tower = min(towers, key=lambda n: n.count("."))
-        present = set(names)
-        subs = [f"{tower}.{sub}" for sub in ("merger", "deepstack_merger_list")]
-        return [tower] + [n for n in subs if n in present]
-
-    def suppressed_token_ids(self, processor: Any, model: Any) -> list[int]:
-        """Ids of the vision placeholders (image/video pads, vision start/end/pad).
-
-        Taken from the model config (``image_token_id`` …) and the processor's tokenizer,
-        never hard-coded, so the tiny and the real vocabularies both work.
-        """
-        ids: set[int] = set()
-        cfg = getattr(model, "config", None)
-        for attr in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-            for src in (cfg, processor):
-                val = getattr(src, attr, None)
-                if isinstance(val, int):
-                    ids.add(val)
-        tok = getattr(processor, "tokenizer", processor)
-        vocab = tok.get_vocab()
-        ids.update(vocab[t] for t in VISION_TOKENS if t in vocab)
-        return sorted(ids)
 
     # ---- offline tiny checkpoints ----------------------------------------------------
     @classmethod
@@ -270,9 +179,35 @@ class QwenVLFamily(ModelFamily):
         raise NotImplementedError
 
     @classmethod
-    def _tiny_processor(cls, tokenizer: Any, min_pixels: int, max_pixels: int, chat_template: str) -> Any:
-        """The real processor class of the family around the tiny tokenizer."""
+    def _tiny_vision(cls, o: TinyQwenOptions, **extra: Any) -> dict[str, Any]:
+        """The vision-config keys every Qwen-VL tower shares (2x2 merge, 2 frames), plus ``extra``."""
+        return {"depth": o.vision_depth, "num_heads": o.vision_heads, "patch_size": cls.tiny_patch_size,
+                "spatial_merge_size": 2, "temporal_patch_size": 2, **extra}
+
+    @classmethod
+    def _tiny_processor_class(cls) -> Any:
+        """The family's real processor class (per family)."""
         raise NotImplementedError
+
+    @classmethod
+    def _tiny_video_processor(cls, min_pixels: int, max_pixels: int, **kw: Any) -> Any:
+        """The video processor of the tiny checkpoint (Qwen2-VL's; a video may have twice the area)."""
+        from transformers import Qwen2VLVideoProcessor
+
+        return Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels * 2, **kw)
+
+    @classmethod
+    def _tiny_processor(cls, tokenizer: Any, min_pixels: int, max_pixels: int, chat_template: str) -> Any:
+        """The real processor classes of the family around the tiny tokenizer."""
+        from transformers import Qwen2VLImageProcessor
+
+        kw = {"patch_size": cls.tiny_patch_size, "merge_size": 2, "temporal_patch_size": 2}
+        return cls._tiny_processor_class()(
+            image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, **kw),
+            tokenizer=tokenizer,
+            video_processor=cls._tiny_video_processor(min_pixels, max_pixels, **kw),
+            chat_template=chat_template,
+        )
 
     @classmethod
     def _mrope_section(cls, half: int) -> list[int]:
@@ -295,17 +230,7 @@ class QwenVLFamily(ModelFamily):
         ``<|im_end|>``. Options: see :class:`TinyQwenOptions`. Reloads with
         ``AutoModelForImageTextToText`` / ``AutoProcessor`` offline.
         """
-        import torch
-        from transformers import AutoModelForImageTextToText, GenerationConfig
-
-        from core.testing.tiny import build_tiny_tokenizer
-
-        try:
-            o = TinyQwenOptions.model_validate(options)
-        except Exception as exc:  # pydantic's message names the bad option
-            raise ValueError(f"{cls.__name__}.build_tiny_checkpoint: invalid options: {exc}") from exc
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        o, path = TinyQwenOptions.for_build(cls, path, options)
         factor = cls.tiny_patch_size * 2  # patch * spatial merge
         min_px = o.min_pixels if o.min_pixels is not None else factor * factor
         max_px = o.max_pixels if o.max_pixels is not None else (2 * factor) ** 2
@@ -316,15 +241,9 @@ class QwenVLFamily(ModelFamily):
 
         # The real Qwen tokenizer class and split pattern (digits one by one), so tiny and
         # real checkpoints tokenise boxes and numbers the same way.
-        tok = build_tiny_tokenizer(
-            list(QWEN_SPECIAL_TOKENS),
-            pre_tokenizer_regex=PRETOKENIZE_REGEX,
-            tokenizer_class=Qwen2Tokenizer,
-            extra_corpus=["Picture 1: Picture 2: Video 1:", *o.extra_corpus],
-            vocab_size=o.vocab_size,
-            eos_token="<|im_end|>",
-            pad_token="<|endoftext|>",
-        )
+        tok = o.tokenizer(QWEN_SPECIAL_TOKENS, ["Picture 1: Picture 2: Video 1:"],
+                          pre_tokenizer_regex=PRETOKENIZE_REGEX, tokenizer_class=Qwen2Tokenizer,
+                          eos_token="<|im_end|>", pad_token="<|endoftext|>")
         tok.chat_template = template
         ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
         token_ids = {
@@ -341,30 +260,13 @@ class QwenVLFamily(ModelFamily):
         }
         if cls.mrope_interleaved:
             rope["mrope_interleaved"] = True
-        text = {
-            "vocab_size": len(tok),
-            "hidden_size": o.hidden_size,
-            "intermediate_size": o.intermediate_size,
-            "num_hidden_layers": o.num_layers,
-            "num_attention_heads": o.num_heads,
-            "num_key_value_heads": o.num_kv_heads,
-            "max_position_embeddings": 4096,
-            "rope_parameters": rope,
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        }
-        config = cls._tiny_configs(o, text, token_ids)
-        torch.manual_seed(o.seed)
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-        model.generation_config = GenerationConfig(
-            eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-            pad_token_id=ids["<|endoftext|>"],
-            bos_token_id=ids["<|endoftext|>"],
-            do_sample=True,
-            temperature=1.0,
+        text = o.text_config(
+            len(tok), rope_parameters=rope,
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         )
-        model.save_pretrained(path)
+        config = cls._tiny_configs(o, text, token_ids)
+        save_tiny_model(config, path, seed=o.seed, eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+                        pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
         cls._tiny_processor(tok, min_px, max_px, template).save_pretrained(path)
         return path
 
@@ -381,29 +283,15 @@ class Qwen2VLFamily(QwenVLFamily):
     def _tiny_configs(cls, o: TinyQwenOptions, text: dict[str, Any], token_ids: dict[str, int]) -> Any:
         from transformers import Qwen2VLConfig
 
-        vision = {
-            "depth": o.vision_depth,
-            "embed_dim": o.vision_hidden_size,
-            "hidden_size": o.hidden_size,  # Qwen2-VL's vision `hidden_size` is the merger output
-            "num_heads": o.vision_heads,
-            "mlp_ratio": 2,
-            "patch_size": cls.tiny_patch_size,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        }
+        # Qwen2-VL's vision `hidden_size` is the merger output; `embed_dim` the tower's width.
+        vision = cls._tiny_vision(o, embed_dim=o.vision_hidden_size, hidden_size=o.hidden_size, mlp_ratio=2)
         return Qwen2VLConfig(text_config=text, vision_config=vision, **token_ids)
 
     @classmethod
-    def _tiny_processor(cls, tokenizer: Any, min_pixels: int, max_pixels: int, chat_template: str) -> Any:
-        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    def _tiny_processor_class(cls) -> Any:
+        from transformers import Qwen2VLProcessor
 
-        kw = {"patch_size": cls.tiny_patch_size, "merge_size": 2, "temporal_patch_size": 2}
-        return Qwen2VLProcessor(
-            image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, **kw),
-            tokenizer=tokenizer,
-            video_processor=Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels * 2, **kw),
-            chat_template=chat_template,
-        )
+        return Qwen2VLProcessor
 
 
 class Qwen25VLFamily(QwenVLFamily):
@@ -418,31 +306,19 @@ class Qwen25VLFamily(QwenVLFamily):
     def _tiny_configs(cls, o: TinyQwenOptions, text: dict[str, Any], token_ids: dict[str, int]) -> Any:
         from transformers import Qwen2_5_VLConfig
 
-        vision = {
-            "depth": o.vision_depth,
-            "hidden_size": o.vision_hidden_size,
-            "intermediate_size": 2 * o.vision_hidden_size,
-            "num_heads": o.vision_heads,
-            "out_hidden_size": o.hidden_size,
-            "patch_size": cls.tiny_patch_size,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 4 * cls.tiny_patch_size,  # 2x2 merged windows: exercises windowing
-            "fullatt_block_indexes": [o.vision_depth - 1],
-        }
+        vision = cls._tiny_vision(
+            o, hidden_size=o.vision_hidden_size, intermediate_size=2 * o.vision_hidden_size,
+            out_hidden_size=o.hidden_size,
+            window_size=4 * cls.tiny_patch_size,  # 2x2 merged windows: exercises windowing
+            fullatt_block_indexes=[o.vision_depth - 1],
+        )
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **token_ids)
 
     @classmethod
-    def _tiny_processor(cls, tokenizer: Any, min_pixels: int, max_pixels: int, chat_template: str) -> Any:
-        from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    def _tiny_processor_class(cls) -> Any:
+        from transformers import Qwen2_5_VLProcessor
 
-        kw = {"patch_size": cls.tiny_patch_size, "merge_size": 2, "temporal_patch_size": 2}
-        return Qwen2_5_VLProcessor(
-            image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, **kw),
-            tokenizer=tokenizer,
-            video_processor=Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels * 2, **kw),
-            chat_template=chat_template,
-        )
+        return Qwen2_5_VLProcessor
 
 
 class Qwen3VLFamily(QwenVLFamily):
@@ -461,33 +337,26 @@ class Qwen3VLFamily(QwenVLFamily):
         from transformers import Qwen3VLConfig
 
         text = {**text, "head_dim": o.hidden_size // o.num_heads}
-        vision = {
-            "depth": o.vision_depth,
-            "hidden_size": o.vision_hidden_size,
-            "intermediate_size": 2 * o.vision_hidden_size,
-            "num_heads": o.vision_heads,
-            "out_hidden_size": o.hidden_size,
-            "patch_size": cls.tiny_patch_size,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 64,  # an 8x8 grid, interpolated like the real 48x48
-            "deepstack_visual_indexes": [0],
-        }
+        vision = cls._tiny_vision(
+            o, hidden_size=o.vision_hidden_size, intermediate_size=2 * o.vision_hidden_size,
+            out_hidden_size=o.hidden_size,
+            num_position_embeddings=64,  # an 8x8 grid, interpolated like the real 48x48
+            deepstack_visual_indexes=[0],
+        )
         return Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids)
 
     @classmethod
-    def _tiny_processor(cls, tokenizer: Any, min_pixels: int, max_pixels: int, chat_template: str) -> Any:
-        from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    def _tiny_processor_class(cls) -> Any:
+        from transformers import Qwen3VLProcessor
 
-        kw = {"patch_size": cls.tiny_patch_size, "merge_size": 2, "temporal_patch_size": 2}
-        return Qwen3VLProcessor(
-            image_processor=Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, **kw),
-            tokenizer=tokenizer,
-            video_processor=Qwen3VLVideoProcessor(
-                size={"shortest_edge": min_pixels, "longest_edge": max_pixels * 2}, **kw
-            ),
-            chat_template=chat_template,
-        )
+        return Qwen3VLProcessor
+
+    @classmethod
+    def _tiny_video_processor(cls, min_pixels: int, max_pixels: int, **kw: Any) -> Any:
+        """Qwen3-VL's own video processor, which takes the area bounds as ``size``."""
+        from transformers import Qwen3VLVideoProcessor
+
+        return Qwen3VLVideoProcessor(size={"shortest_edge": min_pixels, "longest_edge": max_pixels * 2}, **kw)
 
 
 def qwen3_vl_available() -> tuple[bool, str]:
@@ -495,15 +364,7 @@ def qwen3_vl_available() -> tuple[bool, str]:
 
     Looks the modules up with ``importlib.util.find_spec`` so nothing heavy is imported.
     """
-    from importlib.util import find_spec
-
-    try:
-        found = all(
-            find_spec(f"transformers.models.qwen3_vl.{mod}") is not None
-            for mod in ("configuration_qwen3_vl", "modeling_qwen3_vl", "processing_qwen3_vl")
-        )
-    except ModuleNotFoundError:
-        found = False
-    if not found:
+    mods = ("configuration_qwen3_vl", "modeling_qwen3_vl", "processing_qwen3_vl")
+    if not all(transformers_has(f"qwen3_vl.{mod}") for mod in mods):
         return False, "the installed transformers has no Qwen3-VL classes (they need transformers>=4.57)"
     return True, ""
