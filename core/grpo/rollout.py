@@ -48,7 +48,10 @@ def eos_token_ids(model: Any, processor: Any) -> set[int]:
 class TransformersRollout(RolloutEngine):
     """Samples with ``model.generate``; prompts are batched ``prompt_batch_size`` at a time.
 
-    Each prompt is encoded once and expanded to ``n`` rows by ``num_return_sequences``.
+    Each prompt is processed once. With ``shared_prefill`` (the default, where the family has
+    opted in) each unique prompt is also prefilled once and its KV cache repeated for the
+    ``n`` samples (:mod:`core.grpo.prefill`); otherwise ``num_return_sequences`` repeats the
+    prompt rows before the prefill.
     """
 
     name = "transformers"
@@ -60,11 +63,19 @@ class TransformersRollout(RolloutEngine):
         ``seed_per_prompt`` generates each prompt in its own call after seeding torch with the
         prompt's ``seed``: sampling then no longer depends on how prompts are batched or split
         over processes (at the cost of batching), which makes runs comparable across world sizes.
+
+        ``shared_prefill`` prefills each unique prompt (and its images) once and repeats its KV
+        cache for the ``n`` samples, instead of prefilling ``n`` copies of it: same tokens for the
+        same seed, same logits up to float rounding (the family's ``shared_prefill`` conformance
+        check). It applies where the model family opted in (``ModelFamily.shared_prefill``) and
+        when sampling ``n > 1``; elsewhere (greedy, ``n == 1``, other families) the plain path
+        runs. ``false`` always takes the plain path.
         """
 
         model_config = ConfigDict(extra="forbid")
         prompt_batch_size: int = Field(64, ge=1)
         seed_per_prompt: bool = False
+        shared_prefill: bool = True
         choices: list[str] | None = Field(
             None, min_length=1,
             description="guided choice: every completion is one of these strings then EOS (vLLM's guided_choice); "
@@ -94,6 +105,8 @@ class TransformersRollout(RolloutEngine):
         """``sampling.n`` completions per prompt."""
         import torch
 
+        from core.grpo.prefill import can_share_prefill, shared_prefill_generate
+
         ctx = self.ctx
         model, processor, family = ctx.model, ctx.processor, ctx.family
         tok = getattr(processor, "tokenizer", processor)
@@ -118,7 +131,6 @@ class TransformersRollout(RolloutEngine):
             gen_kwargs: dict[str, Any] = dict(
                 max_new_tokens=sampling.max_new_tokens,
                 do_sample=sampling.do_sample,
-                num_return_sequences=n_gen,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=sorted(eos),
                 repetition_penalty=sampling.repetition_penalty,
@@ -131,6 +143,8 @@ class TransformersRollout(RolloutEngine):
             if ctx.suppressed_token_ids:
                 gen_kwargs["suppress_tokens"] = ctx.suppressed_token_ids
             if trie is not None:
+                # The completion starts after the whole prompt on both paths: generate's input_ids
+                # start with the full prompt also when continuing from a shared prefill's cache.
                 start_len = inputs["input_ids"].shape[1]
                 done = [tok.pad_token_id if tok.pad_token_id is not None else min(eos)]
 
@@ -138,10 +152,17 @@ class TransformersRollout(RolloutEngine):
                     return _t.get(tuple(ids[_s:].tolist()), _d)
 
                 gen_kwargs["prefix_allowed_tokens_fn"] = allowed
+            gen_model = _unwrap(model)
+            # Only n > 1 rows per prompt have a prefill to share.
+            share = (self.options.shared_prefill and n_gen > 1
+                     and can_share_prefill(family, gen_model, gen_kwargs, inputs))
             was_training = model.training
             model.eval()
             with torch.no_grad():
-                out = _unwrap(model).generate(**inputs, **gen_kwargs)
+                if share:
+                    out = shared_prefill_generate(gen_model, family, inputs, n_gen, **gen_kwargs)
+                else:
+                    out = gen_model.generate(**inputs, num_return_sequences=n_gen, **gen_kwargs)
             if was_training:
                 model.train()
             gen = out[:, inputs["input_ids"].shape[1]:]

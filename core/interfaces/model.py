@@ -42,6 +42,11 @@ class ModelFamily(Component):
             (:mod:`core.grpo.prefix`). Opt in once the ``shared_prefix`` conformance check
             passes: it needs a model whose positions come from :meth:`prompt_positions` and
             whose attention is purely causal (not, e.g., bidirectional over image tokens).
+        shared_prefill: whether the built-in rollout may prefill each unique prompt once and
+            repeat its KV cache for the n samples (:mod:`core.grpo.prefill`) instead of
+            prefilling n copies. Opt in once the ``shared_prefill`` conformance check passes:
+            it needs a model whose ``generate`` continues from a given cache with the
+            positions ``generate`` itself computes for the prompt.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -49,6 +54,7 @@ class ModelFamily(Component):
     fallback: ClassVar[bool] = False
     per_token_keys: ClassVar[tuple[str, ...]] = ("token_type_ids", "mm_token_type_ids")
     prefix_sharing: ClassVar[bool] = False
+    shared_prefill: ClassVar[bool] = False
 
     # ---- selection -------------------------------------------------------------------
     @classmethod

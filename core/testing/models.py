@@ -25,6 +25,9 @@ paths training uses, on CPU in float32:
                       mask; :mod:`core.grpo.prefix`) gives the plain path's log-probs and
                       gradients and encodes each unique image once
                       (:func:`core.testing.conformance.check_shared_prefix`).
+``shared_prefill``    generation with each unique prompt prefilled once and its KV cache
+                      repeated per sample samples the same tokens with the same logits as
+                      ``num_return_sequences`` (:func:`core.testing.conformance.check_shared_prefill`).
 ``grpo_step``         one real GRPO step through ``core.grpo.trainer.run`` (beta 0, a
                       reward that varies between completions) changes language and vision
                       weights; the saved checkpoint reloads with plain
@@ -159,6 +162,13 @@ def _rollout(ctx: ConformanceContext, suppressed: list[int]) -> Any:
 def check_shared_prefix(ctx: ConformanceContext) -> None:
     """See :func:`core.testing.conformance.check_shared_prefix`."""
     from core.testing.conformance import check_shared_prefix as check
+
+    check(ctx)
+
+
+def check_shared_prefill(ctx: ConformanceContext) -> None:
+    """See :func:`core.testing.conformance.check_shared_prefill`."""
+    from core.testing.conformance import check_shared_prefill as check
 
     check(ctx)
 
@@ -428,6 +438,7 @@ CONFORMANCE_CHECKS: dict[str, Callable[[ConformanceContext], None]] = {
     "box_round_trip": check_box_round_trip,
     "grpo_step": check_grpo_step_changes_weights,
     "shared_prefix": check_shared_prefix,
+    "shared_prefill": check_shared_prefill,
 }
 
 
