@@ -166,6 +166,8 @@ class GLM4VFamily(TransformersFamily):
     per_token_keys = ("mm_token_type_ids",)
     #: Training passes run one prompt per group (core.grpo.prefix); positions from get_rope_index.
     prefix_sharing = True
+    #: Generation prefills each prompt once, cache repeated per sample (core.grpo.prefill).
+    shared_prefill = True
     Options = GLM4VOptions
     # Loading, the pixel-bound options (GLM's image processors take them only as ``size``),
     # the generate() multi-image repair, vision modules and suppressed ids:

@@ -134,6 +134,8 @@ class InternVLFamily(TransformersFamily):
     per_token_keys = ()
     #: Training passes run one prompt per group (core.grpo.prefix); 1-D positions.
     prefix_sharing = True
+    #: Generation prefills each prompt once, cache repeated per sample (core.grpo.prefill).
+    shared_prefill = True
     Options = InternVLOptions
     model_type_hint = (
         "the remote-code InternVL checkpoints without '-hf' are not supported: use the transformers-native "

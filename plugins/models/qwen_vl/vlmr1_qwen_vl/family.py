@@ -143,6 +143,8 @@ class QwenVLFamily(TransformersFamily):
     Options = QwenVLOptions
     #: Training passes run one prompt per group (core.grpo.prefix); mRoPE from get_rope_index.
     prefix_sharing = True
+    #: Generation prefills each prompt once, cache repeated per sample (core.grpo.prefill).
+    shared_prefill = True
     #: Text of the default system turn the family's chat template inserts (None: none).
     default_system: ClassVar[str | None] = "You are a helpful assistant."
     #: Vision patch size and default tiny image-area bounds (multiples of (patch * 2)^2).
