@@ -22,8 +22,11 @@ How the comparison is kept fair:
   CPU time per step (all threads) is far steadier, so its paired-median ratio is printed too.
 * Forward hooks count the work each side does per step: images through the vision tower and
   language-model token positions, split into generation, reference and policy training
-  passes. Mean completion lengths are printed too: a random tiny policy rarely emits EOS, so
-  both sides normally generate the full ``--max-new-tokens``.
+  passes; ``lm_tokens/gen_prefill`` is the part of generation's spent in prefill calls
+  (more than one position per row), i.e. G prompt copies on the plain path and each unique
+  prompt once with the rollout's ``shared_prefill``. Mean completion lengths are printed too:
+  a random tiny policy rarely emits EOS, so both sides normally generate the full
+  ``--max-new-tokens``.
 """
 
 from __future__ import annotations
@@ -98,6 +101,10 @@ class Counter:
                     k = _k if _k == "ref" else ("train" if torch.is_grad_enabled() else "gen")
                     self.c[f"lm_calls/{k}"] += 1
                     self.c[f"lm_tokens/{k}"] += 0 if x is None else x.shape[0] * x.shape[1]
+                    if k == "gen" and x is not None and x.shape[1] > 1:
+                        # A generation call over more than one position per row is a prefill
+                        # (decode steps run one): shows whether prompts are prefilled once or G times.
+                        self.c["lm_tokens/gen_prefill"] += x.shape[0] * x.shape[1]
                 mod.register_forward_pre_hook(lm, with_kwargs=True)
 
     def take(self) -> dict[str, float]:
@@ -135,6 +142,7 @@ def run_vlmr1(args, cfg: dict[str, Any], ckpt: str, out: str, baton: Baton) -> d
         "model": {"path": ckpt, "family": "qwen2_5_vl"},
         "task": {"name": "synthetic_color", "options": task_options(cfg)},
         "rewards": [{"name": "all_match"}],
+        "rollout": {"name": "transformers", "options": {"shared_prefill": args.shared_prefill == "on"}},
         "grpo": {"num_generations": args.generations, "max_completion_length": args.max_new_tokens,
                  "beta": args.beta, "temperature": 1.0, "prefix_sharing": args.prefix_sharing == "on"},
         "train": {"learning_rate": args.lr, "per_device_batch_size": args.generations * args.prompts,
@@ -247,7 +255,7 @@ def measure(args, ckpt: str, ckpt_on: bool) -> dict:
                "--side-ckpt", str(int(ckpt_on)), "--threads", str(args.threads), "--generations",
                str(args.generations), "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
                "--beta", str(args.beta), "--lr", str(args.lr), "--steps", str(args.steps), "--warmup",
-               str(args.warmup), "--prefix-sharing", args.prefix_sharing]
+               str(args.warmup), "--prefix-sharing", args.prefix_sharing, "--shared-prefill", args.shared_prefill]
         procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sys.stderr,
                                        text=True, bufsize=1, env=env)
         _read(procs[side], "READY", side)
@@ -313,6 +321,8 @@ def main() -> None:
     p.add_argument("--grad-ckpt", choices=["off", "on", "both"], default="off")
     p.add_argument("--prefix-sharing", choices=["on", "off"], default="on",
                    help="vlmr1's grpo.prefix_sharing (off = the plain one-row-per-completion training passes)")
+    p.add_argument("--shared-prefill", choices=["on", "off"], default="on",
+                   help="vlmr1's rollout.options.shared_prefill (off = generate prefills each prompt G times)")
     p.add_argument("--json", help="also write the full results here")
     p.add_argument("--side", choices=["vlmr1", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--side-ckpt", type=int, default=0, help=argparse.SUPPRESS)
@@ -331,7 +341,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, "benchmarks/step_vs_trl.py", *sys.argv[1:]]),
         "config": args.config, "threads": args.threads, "G": args.generations, "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens, "beta": args.beta, "steps": args.steps, "warmup": args.warmup,
-        "prefix_sharing": args.prefix_sharing,
+        "prefix_sharing": args.prefix_sharing, "shared_prefill": args.shared_prefill,
         "runs": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -342,6 +352,7 @@ def main() -> None:
     print(f"{report['date']}  {report['machine']}  torch {report['torch']}  threads {args.threads}")
     print(f"config {args.config}: G={args.generations}, prompts/step={args.prompts}, "
           f"max_new_tokens={args.max_new_tokens}, beta={args.beta}, vlmr1 prefix_sharing {args.prefix_sharing}, "
+          f"shared_prefill {args.shared_prefill}, "
           f"{args.steps} measured steps "
           f"after {args.warmup} warm-up, sides stepping alternately")
     for name, r in report["runs"].items():
