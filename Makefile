@@ -27,8 +27,16 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 
-# The table in benchmarks/README.md: the vision-heavy headline (gradient checkpointing off and
-# on, both sides) and the tiny quickstart model. ~20 min on 2 idle cores.
+# The tables in benchmarks/README.md: the vision-heavy headline (gradient checkpointing off and
+# on, both sides), its G and completion-length sweep, and the tiny quickstart model; each run
+# also writes its full results to benchmarks/results/*.json. ~10 min on 2 idle cores.
+BENCH = $(PY) benchmarks/step_vs_trl.py
+BENCH_OUT = benchmarks/results
 bench: install
-	$(PY) benchmarks/step_vs_trl.py --config vision --grad-ckpt both $(ARGS)
-	$(PY) benchmarks/step_vs_trl.py --config tiny --grad-ckpt off --max-new-tokens 8 --prompts 4 --steps 9 $(ARGS)
+	mkdir -p $(BENCH_OUT)
+	$(BENCH) --config vision --grad-ckpt both --json $(BENCH_OUT)/vision.json $(ARGS)
+	$(BENCH) --config vision --generations 4 --json $(BENCH_OUT)/vision_g4.json $(ARGS)
+	$(BENCH) --config vision --generations 16 --json $(BENCH_OUT)/vision_g16.json $(ARGS)
+	$(BENCH) --config vision --max-new-tokens 32 --json $(BENCH_OUT)/vision_t32.json $(ARGS)
+	$(BENCH) --config vision --max-new-tokens 128 --json $(BENCH_OUT)/vision_t128.json $(ARGS)
+	$(BENCH) --config tiny --max-new-tokens 8 --prompts 4 --steps 9 --json $(BENCH_OUT)/tiny.json $(ARGS)
