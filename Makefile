@@ -29,7 +29,8 @@ lint: install
 
 # The tables in benchmarks/README.md: the vision-heavy headline (gradient checkpointing off and
 # on, both sides), its G and completion-length sweep, and the tiny quickstart model; each run
-# also writes its full results to benchmarks/results/*.json. ~10 min on 2 idle cores.
+# also writes its full results to benchmarks/results/*.json; the last line prints the table. ~6 min
+# on 2 idle cores.
 BENCH = $(PY) benchmarks/step_vs_trl.py
 BENCH_OUT = benchmarks/results
 bench: install
@@ -40,3 +41,4 @@ bench: install
 	$(BENCH) --config vision --max-new-tokens 32 --json $(BENCH_OUT)/vision_t32.json $(ARGS)
 	$(BENCH) --config vision --max-new-tokens 128 --json $(BENCH_OUT)/vision_t128.json $(ARGS)
 	$(BENCH) --config tiny --max-new-tokens 8 --prompts 4 --steps 9 --json $(BENCH_OUT)/tiny.json $(ARGS)
+	$(PY) benchmarks/table.py $(addprefix $(BENCH_OUT)/,vision.json vision_g4.json vision_g16.json vision_t32.json vision_t128.json tiny.json)

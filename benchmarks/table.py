@@ -1,0 +1,60 @@
+"""Render the results table of ``benchmarks/README.md`` from ``step_vs_trl.py --json`` files.
+
+    python benchmarks/table.py benchmarks/results/*.json
+
+One row per (file, gradient-checkpointing setting): the step-time and CPU-time ratios (paired
+medians over back-to-back steps), peak memory and the work each side did per step, so the
+table in the README is exactly what ``make bench`` measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def work(counts: dict[str, float]) -> str:
+    """One side's work per step: vision images in generation / training, prefill + training tokens."""
+    prefill = counts.get("lm_tokens/gen_prefill", float("nan"))
+    return (f"{counts['vision_images/gen']:.0f}/{counts['vision_images/train']:.0f} img, "
+            f"{prefill:.0f}+{counts['lm_tokens/train']:.0f} tok")
+
+
+def rows(report: dict[str, Any]) -> list[str]:
+    """Markdown rows of one ``step_vs_trl.py --json`` report."""
+    out = []
+    for key, run in report["runs"].items():
+        med, cpu, rss = run["median_s"], run["cpu_median_s"], run["peak_rss_gib"]
+        counts, length = run["counts_per_step"], run["completion_length"]
+
+        out.append(
+            f"| {report['config']} | {report['G']} | {report['max_new_tokens']} | {key.removeprefix('ckpt_')} "
+            f"| {med['vlmr1']:.2f} / {med['trl']:.2f} | **{run['paired_median_ratio']:.2f}x** "
+            f"| {cpu['vlmr1']:.2f} / {cpu['trl']:.2f} | **{run['cpu_paired_median_ratio']:.2f}x** "
+            f"| {rss['vlmr1']:.2f} / {rss['trl']:.2f} = {run['rss_ratio']:.2f}x "
+            f"| {work(counts['vlmr1'])} | {work(counts['trl'])} | {length['vlmr1']:.1f} / {length['trl']:.1f} |"
+        )
+    return out
+
+
+def main() -> None:
+    """Print the table for the given report files, in the order given."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("reports", nargs="+", type=Path)
+    args = p.parse_args()
+    reports = [json.loads(f.read_text()) for f in args.reports]
+    print("| config | G | new tokens | grad ckpt | s/step vlmr1 / TRL (median) | paired-median time "
+          "| CPU s/step vlmr1 / TRL | paired-median CPU | peak RSS GiB vlmr1 / TRL "
+          "| vlmr1 work: images gen/train, prefill+train tokens | TRL work | mean completion vlmr1 / TRL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in reports:
+        print("\n".join(rows(r)))
+    first, dates = reports[0], sorted(r["date"] for r in reports)
+    print(f"\n{first['machine']} (first run); torch {first['torch']}; {first['threads']} threads; "
+          f"{dates[0]} to {dates[-1]}.")
+
+
+if __name__ == "__main__":
+    main()
