@@ -230,9 +230,10 @@ class GRPOConfig(Strict):
                             "resample new prompts for them (DAPO dynamic sampling), up to resample_budget rounds")
     resample_budget: int = Field(2, ge=0, description="extra rollout rounds per step for zero_variance_groups=resample")
     prefix_sharing: bool = Field(
-        False, description="training passes run each group's prompt and images once, its G completions packed after "
-                           "it under a block-causal mask (core.grpo.prefix); used where the model family opted in "
-                           "and attention is sdpa/eager, else the plain path")
+        True, description="training passes run each group's prompt and images once, its G completions packed after "
+                          "it under a block-causal mask (core.grpo.prefix); used where the model family opted in "
+                          "and attention is sdpa/eager, else the plain path; false = one [prompt, completion] row "
+                          "per completion")
 
     @model_validator(mode="after")
     def _check_clip(self) -> GRPOConfig:
