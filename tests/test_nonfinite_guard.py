@@ -38,17 +38,17 @@ def test_guard_names_the_settings_and_clears_gradients():
 
 def test_training_run_stops_before_writing_nan_weights(tmp_path, monkeypatch, capsys):
     """A real tiny run whose loss turns NaN (as an overflow would): exit 1 with one line, no checkpoint."""
-    import core.grpo.trainer as trainer
+    import core.grpo.update as update
     from core.train import main
 
-    real = trainer.grpo_loss
+    real = update.grpo_loss
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         out.loss = out.loss * float("nan")  # NaN flows through backward into every gradient
         return out
 
-    monkeypatch.setattr(trainer, "grpo_loss", poisoned)
+    monkeypatch.setattr(update, "grpo_loss", poisoned)
     cfg = {
         "model": {"family": "qwen2_5_vl", "path": str(tmp_path / "tiny"), "tiny": {"hidden_size": 32, "num_layers": 1}},
         "task": {"name": "synthetic_color", "options": {"num_train": 8, "num_eval": 2}},

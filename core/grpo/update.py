@@ -1,0 +1,128 @@
+"""The policy update of one GRPO step: log-probs of the rollout, the loss, the optimizer step.
+
+Kept apart from :mod:`core.grpo.trainer` (which orchestrates data, rollouts, rewards, logging
+and checkpoints) because this is where the maths meets the model: how a rollout's completions
+are batched into training inputs (plain ``[prompt, completion]`` rows, or one packed row per
+group with :mod:`core.grpo.prefix`), which log-probs are needed (old policy for ``mu > 1``,
+reference for ``beta > 0``), and the clipped surrogate of :func:`core.grpo.loss.grpo_loss`
+accumulated over micro-batches into ``mu`` optimizer steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from core.config import RunConfig
+from core.grpo.guard import check_finite
+from core.grpo.logprobs import build_train_inputs, completion_logprobs, pad_completions
+from core.grpo.loss import LossNormalizer, grpo_loss
+from core.grpo.prefix import PackedRows, can_share_prefix, pack, packed_logprobs
+
+if TYPE_CHECKING:
+    from core.grpo.trainer import ModelBundle, Rollout
+
+
+def policy_update(cfg: RunConfig, accelerator: Any, model: Any, bundle: ModelBundle, optimizer: Any, scheduler: Any,
+            trainable: list[torch.nn.Parameter], ro: Rollout, adv: torch.Tensor, mb_size: int,
+            keep: torch.Tensor | None = None) -> tuple[dict[str, float], list[float]]:
+    """``grpo.num_iterations`` (mu) optimiser updates on one rollout; returns metrics and the losses.
+
+    Micro-batches of ``mb_size`` completions accumulate into each update; the first pass over
+    them records the old-policy (mu > 1) and reference (beta > 0) log-probs without gradients.
+    ``keep`` (bool per completion) excludes dropped groups from the loss and its normalisers.
+    """
+    g = cfg.grpo
+    tok = getattr(bundle.processor, "tokenizer", bundle.processor)
+    dev = accelerator.device
+    comp_ids, comp_mask = pad_completions([c.ids for c in ro.completions], tok.pad_token_id, dev)
+    if g.mask_truncated_completions:
+        trunc = torch.tensor([c.truncated for c in ro.completions], device=dev)
+        comp_mask = comp_mask * (~trunc).long().unsqueeze(1)
+    if keep is not None:
+        comp_mask = comp_mask * keep.to(dev).long().unsqueeze(1)
+    adv = adv.to(dev)
+    n = len(ro.completions)
+    kept = n if keep is None else int(keep.sum())
+    global_tokens = int(accelerator.gather(comp_mask.sum().reshape(1)).sum())
+    norm = LossNormalizer(num_sequences=kept, num_tokens=int(comp_mask.sum()),
+                          max_completion_length=g.max_completion_length, global_tokens=global_tokens,
+                          num_processes=accelerator.num_processes)
+    # Micro-batches: inputs are built once and reused by every iteration (mu > 1). With
+    # grpo.prefix_sharing, where the family and attention kernel allow, each group's prompt and
+    # images run once, packed with its completions (core.grpo.prefix); otherwise one
+    # [prompt, completion] row per completion.
+    unwrapped = accelerator.unwrap_model(model)
+    shared = g.prefix_sharing and can_share_prefix(bundle.family, unwrapped)
+    mbs = []
+    for s in range(0, n, mb_size):
+        idx = list(range(s, min(s + mb_size, n)))
+        t = max(int(comp_mask[idx].sum(1).max()), 1)
+        ids, mask = comp_ids[idx, :t], comp_mask[idx, :t]
+        inputs: Any = None
+        if shared:
+            inputs = pack(bundle.family, unwrapped, bundle.processor, [ro.prompts[i] for i in idx], ids, dev)
+        if inputs is None:
+            p_inputs = bundle.family.process(bundle.processor, [ro.prompts[i].text for i in idx],
+                                             [ro.prompts[i].images for i in idx]).to(dev)
+            inputs = build_train_inputs(p_inputs, ids, mask, bundle.family.per_token_keys)
+        mbs.append((idx, inputs, mask, t))
+
+    def logps(m: Any, inputs: Any, t: int) -> torch.Tensor:
+        if isinstance(inputs, PackedRows):
+            return packed_logprobs(m, inputs, g.temperature)
+        return completion_logprobs(m, inputs, t, g.temperature)
+
+    old, ref = [None] * len(mbs), [None] * len(mbs)
+    with torch.no_grad():
+        for k, (_, inputs, _, t) in enumerate(mbs):
+            if g.num_iterations > 1:
+                old[k] = logps(model, inputs, t)
+            if g.beta > 0:
+                if bundle.lora:
+                    with unwrapped.disable_adapter():
+                        ref[k] = logps(model, inputs, t)
+                else:
+                    ref[k] = logps(bundle.ref_model, inputs, t)
+    eps_high = g.epsilon_high if g.epsilon_high is not None else g.epsilon
+    losses: list[float] = []
+    kl_sum = clipped = low = high = tokens = 0.0
+    grad_norm = float("nan")
+    model.train()
+    for _ in range(g.num_iterations):
+        total = 0.0
+        for k, (idx, inputs, mask, t) in enumerate(mbs):
+            sync = k == len(mbs) - 1
+            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+            with ctx:
+                out = grpo_loss(logps(model, inputs, t), old[k], ref[k], adv[idx], mask, norm, beta=g.beta,
+                                epsilon_low=g.epsilon, epsilon_high=eps_high, loss_type=g.loss_type,
+                                importance_sampling_level=g.importance_sampling_level)
+                accelerator.backward(out.loss)
+            total += float(out.loss.detach())
+            kl_sum += out.kl_sum
+            clipped += out.clipped_tokens
+            low += out.low_clipped_tokens
+            high += out.high_clipped_tokens
+            tokens += out.tokens
+        if cfg.train.max_grad_norm is not None:
+            gn = accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+            grad_norm = float(gn) if gn is not None else float("nan")  # DeepSpeed clips inside its engine
+        # Stop before the optimizer writes NaN weights (core.grpo.guard names the likely setting).
+        check_finite(total, grad_norm if cfg.train.max_grad_norm is not None and gn is not None else None, cfg,
+                     int(scheduler.last_epoch) + 1, optimizer)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+    if accelerator.num_processes > 1:
+        # Each rank's loss is its share of the step's loss; DDP averages the gradients, so the
+        # step's loss is the mean over ranks (equal to the single-process loss on the same batch).
+        losses = accelerator.reduce(torch.tensor(losses, device=dev), reduction="mean").tolist()
+    stats = accelerator.gather(torch.tensor([kl_sum, clipped, low, high, tokens], device=dev).reshape(1, -1))
+    stats = stats.sum(0).tolist()
+    tok_total = max(stats[4], 1.0)
+    return {"kl": stats[0] / tok_total, "clip_ratio": stats[1] / tok_total, "clip_ratio/low": stats[2] / tok_total,
+            "clip_ratio/high": stats[3] / tok_total, "grad_norm": grad_norm}, losses
