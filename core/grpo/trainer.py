@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from core.grpo.rewards import RewardRunner, RewardSpec
 from core.grpo.update import policy_update
 from core.interfaces import (
     Completion,
+    DataError,
     ModelFamily,
     PromptInput,
     RewardBatch,
@@ -85,6 +86,59 @@ def local_slots(num_groups: int, group_size: int, rank: int, per_rank: int) -> l
     """The contiguous share of a step's ``(group, copy)`` slots that ``rank`` holds."""
     slots = [(k, j) for k in range(num_groups) for j in range(group_size)]
     return slots[rank * per_rank:(rank + 1) * per_rank]
+
+
+class BadSampleSkipper:
+    """Replaces prompts whose images cannot be decoded, where the task allows skipping them.
+
+    Tasks validate rows when loading, but pixel data corrupt past a valid header only shows
+    when the image is decoded. With the task's :meth:`~core.interfaces.TaskFormat.skips_bad_samples`
+    (``on_bad_row: skip`` for the file tasks) each sample is decoded once to check it (the
+    verdict is remembered) and a bad one is swapped for ``sampler.extra(step, -t, group)``,
+    ``t = 1, 2, ...``: a pure function of the step like every other data decision, so all
+    ranks and a resumed run make the same swaps. Disabled, it does nothing and the
+    :class:`DataError` naming the row stops the run when the rollout decodes the image.
+    """
+
+    #: Replacements tried for one prompt before concluding the data is mostly unreadable.
+    MAX_TRIES = 100
+
+    def __init__(self, samples: Sequence[Sample], sampler: GroupSampler | None, enabled: bool,
+                 log: Callable[[str], Any]) -> None:
+        self.samples, self.sampler, self.enabled, self.log = samples, sampler, enabled, log
+        self.good: set[int] = set()
+        self.bad: set[int] = set()
+
+    def usable(self, i: int) -> bool:
+        """Whether sample ``i``'s images decode (decoded at most once per run; a failure is logged)."""
+        if i in self.good:
+            return True
+        if i in self.bad:
+            return False
+        try:
+            self.samples[i].load_images()
+        except DataError as exc:
+            self.bad.add(i)
+            self.log(f"warning: skipping a sample whose image cannot be decoded (on_bad_row: skip): {exc}")
+            return False
+        self.good.add(i)
+        return True
+
+    def fix(self, ids: list[int], step: int, groups: Iterable[int] | None = None) -> int:
+        """Swap the unusable prompts of ``ids`` in place (only ``groups``, if given); returns the swaps."""
+        if not self.enabled or self.sampler is None:
+            return 0
+        swaps = 0
+        for k in range(len(ids)) if groups is None else groups:
+            tries = 0
+            while not self.usable(ids[k]):
+                tries += 1
+                if tries > self.MAX_TRIES:
+                    raise DataError(f"{self.MAX_TRIES} replacement samples in a row had images that cannot be "
+                                    f"decoded (step {step + 1}); the training data looks mostly unreadable")
+                ids[k] = self.sampler.extra(step, -tries, k)
+                swaps += 1
+        return swaps
 
 
 # ---- model set-up ----------------------------------------------------------------------
@@ -379,6 +433,17 @@ def run(plan: Plan, registry: Registry) -> int:
                               top_p=cfg.grpo.top_p, top_k=cfg.grpo.top_k,
                               repetition_penalty=cfg.grpo.repetition_penalty)
     sampler = GroupSampler(len(train_set), batch["prompts_per_step"], cfg.train.seed, cfg.train.shuffle)
+    skip_bad = task.skips_bad_samples()
+    skipper = BadSampleSkipper(train_set, sampler, skip_bad, accelerator.print)
+    if skip_bad and eval_set:  # the first eval.num_samples samples whose images decode
+        check = BadSampleSkipper(eval_set, None, True, accelerator.print)
+        usable: list[Sample] = []
+        for i in range(len(eval_set)):
+            if len(usable) == cfg.eval.num_samples:
+                break
+            if check.usable(i):
+                usable.append(eval_set[i])
+        eval_set = usable
     writer = MetricsWriter(out_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                            is_main=accelerator.is_main_process, run_config=cfg.model_dump(mode="json"))
 
@@ -434,7 +499,7 @@ def run(plan: Plan, registry: Registry) -> int:
         # Seeded per (step, rank): sampling is reproducible across resume and differs per rank.
         torch.manual_seed(cfg.train.seed * 1_000_003 + step * 1009 + rank)
         ro, res, all_total, all_per, dyn = _rollout_step(cfg, accelerator, bundle, engine, runner, sampler,
-                                                        train_set, sampling, step, per_rank)
+                                                        train_set, sampling, step, per_rank, skipper)
         adv_all, group_std = group_advantages(all_total, G, cfg.grpo.scale_rewards, cfg.grpo.advantage_eps,
                                              cfg.grpo.advantage_baseline)
         adv = adv_all[rank * per_rank:(rank + 1) * per_rank]
@@ -515,7 +580,8 @@ def run(plan: Plan, registry: Registry) -> int:
 
 def _rollout_step(cfg: RunConfig, accelerator: Any, bundle: ModelBundle, engine: RolloutEngine,
                   runner: RewardRunner, sampler: GroupSampler, train_set: Sequence[Sample], sampling: SamplingParams,
-                  step: int, per_rank: int) -> tuple[Rollout, Any, torch.Tensor, torch.Tensor, dict[str, float]]:
+                  step: int, per_rank: int, skipper: BadSampleSkipper | None = None,
+                  ) -> tuple[Rollout, Any, torch.Tensor, torch.Tensor, dict[str, float]]:
     """Generate and score this rank's slots; with dynamic sampling, regenerate zero-variance groups.
 
     The slot layout never changes between rounds, only which prompt a group holds, so every
@@ -524,6 +590,7 @@ def _rollout_step(cfg: RunConfig, accelerator: Any, bundle: ModelBundle, engine:
     G = cfg.grpo.num_generations
     rank = accelerator.process_index
     prompt_ids = sampler.prompts(step)
+    swaps = skipper.fix(prompt_ids, step) if skipper is not None else 0
     slots = local_slots(len(prompt_ids), G, rank, per_rank)
     ro: Rollout | None = None
     res = None
@@ -561,10 +628,14 @@ def _rollout_step(cfg: RunConfig, accelerator: Any, bundle: ModelBundle, engine:
             break
         for k in zero:
             prompt_ids[k] = sampler.extra(step, rnd, k)
+        if skipper is not None:
+            swaps += skipper.fix(prompt_ids, step, zero)
         pending = set(zero)
         resampled += len(zero)
     if cfg.grpo.zero_variance_groups == "resample":
         dyn["dynamic/resampled_groups"] = float(resampled)
+    if skipper is not None and skipper.enabled:
+        dyn["data/skipped_samples"] = float(swaps)
     assert ro is not None and res is not None
     return ro, res, all_total, all_per, dyn
 

@@ -102,3 +102,14 @@ class TaskFormat(Component):
     def stats(self) -> dict[str, int]:
         """Counters for the logs, e.g. ``{"skipped_rows": 3}``."""
         return {}
+
+    def skips_bad_samples(self) -> bool:
+        """Whether a sample whose images fail to decode during training may be skipped.
+
+        Rows are validated at :meth:`load`, but some faults (pixel data corrupt past a valid
+        header) only show when an image is decoded. ``True`` lets the trainer replace such a
+        sample by another prompt, warn naming its file and line, and count it
+        (``data/skipped_samples``); ``False`` (the default) stops the run with the
+        :class:`DataError`. Formats with a skip option for bad rows return that option.
+        """
+        return False

@@ -86,6 +86,10 @@ class FileTask(TaskFormat):
         out.update(self.log.counts)
         return out
 
+    def skips_bad_samples(self) -> bool:
+        """``on_bad_row: skip`` also covers images that turn out undecodable during training."""
+        return self.options.on_bad_row == "skip"
+
     # ---- helpers ----------------------------------------------------------------------------
     def _parse(self, srcs: list[Source]) -> list[Sample]:
         out: list[Sample] = []
