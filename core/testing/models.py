@@ -24,10 +24,10 @@ paths training uses, on CPU in float32:
 ``shared_prefix``     the packed training forward (one prompt per group, block-causal
                       mask; :mod:`core.grpo.prefix`) gives the plain path's log-probs and
                       gradients and encodes each unique image once
-                      (:func:`core.testing.conformance.check_shared_prefix`).
+                      (:func:`core.testing.sharing.check_shared_prefix`).
 ``shared_prefill``    generation with each unique prompt prefilled once and its KV cache
                       repeated per sample samples the same tokens with the same logits as
-                      ``num_return_sequences`` (:func:`core.testing.conformance.check_shared_prefill`).
+                      ``num_return_sequences`` (:func:`core.testing.sharing.check_shared_prefill`).
 ``grpo_step``         one real GRPO step through ``core.grpo.trainer.run`` (beta 0, a
                       reward that varies between completions) changes language and vision
                       weights; the saved checkpoint reloads with plain
@@ -56,6 +56,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from core.testing.sharing import check_shared_prefill, check_shared_prefix
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -159,20 +161,6 @@ def _rollout(ctx: ConformanceContext, suppressed: list[int]) -> Any:
 
 
 # ---- checks ------------------------------------------------------------------------------
-def check_shared_prefix(ctx: ConformanceContext) -> None:
-    """See :func:`core.testing.conformance.check_shared_prefix`."""
-    from core.testing.conformance import check_shared_prefix as check
-
-    check(ctx)
-
-
-def check_shared_prefill(ctx: ConformanceContext) -> None:
-    """See :func:`core.testing.conformance.check_shared_prefill`."""
-    from core.testing.conformance import check_shared_prefill as check
-
-    check(ctx)
-
-
 def check_reload(ctx: ConformanceContext) -> None:
     """Saved checkpoint reloads through the Auto classes; the family claims it; seeds repeat."""
     import torch
