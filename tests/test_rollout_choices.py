@@ -9,22 +9,18 @@ from PIL import Image
 from core.grpo.rollout import TransformersRollout, eos_token_ids
 from core.interfaces import PromptInput, RolloutContext, SamplingParams
 from core.plugins import PluginHost
+from core.testing.models import build_conformance_context
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import AutoModelForImageTextToText
-
     reg = PluginHost("qwen-vl").registry
     try:
         fam_cls = reg.get("models", "qwen2_5_vl")
     except LookupError as exc:
         pytest.skip(f"needs the qwen-vl plugin: {exc}")
-    path = fam_cls.build_tiny_checkpoint(tmp_path_factory.mktemp("choices") / "tiny", seed=0)
-    fam = fam_cls()
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    proc = fam.load_processor(str(path))
-    return fam, model, proc
+    ctx = build_conformance_context(fam_cls, tmp_path_factory.mktemp("choices"), seed=0)
+    return ctx.family, ctx.model, ctx.processor
 
 
 def _prompt(fam, proc) -> PromptInput:

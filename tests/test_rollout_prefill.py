@@ -15,7 +15,7 @@ import core.grpo.prefill as prefill
 from core.grpo.rollout import TransformersRollout
 from core.interfaces import PromptInput, RolloutContext, SamplingParams
 from core.plugins import PluginHost
-from core.testing.models import make_images, make_messages
+from core.testing.models import build_conformance_context, make_images, make_messages
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,8 @@ def tiny(tmp_path_factory):
         fam_cls = reg.get("models", "qwen2_5_vl")
     except LookupError as exc:
         pytest.skip(f"needs the qwen-vl plugin: {exc}")
-    path = fam_cls.build_tiny_checkpoint(tmp_path_factory.mktemp("prefill") / "tiny", seed=0)
-    fam = fam_cls.from_options({})
-    model = fam.load_model(path, dtype=torch.float32)
-    return fam, model, fam.load_processor(path)
+    ctx = build_conformance_context(fam_cls, tmp_path_factory.mktemp("prefill"), seed=0)
+    return ctx.family, ctx.model, ctx.processor
 
 
 @pytest.fixture
