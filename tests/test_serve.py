@@ -14,16 +14,15 @@ from PIL import Image
 
 from core.grpo.rollout import TransformersRollout
 from core.interfaces import PromptInput, RolloutContext, SamplingParams
-from core.plugins import PluginHost
-from core.serve import (
+from core.openai_messages import (
     RequestError,
-    ServerProcess,
     chat_to_openai_messages,
     data_url_to_image,
     image_to_data_url,
-    main,
     openai_to_chat_messages,
 )
+from core.plugins import PluginHost
+from core.serve import ServerProcess, main
 
 TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 

@@ -24,15 +24,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from core.serve import (
-    HTTPLimits,
-    RequestError,
-    ServerProcess,
-    data_url_to_image,
-    image_to_data_url,
-    make_http_server,
-    openai_to_chat_messages,
-)
+from core.openai_messages import RequestError, data_url_to_image, image_to_data_url, openai_to_chat_messages
+from core.serve import HTTPLimits, ServerProcess, make_http_server
 
 KEY = "load-test-key-0123456789"
 

@@ -243,7 +243,7 @@ class OpenAIServerRollout(RolloutEngine):
     # ---- generation ---------------------------------------------------------------------
     def build_request(self, prompt: PromptInput, sampling: SamplingParams, n: int) -> dict[str, Any]:
         """The chat-completions body for one prompt (``n`` completions)."""
-        from core.serve import chat_to_openai_messages
+        from core.openai_messages import chat_to_openai_messages
 
         greedy = not sampling.do_sample or sampling.temperature == 0
         body: dict[str, Any] = {
