@@ -136,7 +136,7 @@ class Baton:
 def run_vlmr1(args, cfg: dict[str, Any], ckpt: str, out: str, baton: Baton) -> dict:
     import core.grpo.trainer as trainer
     from core.config import build_config
-    from core.plan import make_plan
+    from core.plugins.plan import make_plan
 
     raw = {
         "model": {"path": ckpt, "family": "qwen2_5_vl"},

@@ -42,14 +42,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core import boxes
 from core.config import ConfigError, RunConfig, build_config, load_raw
+from core.interfaces import boxes
 
 if TYPE_CHECKING:
     from core.grpo.trainer import ModelBundle
     from core.interfaces import RewardItem, RolloutEngine, Sample
-    from core.plan import Plan
-    from core.registry import Registry
+    from core.plugins.plan import Plan
+    from core.plugins.registry import Registry
 
 #: ``reward_method`` -> metric kind (methods not listed use the reward that serves them).
 METHOD_KINDS: dict[str, str] = {
@@ -71,7 +71,7 @@ REC_IOU_THRESHOLD = 0.5
 
 
 # ---- answer parsing ------------------------------------------------------------------------
-# Boxes and detection objects are read by core.boxes, the implementation the grounding and
+# Boxes and detection objects are read by core.interfaces.boxes, the implementation the grounding and
 # detection reward plugins use too, so
 # evaluation reads an answer the way the training reward did: the last <answer> block (or the
 # whole completion), code fences removed, then JSON ({"bbox_2d": [...]}, a list of such,
@@ -278,7 +278,7 @@ def check_metric(value: str) -> str:
 # ---- loading -------------------------------------------------------------------------------
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder: ``path`` itself, or the newest ``checkpoint-N`` inside an output folder."""
-    from core.checkpoint import latest_checkpoint
+    from core.runtime.checkpoint import latest_checkpoint
 
     p = Path(path)
     if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
@@ -336,7 +336,7 @@ def plan_without_groups(cfg: RunConfig, registry: Registry) -> Plan:
     In SFT ``train.per_device_batch_size`` counts samples, so it need not be a multiple of
     ``grpo.num_generations``; the components are validated on a copy whose batch divides.
     """
-    from core.plan import make_plan
+    from core.plugins.plan import make_plan
 
     probe = cfg.model_copy(deep=True)
     probe.train.per_device_batch_size = cfg.grpo.num_generations
@@ -400,8 +400,8 @@ def score_records(records: list[dict[str, Any]], cfg: RunConfig, registry: Regis
     ``records`` hold ``item`` (a :class:`RewardItem`), ``kind`` and ``dataset``. Reward-scored
     kinds are scored in one batch per kind with the reward's training options.
     """
-    from core.grpo.rewards import RewardRunner, RewardSpec
     from core.interfaces import RewardBatch, RewardContext
+    from core.runtime.reward_runner import RewardRunner, RewardSpec
 
     for kind in sorted({r["kind"] for r in records}):
         rows = [r for r in records if r["kind"] == kind]

@@ -16,7 +16,7 @@ real HTTP server. Endpoints:
   new weights (same family, dtype and device) and swap them in between requests; the OpenAI
   server rollout engine's ``reload_url`` uses it to refresh the server's policy copy.
 
-Generation is the engine's own :class:`core.grpo.rollout.TransformersRollout` with the model
+Generation is the engine's own :class:`core.plugins.builtin.rollout.TransformersRollout` with the model
 family's prompt rendering, so greedy answers equal the built-in back end's (one prompt per
 ``generate`` call; requests are served one at a time on the model, while HTTP handling is
 threaded). Images are never fetched from URLs: only base64 ``data:`` URLs are accepted.
@@ -35,7 +35,7 @@ body is read.
 Written on the standard library's ``http.server`` (``ThreadingHTTPServer``) rather than a web
 framework: the server has four routes and no streaming, and core should not grow a
 dependency (FastAPI/uvicorn) for them. Message and image conversion lives in
-:mod:`core.openai_messages`, shared with the OpenAI-server rollout plugins.
+:mod:`core.interfaces.openai_messages`, shared with the OpenAI-server rollout plugins.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from core.openai_messages import RequestError, openai_to_chat_messages
+from core.interfaces.openai_messages import RequestError, openai_to_chat_messages
 
 #: Largest request body accepted (bytes); a few large base64 images fit.
 DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
@@ -108,8 +108,8 @@ class ModelServer:
 
     def __init__(self, model: Any, processor: Any, family: Any, device: Any, model_id: str,
                  limits: ServerLimits | None = None) -> None:
-        from core.grpo.rollout import TransformersRollout
         from core.interfaces import RolloutContext
+        from core.plugins.builtin.rollout import TransformersRollout
 
         self.model, self.processor, self.family, self.device = model, processor, family, device
         self.model_id = model_id
@@ -133,8 +133,8 @@ class ModelServer:
         import torch
 
         from core.config import ConfigError
-        from core.plan import pick_device, registry_family_for
         from core.plugins import PluginHost
+        from core.plugins.plan import pick_device, registry_family_for
 
         path = Path(path)
         if not (path / "config.json").is_file():

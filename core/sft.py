@@ -52,8 +52,8 @@ if TYPE_CHECKING:
 
     from core.grpo.trainer import ModelBundle
     from core.interfaces import ModelFamily, Sample
-    from core.plan import Plan
-    from core.registry import Registry
+    from core.plugins.plan import Plan
+    from core.plugins.registry import Registry
 
 #: The R1 answer layout (VLM-R1's prompts ask for it); ``{think}`` is ``--think-text``.
 R1_TEMPLATE = "<think>{think}</think><answer>{answer}</answer>"
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--box-decimals and --save-steps must be >= 0, --logging-steps >= 1")
         if "{answer}" not in args.template and args.template != "auto":
             raise ConfigError(f"--template {args.template!r} must contain {{answer}}")
-        from core.extras import require
+        from core.config.extras import require
 
         require(("trl", "datasets"), "sft", "python -m core.sft")  # optional: not in vlmr1's base install
         return run(plan, host.registry, args)

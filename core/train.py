@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Validate, plan and (unless ``--dry-run``) train."""
-    from core.plan import make_plan
     from core.plugins import PluginError, PluginHost
+    from core.plugins.plan import make_plan
 
     args = parse_args(argv)
     try:
@@ -76,17 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         for f in host.failures():
             print(f"warning: plugin {f.distribution} {f.status}; run `python -m core.plugins list`", file=sys.stderr)
         return 0
-    from core.checkpoint import CheckpointError, check_output_dir
     from core.grpo.guard import NonFiniteError
-    from core.grpo.rewards import RewardError
     from core.interfaces import DataError
-    from core.registry import ComponentError
+    from core.plugins.registry import ComponentError
+    from core.runtime.checkpoint import CheckpointError, check_output_dir
+    from core.runtime.reward_runner import RewardError
 
     try:
         check_output_dir(cfg.logging.output_dir)  # before any weights load
         check_model_path(cfg)
         if cfg.logging.wandb:
-            from core.extras import require
+            from core.config.extras import require
 
             require("wandb", "wandb", "logging.wandb=true")
         from core.grpo.trainer import run

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from core import checkpoint as ck
-from core.checkpoint import (
+from core.config import ConfigError, build_config
+from core.runtime.checkpoint import (
     CheckpointError,
     check_output_dir,
     latest_checkpoint,
@@ -30,7 +31,6 @@ from core.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from core.config import ConfigError, build_config
 
 BASE = {"model": {"path": "/m"}, "task": {"name": "toy"}, "rewards": [{"name": "r"}]}
 

@@ -73,8 +73,8 @@ def checkpoint_in(out, config_path, *overrides: str):
     """A real checkpoint-2 in ``out`` written for the config at ``config_path`` (plus overrides)."""
     import torch
 
-    from core.checkpoint import save_checkpoint
     from core.config import build_config, load_raw
+    from core.runtime.checkpoint import save_checkpoint
 
     cfg = build_config(load_raw(config_path), list(overrides))
     model = torch.nn.Linear(2, 2)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.config import ConfigError, RunConfig, build_config, load_raw, markdown_reference, parse_overrides, to_yaml
 from core.interfaces import Device, Reward, TaskFormat
-from core.plan import make_plan
+from core.plugins.plan import make_plan
 from core.testing import make_sample
 
 BASE = {"model": {"path": "/no/such/checkpoint"}, "task": {"name": "toy"}, "rewards": [{"name": "match"}],
@@ -281,7 +281,7 @@ def test_docs_config_reference_is_up_to_date():
 
 
 def test_config_check_cli(tmp_path, capsys):
-    from core.config import _main
+    from core.config.__main__ import main as _main
 
     good = write(tmp_path, "model: {path: /ckpt}\ntask: {name: toy}\nrewards: [{name: match}]\n")
     assert _main(["--check", str(good), "train.seed=7"]) == 0

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from core.interfaces import TransformersFamily
-from core.testing.tiny import build_tiny_tokenizer
+from core.interfaces.tiny import build_tiny_tokenizer
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 

@@ -28,8 +28,8 @@ from core.config import build_config
 from core.grpo.loss import LossNormalizer, group_advantages, grpo_loss
 from core.grpo.trainer import GroupSampler, run
 from core.interfaces import Reward, RewardBatch, Sample, TaskFormat
-from core.plan import make_plan
 from core.plugins import PluginHost
+from core.plugins.plan import make_plan
 from core.testing import ComponentsPlugin
 
 G = 2  # completions per group

@@ -205,7 +205,7 @@ def test_reward_errors_and_timeouts_are_reported_not_silently_zero():
     import time as _time
 
     from core.interfaces import Reward
-    from core.registry import Registry
+    from core.plugins.registry import Registry
 
     class Flaky(Reward):
         name = "flaky"
@@ -242,8 +242,8 @@ def test_training_eval_line_shows_reward_failures():
 
 
 def test_runner_result_marks_failed_rows():
-    from core.grpo.rewards import RewardRunner, RewardSpec
     from core.interfaces import Reward, RewardBatch
+    from core.runtime.reward_runner import RewardRunner, RewardSpec
 
     class Half(Reward):
         name = "half"

@@ -193,8 +193,8 @@ def test_gui_rows_give_two_image_prompts(tiny, tmp_path):
     """The GUI recipe's task options turn each row into one prompt holding both screenshots,
     each where its ``<image>`` tag stands, and the model family encodes two images."""
     from core.config import build_config, load_raw
-    from core.plan import make_plan
     from core.plugins import PluginHost
+    from core.plugins.plan import make_plan
 
     data = write_gui_data(tmp_path)
     host = PluginHost()
@@ -239,8 +239,8 @@ def test_real_scale_examples_set_up_their_rewards():
     ``reward_options`` are checked too."""
     from core.config import build_config, load_raw
     from core.interfaces import RewardContext
-    from core.plan import make_plan
     from core.plugins import PluginHost
+    from core.plugins.plan import make_plan
 
     host = PluginHost()
     configs = [p for d in ("rec", "ovd", "math", "gui", "families")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from core.metrics import MetricsWriter, plot_rewards, read_jsonl
+from core.runtime.runlog import MetricsWriter, plot_rewards, read_jsonl
 
 
 def test_torn_last_line_is_dropped_on_resume(tmp_path):

@@ -1,7 +1,7 @@
 """Options of components that a component builds itself are validated at plan time.
 
 The ``accuracy`` router takes per-reward ``reward_options`` and ``routes``; through
-``Component.nested_components`` :func:`core.plan.make_plan` (so ``--dry-run``) resolves every
+``Component.nested_components`` :func:`core.plugins.plan.make_plan` (so ``--dry-run``) resolves every
 sub-reward and validates its options before any weights load, with the full key path and
 the config file's line.
 """
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.config import ConfigError, build_config, load_raw
 from core.interfaces import NestedComponent, Reward, RewardBatch
-from core.plan import make_plan
+from core.plugins.plan import make_plan
 from core.train import main
 
 ROOT = Path(__file__).resolve().parents[1]

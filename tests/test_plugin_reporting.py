@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError, build_config, load_raw
-from core.plan import make_plan
 from core.plugins import PluginHost
-from core.registry import ComponentError
+from core.plugins.plan import make_plan
+from core.plugins.registry import ComponentError
 from core.train import main
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -6,8 +6,6 @@ import random
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from core.builtins import AccuracyRouter, CPUDevice
-from core.grpo.rollout import TransformersRollout
 from core.interfaces import (
     Completion,
     Device,
@@ -22,6 +20,9 @@ from core.interfaces import (
     TaskFormat,
 )
 from core.plugins import PluginError, PluginHost
+from core.plugins.builtin.accuracy import AccuracyRouter
+from core.plugins.builtin.cpu import CPUDevice
+from core.plugins.builtin.rollout import TransformersRollout
 from core.testing import ComponentsPlugin, make_image, make_sample, reward_batch
 from core.testing.conformance import (
     ConformanceError,
@@ -115,7 +116,7 @@ def test_register_plugin_fixture(register_plugin, plugin_host):
 def test_make_distribution_fixture_is_found_by_the_host(make_distribution):
     make_distribution("vlmr1-plugin-madeup", "0.4.0", modules={"vlmr1_madeup/hooks.py": (
         "from core.hookspecs import hookimpl\nfrom core.testing import ComponentsPlugin\n"
-        "from core.builtins import CPUDevice\n\n\nclass Dev(CPUDevice):\n    name = 'madeup'\n\n\n"
+        "from core.plugins.builtin.cpu import CPUDevice\n\n\nclass Dev(CPUDevice):\n    name = 'madeup'\n\n\n"
         "@hookimpl\ndef vlmr1_register_devices(register):\n    register(Dev)\n")},
         entry_points={"madeup": "vlmr1_madeup.hooks"})
     host = PluginHost("madeup")
@@ -300,7 +301,7 @@ def test_check_plugin_on_an_object_and_a_module(make_distribution):
         check_plugin(ComponentsPlugin())
     # A module by name is also imported in a fresh interpreter to check it stays light.
     make_distribution("vlmr1-plugin-heavy", modules={"vlmr1_heavy/hooks.py": (
-        "from core.hookspecs import hookimpl\nfrom core.builtins import CPUDevice\n\n\n"
+        "from core.hookspecs import hookimpl\nfrom core.plugins.builtin.cpu import CPUDevice\n\n\n"
         "@hookimpl\ndef vlmr1_register_devices(register):\n    import colorsys  # stands in for torch_npu\n\n"
         "    register(type('Heavy', (CPUDevice,), {'name': 'heavy'}))\n")})
     assert check_plugin("vlmr1_heavy.hooks") == {"devices": ["heavy"]}

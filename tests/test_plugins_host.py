@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from core.config import ConfigError, build_config
-from core.plan import make_plan
 from core.plugins import PluginError, PluginHost, parse_selection
-from core.registry import ComponentError
+from core.plugins.plan import make_plan
+from core.plugins.registry import ComponentError
 
 SITE = Path(__file__).parent / "fixtures" / "site"
 FIXTURE_DISTS = ["vlmr1-plugin-broken", "vlmr1-plugin-dup", "vlmr1-plugin-fixtures", "vlmr1-plugin-incompatible"]
@@ -235,7 +235,7 @@ def test_options_without_extra_forbid_are_refused_at_load_time():
     from pydantic import BaseModel, ConfigDict
 
     from core.interfaces import Reward
-    from core.registry import Registry
+    from core.plugins.registry import Registry
 
     class LooseOptions(BaseModel):
         scale: float = 1.0

@@ -72,8 +72,8 @@ def test_engine_step_with_prefix_sharing_matches_the_plain_path(tmp_path):
 
     from core.config import build_config
     from core.grpo.trainer import run
-    from core.plan import make_plan
     from core.plugins import PluginHost
+    from core.plugins.plan import make_plan
 
     results = {}
     for shared in (False, True):

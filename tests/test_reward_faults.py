@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.grpo.rewards import RewardError, RewardRunner, RewardSpec
 from core.interfaces import Reward, RewardBatch, RewardItem
+from core.runtime.reward_runner import RewardError, RewardRunner, RewardSpec
 from core.testing import HangsOnce
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from core.grpo.rewards import RewardError, RewardResult, RewardRunner, RewardSpec, RewardTimeoutError
 from core.interfaces import Reward, RewardBatch, RewardItem
+from core.runtime.reward_runner import RewardError, RewardResult, RewardRunner, RewardSpec, RewardTimeoutError
 from core.testing import HangsOnce
 
 
@@ -144,7 +144,7 @@ def test_a_timed_out_call_is_replaced_and_the_next_call_is_tried_fresh():
 
 
 def test_abandoned_calls_are_bounded_per_reward():
-    from core.grpo.rewards import MAX_ABANDONED_CALLS
+    from core.runtime.reward_runner import MAX_ABANDONED_CALLS
 
     stuck = Sleeper(1e6)
     runner = RewardRunner([spec("forever", stuck, timeout=0.05)])
@@ -224,7 +224,7 @@ class _Returns(Reward):
 
 def test_warning_logged_once_per_reward_and_kind(caplog):
     runner = RewardRunner([spec("boom", Boom())])
-    with caplog.at_level(logging.WARNING, logger="core.grpo.rewards"):
+    with caplog.at_level(logging.WARNING, logger="core.runtime.reward_runner"):
         runner(batch(1))
         runner(batch(1))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.grpo.rollout import TransformersRollout, eos_token_ids
 from core.interfaces import PromptInput, RolloutContext, SamplingParams
 from core.plugins import PluginHost
+from core.plugins.builtin.rollout import TransformersRollout, eos_token_ids
 from core.testing.models import build_conformance_context
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import core.grpo.prefill as prefill
-from core.grpo.rollout import TransformersRollout
+import core.plugins.builtin.prefill as prefill
 from core.interfaces import PromptInput, RolloutContext, SamplingParams
 from core.plugins import PluginHost
+from core.plugins.builtin.rollout import TransformersRollout
 from core.testing.models import build_conformance_context, make_images, make_messages
 
 

@@ -12,9 +12,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from core.grpo.rollout import TransformersRollout
 from core.interfaces import PromptInput, RolloutContext, SamplingParams
-from core.openai_messages import (
+from core.interfaces.openai_messages import (
     RequestError,
     chat_to_openai_messages,
     data_url_to_image,
@@ -22,6 +21,7 @@ from core.openai_messages import (
     openai_to_chat_messages,
 )
 from core.plugins import PluginHost
+from core.plugins.builtin.rollout import TransformersRollout
 from core.serve import ServerProcess, main
 
 TIMEOUT = httpx.Timeout(60.0, connect=5.0)

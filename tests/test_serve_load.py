@@ -24,7 +24,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from core.openai_messages import RequestError, data_url_to_image, image_to_data_url, openai_to_chat_messages
+from core.interfaces.openai_messages import RequestError, data_url_to_image, image_to_data_url, openai_to_chat_messages
 from core.serve import HTTPLimits, ServerProcess, make_http_server
 
 KEY = "load-test-key-0123456789"

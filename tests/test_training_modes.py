@@ -116,8 +116,8 @@ def test_lora_reference_is_the_adapter_disabled_policy_not_a_copy(runs):
 
     from core.config import build_config, load_raw
     from core.grpo.trainer import load_models
-    from core.plan import make_plan
     from core.plugins import PluginHost
+    from core.plugins.plan import make_plan
 
     tmp = runs["tmp"]
     cfg = build_config(load_raw(QUICKSTART), [f"model.path={tmp / 'tiny'}", "grpo.beta=0.04", "train.mode=lora",

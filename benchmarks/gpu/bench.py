@@ -146,7 +146,7 @@ def common(a: argparse.Namespace) -> dict[str, Any]:
 def run_vlmr1(a: argparse.Namespace, out: str) -> dict[str, Any]:
     from core.config import build_config
     from core.grpo.trainer import run
-    from core.plan import make_plan
+    from core.plugins.plan import make_plan
 
     c = common(a)
     cuda = a.device == "cuda"

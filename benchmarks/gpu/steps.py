@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 def _train(raw: dict[str, Any], overrides: list[str]) -> None:
     from core.config import build_config
     from core.grpo.trainer import run
-    from core.plan import make_plan
     from core.plugins import PluginHost
+    from core.plugins.plan import make_plan
 
     h = PluginHost()
     rc = run(make_plan(build_config(raw, overrides), h.registry), h.registry)

@@ -24,11 +24,9 @@ from typing import Any
 
 import torch
 
-from core.checkpoint import load_trainer_state, resolve_resume, save_checkpoint, set_rng_state
 from core.config import ConfigError, RunConfig, to_yaml
 from core.grpo.data import BadSampleSkipper, GroupSampler, local_slots
 from core.grpo.loss import group_advantages
-from core.grpo.rewards import RewardRunner, RewardSpec
 from core.grpo.update import policy_update
 from core.interfaces import (
     Completion,
@@ -42,9 +40,11 @@ from core.interfaces import (
     Sample,
     SamplingParams,
 )
-from core.metrics import MetricsWriter, plot_rewards
-from core.plan import Plan, families_for_model_type, registry_family_for
-from core.registry import Registry
+from core.plugins.plan import Plan, families_for_model_type, registry_family_for
+from core.plugins.registry import Registry
+from core.runtime.checkpoint import load_trainer_state, resolve_resume, save_checkpoint, set_rng_state
+from core.runtime.reward_runner import RewardRunner, RewardSpec
+from core.runtime.runlog import MetricsWriter, plot_rewards
 
 
 # ---- model set-up ----------------------------------------------------------------------

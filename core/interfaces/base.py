@@ -63,7 +63,7 @@ class Component(ABC):
         """Components this one will build from its (already validated) ``options``; default none.
 
         Override when ``options`` name other components and carry their options (a router's
-        per-reward ``reward_options``): :func:`core.plan.make_plan` (and so ``--dry-run``)
+        per-reward ``reward_options``): :func:`core.plugins.plan.make_plan` (and so ``--dry-run``)
         then resolves each name and validates each options block against that component's
         ``Options`` before any weights load, recursively, reporting errors at the full key
         (``rewards.0.options.reward_options.iou.foo``) with the config file's line. Raise

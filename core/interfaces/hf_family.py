@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.compat import fix_multi_image_expansion
+from core.interfaces.compat import fix_multi_image_expansion
 from core.interfaces.model import ModelFamily
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ class TransformersFamily(ModelFamily):
 
     Class attributes (besides :class:`~core.interfaces.ModelFamily`'s):
         model_type_hint: appended to the error for a checkpoint of another ``model_type``.
-        repair_generate: apply :func:`core.compat.fix_multi_image_expansion` after loading (a
+        repair_generate: apply :func:`core.interfaces.compat.fix_multi_image_expansion` after loading (a
             probe; a no-op where transformers is right).
         vision_towers / vision_projectors: module leaf names of the vision tower(s) and the
             projector(s); the shallowest module of each name is listed, towers first.

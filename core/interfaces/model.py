@@ -43,7 +43,7 @@ class ModelFamily(Component):
             passes: it needs a model whose positions come from :meth:`prompt_positions` and
             whose attention is purely causal (not, e.g., bidirectional over image tokens).
         shared_prefill: whether the built-in rollout may prefill each unique prompt once and
-            repeat its KV cache for the n samples (:mod:`core.grpo.prefill`) instead of
+            repeat its KV cache for the n samples (:mod:`core.plugins.builtin.prefill`) instead of
             prefilling n copies. Opt in once the ``shared_prefill`` conformance check passes:
             it needs a model whose ``generate`` continues from a given cache with the
             positions ``generate`` itself computes for the prompt.

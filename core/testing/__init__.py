@@ -4,7 +4,7 @@ The pytest fixtures (``plugin_host``, ``register_plugin``, ``make_distribution``
 :mod:`core.testing.pytest_plugin`, which pytest loads automatically once ``vlmr1`` is
 installed (``pytest11`` entry point). Conformance checks per interface live in
 :mod:`core.testing.conformance`; tiny offline model building blocks in
-:mod:`core.testing.tiny` (and model-family checks in ``core.testing.models``).
+:mod:`core.interfaces.tiny` (and model-family checks in ``core.testing.models``).
 
 Everything here is importable without torch.
 """

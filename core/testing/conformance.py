@@ -77,7 +77,7 @@ def check_component(cls: type, kind: str, options: dict[str, Any] | None = None)
     model that accepts ``options`` and rejects an unknown key, no unimplemented abstract
     methods (the registry accepts it), and ``from_options`` builds it.
     """
-    from core.registry import KINDS, Registry
+    from core.plugins.registry import KINDS, Registry
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")

@@ -151,8 +151,8 @@ def _image_token_id(model: Any) -> int | None:
 def _rollout(ctx: ConformanceContext, suppressed: list[int]) -> Any:
     import torch
 
-    from core.grpo.rollout import TransformersRollout
     from core.interfaces import RolloutContext
+    from core.plugins.builtin.rollout import TransformersRollout
 
     engine = TransformersRollout.from_options({})
     engine.setup(RolloutContext(model=ctx.model, processor=ctx.processor, family=ctx.family,
@@ -255,7 +255,7 @@ def check_logprobs(ctx: ConformanceContext, atol: float = LOGPROB_ATOL) -> None:
     import torch
 
     from core.grpo.logprobs import build_train_inputs, completion_logprobs, pad_completions
-    from core.grpo.rollout import eos_token_ids, split_completions
+    from core.plugins.builtin.rollout import eos_token_ids, split_completions
 
     model, proc, family = ctx.model, ctx.processor, ctx.family
     tok = getattr(proc, "tokenizer", proc)
@@ -350,8 +350,8 @@ def check_grpo_step_changes_weights(ctx: ConformanceContext) -> None:
     from core.config import build_config
     from core.grpo.trainer import run
     from core.interfaces import Reward, RewardBatch, Sample, TaskFormat
-    from core.plan import make_plan
     from core.plugins import PluginHost
+    from core.plugins.plan import make_plan
     from core.testing import ComponentsPlugin
 
     class _ConformanceColorTask(TaskFormat):

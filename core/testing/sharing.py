@@ -7,7 +7,7 @@ in to each only once its check here passes on its tiny build (both are registere
 * ``shared_prefix`` (:func:`check_shared_prefix`): the packed training forward of
   :mod:`core.grpo.prefix` against plain ``[prompt, completion]`` rows;
 * ``shared_prefill`` (:func:`check_shared_prefill`): generation with each prompt prefilled
-  once (:mod:`core.grpo.prefill`) against ``num_return_sequences``.
+  once (:mod:`core.plugins.builtin.prefill`) against ``num_return_sequences``.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def check_shared_prefill(ctx: Any, group_size: int = 3, max_new_tokens: int = 8)
     For a family with ``shared_prefill`` on, three left-padded prompts (0, 1 and 2 images, so
     of different lengths) sample ``group_size`` completions each with the same seed, once with
     ``model.generate(num_return_sequences=...)`` and once with
-    :func:`core.grpo.prefill.shared_prefill_generate` (image tokens suppressed, as the rollout
+    :func:`core.plugins.builtin.prefill.shared_prefill_generate` (image tokens suppressed, as the rollout
     does). Asserts: the same sequences (same sampled tokens); every step's raw logits within
     ``SHARED_PREFILL_LOGIT_ATOL``; the language model's first call takes the unique prompts
     minus their last token (``[3, L-1]``: each prompt prefilled once) and every later call one
@@ -124,8 +124,8 @@ def check_shared_prefill(ctx: Any, group_size: int = 3, max_new_tokens: int = 8)
     """
     import torch
 
-    from core.grpo.prefill import can_share_prefill, shared_prefill_generate
-    from core.grpo.rollout import TransformersRollout, eos_token_ids
+    from core.plugins.builtin.prefill import can_share_prefill, shared_prefill_generate
+    from core.plugins.builtin.rollout import TransformersRollout, eos_token_ids
     from core.testing.models import _prompts
 
     model, proc, family = ctx.model, ctx.processor, ctx.family

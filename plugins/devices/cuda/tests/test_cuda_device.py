@@ -7,8 +7,8 @@ import torch
 from pydantic import ValidationError
 from vlmr1_cuda import CUDADevice
 
-from core.plan import pick_device
 from core.plugins import PluginHost
+from core.plugins.plan import pick_device
 
 HAS_CUDA = torch.cuda.is_available()
 _needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False)")

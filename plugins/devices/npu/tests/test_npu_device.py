@@ -20,8 +20,8 @@ import torch
 from pydantic import ValidationError
 from vlmr1_npu import NPUDevice
 
-from core.plan import pick_device
 from core.plugins import PluginHost
+from core.plugins.plan import pick_device
 
 GIB = 2**30
 TORCH_MM = ".".join(torch.__version__.split("+")[0].split(".")[:2])

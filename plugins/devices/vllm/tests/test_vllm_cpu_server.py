@@ -174,7 +174,7 @@ def test_weight_sync_reaches_the_server(server):
 def _grpo(ckpt, out, rollout: dict, steps: int) -> list[dict]:
     from core.config import build_config, load_raw
     from core.grpo.trainer import run
-    from core.plan import make_plan
+    from core.plugins.plan import make_plan
 
     raw = load_raw(ROOT / "examples/quickstart/config.yaml")
     raw["model"] = {"path": str(ckpt), "family": "qwen2_5_vl"}

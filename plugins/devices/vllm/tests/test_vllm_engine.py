@@ -26,8 +26,8 @@ from vlmr1_vllm.engine import (
 )
 
 from core.interfaces import Completion, PromptInput, RolloutContext, SamplingParams
+from core.interfaces.tiny import build_tiny_tokenizer
 from core.plugins import PluginHost
-from core.testing.tiny import build_tiny_tokenizer
 
 CUDA = types.SimpleNamespace(type="cuda", index=0)  # the engine only reads .type
 

@@ -379,7 +379,7 @@ class VLLMRollout(RolloutEngine):
         return list(self.ctx.suppressed_token_ids) if self.options.suppress_via_logit_bias else []
 
     def _eos_ids(self) -> set[int]:
-        from core.grpo.rollout import eos_token_ids
+        from core.plugins.builtin.rollout import eos_token_ids
 
         return eos_token_ids(self._policy, self.ctx.processor)
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from vlmr1_xllm import OpenAIServerRollout
 
-from core.grpo.rollout import TransformersRollout
 from core.interfaces import PromptInput, RolloutContext, SamplingParams
 from core.plugins import PluginHost
+from core.plugins.builtin.rollout import TransformersRollout
 from core.serve import ServerProcess
 
 GREEDY = SamplingParams(n=2, max_new_tokens=10, do_sample=False)

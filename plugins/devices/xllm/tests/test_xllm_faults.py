@@ -23,8 +23,8 @@ from vlmr1_xllm import OpenAIServerRollout, ServerError
 from vlmr1_xllm.engine import RequestRejected
 
 from core.interfaces import PromptInput, RolloutContext, SamplingParams
+from core.interfaces.tiny import build_tiny_tokenizer
 from core.plugins import PluginHost
-from core.testing.tiny import build_tiny_tokenizer
 
 GREEDY = SamplingParams(n=1, max_new_tokens=8, do_sample=False)
 

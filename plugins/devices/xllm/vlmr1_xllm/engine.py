@@ -243,7 +243,7 @@ class OpenAIServerRollout(RolloutEngine):
     # ---- generation ---------------------------------------------------------------------
     def build_request(self, prompt: PromptInput, sampling: SamplingParams, n: int) -> dict[str, Any]:
         """The chat-completions body for one prompt (``n`` completions)."""
-        from core.openai_messages import chat_to_openai_messages
+        from core.interfaces.openai_messages import chat_to_openai_messages
 
         greedy = not sampling.do_sample or sampling.temperature == 0
         body: dict[str, Any] = {
@@ -347,7 +347,7 @@ class OpenAIServerRollout(RolloutEngine):
         return list(tok(text, add_special_tokens=False)["input_ids"])
 
     def _eos_ids(self) -> set[int]:
-        from core.grpo.rollout import eos_token_ids
+        from core.plugins.builtin.rollout import eos_token_ids
 
         tok = self._tokenizer()
         if tok is None:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from vlmr1_generic.family import GenericFamily
 
-from core.compat import fix_multi_image_expansion, multi_image_expansion_ok
+from core.interfaces.compat import fix_multi_image_expansion, multi_image_expansion_ok
 from core.testing.models import CONFORMANCE_CHECKS, build_conformance_context, make_images, make_messages
 
 ONE_IMAGE = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
@@ -216,7 +216,7 @@ def test_tiny_builder_rejects_bad_options(tmp_path):
 def test_plugin_registers_family():
     from vlmr1_generic import hooks
 
-    from core.registry import Registry
+    from core.plugins.registry import Registry
 
     reg = Registry()
     hooks.vlmr1_register_models(reg.registrar("vlmr1-plugin-generic", ("models",)))

@@ -9,7 +9,7 @@ family knows and this one cannot:
   (``options.box_convention``), so box rewards must be told;
 * extra per-token inputs beyond ``token_type_ids`` / ``mm_token_type_ids``;
 * model-specific generation defects (:class:`~core.interfaces.TransformersFamily` repairs the
-  known one, see :func:`core.compat.fix_multi_image_expansion`).
+  known one, see :func:`core.interfaces.compat.fix_multi_image_expansion`).
 
 It is a **fallback**: it claims every ``model_type`` transformers maps to
 ``AutoModelForImageTextToText``, including those a dedicated family (Qwen-VL, InternVL, GLM-4V)
@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.interfaces import TransformersFamily
 from core.interfaces.hf_family import single_token_ids
-from core.testing.tiny import TinyOptions, reload_tokenizer, save_tiny_model
+from core.interfaces.tiny import TinyOptions, reload_tokenizer, save_tiny_model
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -120,7 +120,7 @@ class TinyGenericOptions(TinyOptions):
     LLaVA writes one ``<image>`` token per patch (28 / 14: 4), Gemma 3 average-pools the patch
     grid to ``mm_tokens_per_image`` = 4 soft tokens (28 / 7: 4x4 patches -> 2x2). ``rope_theta``
     is tiny on purpose so a 2-layer model can tell nearby positions apart. The decoder and
-    tokenizer options are :class:`~core.testing.tiny.TinyOptions`'.
+    tokenizer options are :class:`~core.interfaces.tiny.TinyOptions`'.
     """
 
     arch: Literal["llava", "gemma3"] = "llava"

@@ -152,7 +152,7 @@ def test_handles_by_model_type_only():
 def test_plugin_registers_family():
     from vlmr1_glm4v import hooks
 
-    from core.registry import Registry
+    from core.plugins.registry import Registry
 
     reg = Registry()
     hooks.vlmr1_register_models(reg.registrar("vlmr1-plugin-glm4v", ("models",)))
@@ -164,7 +164,7 @@ def test_multi_image_generation_expansion_is_repaired(ctx):
     """Every returned sequence of a 2-image prompt sees both images in order (see the family docs)."""
     from transformers import AutoModelForImageTextToText
 
-    from core.compat import multi_image_expansion_ok
+    from core.interfaces.compat import multi_image_expansion_ok
 
     assert multi_image_expansion_ok(ctx.model)
     raw = AutoModelForImageTextToText.from_pretrained(ctx.path, dtype=torch.float32)

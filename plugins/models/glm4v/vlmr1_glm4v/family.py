@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 
 from core.interfaces import PixelBoundsOptions, TransformersFamily
 from core.interfaces.hf_family import sibling_function, size_value, transformers_has
-from core.testing.tiny import TinyOptions, save_tiny_model
+from core.interfaces.tiny import TinyOptions, save_tiny_model
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -110,7 +110,7 @@ class TinyGLM4VOptions(TinyOptions):
     ``glm46v``). ``partial_rotary_factor`` 0.5 and the T/H/W ``mrope_section`` split follow the
     real checkpoints (scaled to the tiny head); ``rope_theta`` is tiny on purpose so a 2-layer
     model can tell nearby positions apart. The other decoder and tokenizer options are
-    :class:`~core.testing.tiny.TinyOptions`'.
+    :class:`~core.interfaces.tiny.TinyOptions`'.
     """
 
     variant: Variant = "glm4v"
@@ -166,7 +166,7 @@ class GLM4VFamily(TransformersFamily):
     per_token_keys = ("mm_token_type_ids",)
     #: Training passes run one prompt per group (core.grpo.prefix); positions from get_rope_index.
     prefix_sharing = True
-    #: Generation prefills each prompt once, cache repeated per sample (core.grpo.prefill).
+    #: Generation prefills each prompt once, cache repeated per sample (core.plugins.builtin.prefill).
     shared_prefill = True
     Options = GLM4VOptions
     # Loading, the pixel-bound options (GLM's image processors take them only as ``size``),

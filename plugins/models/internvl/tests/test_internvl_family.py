@@ -166,7 +166,7 @@ def test_handles_by_model_type_only():
 def test_plugin_registers_family():
     from vlmr1_internvl import hooks
 
-    from core.registry import Registry
+    from core.plugins.registry import Registry
 
     reg = Registry()
     hooks.vlmr1_register_models(reg.registrar("vlmr1-plugin-internvl", ("models",)))

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.interfaces import TransformersFamily
 from core.interfaces.hf_family import check_ordered, sibling_function, size_value
-from core.testing.tiny import TinyOptions, reload_tokenizer, save_tiny_model
+from core.interfaces.tiny import TinyOptions, reload_tokenizer, save_tiny_model
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -99,7 +99,7 @@ class TinyInternVLOptions(TinyOptions):
     ``image_size`` / ``patch_size``: the vision input (tile) size and patch; a tile yields
     ``(image_size / patch_size)**2 / 4`` image tokens after InternVL's 2x2 pixel shuffle
     (56 / 14: 4 tokens). The decoder and tokenizer options are
-    :class:`~core.testing.tiny.TinyOptions`'.
+    :class:`~core.interfaces.tiny.TinyOptions`'.
     """
 
     vision_layers: int = Field(2, ge=1)
@@ -134,7 +134,7 @@ class InternVLFamily(TransformersFamily):
     per_token_keys = ()
     #: Training passes run one prompt per group (core.grpo.prefix); 1-D positions.
     prefix_sharing = True
-    #: Generation prefills each prompt once, cache repeated per sample (core.grpo.prefill).
+    #: Generation prefills each prompt once, cache repeated per sample (core.plugins.builtin.prefill).
     shared_prefill = True
     Options = InternVLOptions
     model_type_hint = (

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from vlmr1_qwen_vl.family import Qwen2VLFamily, Qwen3VLFamily, Qwen25VLFamily, qwen3_vl_available
 
+from core.interfaces.tiny import build_tiny_tokenizer
 from core.testing.models import CONFORMANCE_CHECKS, build_conformance_context, make_images
-from core.testing.tiny import build_tiny_tokenizer
 
 FAMILIES = [Qwen2VLFamily, Qwen25VLFamily]
 if qwen3_vl_available()[0]:
@@ -163,7 +163,7 @@ def test_handles_by_model_type_only():
 def test_plugin_registers_families():
     from vlmr1_qwen_vl import hooks
 
-    from core.registry import Registry
+    from core.plugins.registry import Registry
 
     reg = Registry()
     hooks.vlmr1_register_models(reg.registrar("vlmr1-plugin-qwen-vl", ("models",)))

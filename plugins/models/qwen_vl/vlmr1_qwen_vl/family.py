@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from core.interfaces import PixelBoundsOptions, TransformersFamily
 from core.interfaces.hf_family import sibling_function, transformers_has
-from core.testing.tiny import TinyOptions, save_tiny_model
+from core.interfaces.tiny import TinyOptions, save_tiny_model
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -108,7 +108,7 @@ class TinyQwenOptions(TinyOptions):
     stayed on that plateau for 1500 SFT steps at lr 1e-3 (every greedy answer the same box) and
     left it only at lr 3e-3 after ~600 steps; 8 heads of 16 left it by step ~350 at lr 1e-3
     (examples/grounding_cpu/README.md has the measurements). The other decoder and tokenizer
-    options are :class:`~core.testing.tiny.TinyOptions`'.
+    options are :class:`~core.interfaces.tiny.TinyOptions`'.
     """
 
     num_heads: int | None = Field(None, ge=1, description="default: hidden_size // 16")
@@ -143,7 +143,7 @@ class QwenVLFamily(TransformersFamily):
     Options = QwenVLOptions
     #: Training passes run one prompt per group (core.grpo.prefix); mRoPE from get_rope_index.
     prefix_sharing = True
-    #: Generation prefills each prompt once, cache repeated per sample (core.grpo.prefill).
+    #: Generation prefills each prompt once, cache repeated per sample (core.plugins.builtin.prefill).
     shared_prefill = True
     #: Text of the default system turn the family's chat template inserts (None: none).
     default_system: ClassVar[str | None] = "You are a helpful assistant."

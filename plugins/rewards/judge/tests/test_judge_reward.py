@@ -181,7 +181,7 @@ def test_the_time_limit_bounds_a_trickling_reply(judge):
 
 
 def test_failures_under_zero_and_none_are_counted(judge):
-    from core.grpo.rewards import RewardRunner, RewardSpec
+    from core.runtime.reward_runner import RewardRunner, RewardSpec
 
     r = judge(on_failure="zero")
     b = items(("<answer>garbage</answer>", "x"), ("<answer>red</answer>", "red"), ("<answer>stepwise</answer>", "x"))

@@ -9,9 +9,9 @@ import pytest
 from vlmr1_math.check import is_equivalent, last_boxed, normalize_math
 from vlmr1_math.rewards import MathReward
 
-from core.grpo.rewards import RewardRunner, RewardSpec
 from core.interfaces import RewardBatch, RewardContext, RewardItem
 from core.plugins import PluginHost
+from core.runtime.reward_runner import RewardRunner, RewardSpec
 
 #: sympy evaluates 9^(9^9) (a 370-million-digit integer) for minutes.
 PATHOLOGICAL = "<answer>$9^{9^{9}}$</answer>"

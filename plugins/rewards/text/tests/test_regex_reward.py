@@ -9,7 +9,7 @@ from vlmr1_text.rewards import RegexReward
 
 from core.config import ConfigError, build_config, load_raw
 from core.interfaces import RewardItem, Sample, TaskFormat
-from core.plan import make_plan
+from core.plugins.plan import make_plan
 from core.testing import make_sample, reward_batch
 from core.testing.conformance import check_reward
 

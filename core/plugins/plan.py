@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.config import ConfigError, RunConfig, format_validation_error
-from core.registry import SINGULAR, ComponentError, Entry, Registry
+from core.plugins.registry import SINGULAR, ComponentError, Entry, Registry
 
 
 @dataclass

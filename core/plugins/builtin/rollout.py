@@ -50,7 +50,7 @@ class TransformersRollout(RolloutEngine):
 
     Each prompt is processed once. With ``shared_prefill`` (the default, where the family has
     opted in) each unique prompt is also prefilled once and its KV cache repeated for the
-    ``n`` samples (:mod:`core.grpo.prefill`); otherwise ``num_return_sequences`` repeats the
+    ``n`` samples (:mod:`core.plugins.builtin.prefill`); otherwise ``num_return_sequences`` repeats the
     prompt rows before the prefill.
     """
 
@@ -105,7 +105,7 @@ class TransformersRollout(RolloutEngine):
         """``sampling.n`` completions per prompt."""
         import torch
 
-        from core.grpo.prefill import can_share_prefill, shared_prefill_generate
+        from core.plugins.builtin.prefill import can_share_prefill, shared_prefill_generate
 
         ctx = self.ctx
         model, processor, family = ctx.model, ctx.processor, ctx.family

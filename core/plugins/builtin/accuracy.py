@@ -1,7 +1,4 @@
-"""Components that ship with core: CPU device, transformers rollout engine, ``accuracy`` router.
-
-They are registered by the plugin host like any plugin (as the distribution ``vlmr1``).
-"""
+"""The built-in ``accuracy`` reward: each row goes to the reward serving its ``accu_reward_method``."""
 
 from __future__ import annotations
 
@@ -10,30 +7,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.hookspecs import hookimpl
-from core.interfaces import Device, NestedComponent, Reward, RewardBatch, RewardContext
-
-
-class CPUDevice(Device):
-    """The CPU, always available; ``gloo`` for multi-process runs."""
-
-    name = "cpu"
-    description = "CPU (always available; gloo for multi-process)"
-    priority = 0
-    distributed_backend = "gloo"
-
-    def supported_dtypes(self) -> list[str]:
-        """bfloat16 works on CPU but is slow; float32 is the default."""
-        return ["float32", "bfloat16"]
-
-    def memory_stats(self) -> dict[str, float]:
-        """Resident set size of this process."""
-        try:
-            import psutil
-
-            return {"rss_gib": psutil.Process().memory_info().rss / 2**30}
-        except ImportError:  # psutil is optional
-            return {}
+from core.interfaces import NestedComponent, Reward, RewardBatch, RewardContext
 
 
 class AccuracyRouter(Reward):
@@ -129,18 +103,3 @@ class AccuracyRouter(Reward):
             for i, s in zip(idx, scores, strict=True):
                 out[i] = s
         return out
-
-
-@hookimpl
-def vlmr1_register_devices(register) -> None:
-    """CPU device and the transformers ``generate`` rollout engine."""
-    from core.grpo.rollout import TransformersRollout
-
-    register(CPUDevice)
-    register(TransformersRollout)
-
-
-@hookimpl
-def vlmr1_register_rewards(register) -> None:
-    """The ``accuracy`` router."""
-    register(AccuracyRouter)

@@ -29,7 +29,7 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
         if wandb:
-            from core.extras import require
+            from core.config.extras import require
 
             require("wandb", "wandb", "logging.wandb=true")
             import wandb as wb

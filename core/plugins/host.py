@@ -4,6 +4,8 @@ Usage::
 
     python -m core.plugins list [--json] [--kind models|rewards|tasks|devices|rollouts] [--plugins a,b]
 
+(the command is :mod:`core.plugins.__main__`).
+
 Loading is deterministic (entry points sorted by distribution then name, so every rank of
 a distributed run registers components in the same order). A plugin that fails to import,
 whose hooks raise, or that requires an incompatible ``vlmr1`` is recorded with its
@@ -14,11 +16,9 @@ the tool for finding out what is broken.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import importlib
 import importlib.metadata as md
-import json
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -29,7 +29,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import Version
 
 from core import __version__, hookspecs
-from core.registry import HOOK_KINDS, KINDS, Registry, normalize_dist, short_dist
+from core.plugins.registry import HOOK_KINDS, KINDS, Registry, normalize_dist, short_dist
 
 ENTRY_POINT_GROUP = "vlmr1"
 #: The distribution name under which core's built-in components are registered.
@@ -108,7 +108,8 @@ class PluginHost:
         self._unselected: list[tuple[str, md.EntryPoint]] = []
         self._unselected_components: dict[str, dict[str, list[str]]] | None = None
         self.registry.unselected_providers = self._unselected_providers
-        self._register_object(importlib.import_module("core.builtins"), BUILTIN, __version__, "core.builtins")
+        builtin = "core.plugins.builtin"
+        self._register_object(importlib.import_module(builtin), BUILTIN, __version__, builtin)
         if autoload:
             self.load_entry_points()
 
@@ -309,54 +310,3 @@ def _incompatibility(dist: md.Distribution | None) -> str | None:
 
 
 # ---- command line ---------------------------------------------------------------------
-def _print_table(host: PluginHost, kind: str | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"vlmr1 {__version__} plugins")
-    for col in ("plugin", "version", "status", "hooks", "components"):
-        table.add_column(col)
-    for info in host.infos:
-        comps = {k: v for k, v in info.components.items() if kind in (None, k)}
-        if kind and not comps and info.status in ("loaded", "not selected"):
-            continue
-        comp_text = "\n".join(f"{k}: {', '.join(v)}" for k, v in comps.items())
-        if info.error:
-            comp_text = (comp_text + "\n" if comp_text else "") + info.error.strip().splitlines()[-1]
-        style = {"loaded": "green", "not selected": "dim"}.get(info.status, "red")
-        table.add_row(info.distribution, info.version, f"[{style}]{info.status}[/]",
-                      "\n".join(h.replace("vlmr1_register_", "") for h in info.hooks), comp_text)
-    # A wide fixed width keeps the table readable when stdout is a pipe (CI logs).
-    console = Console(width=max(Console().width, 120))
-    console.print(table)
-    for info in host.failures():
-        console.print(f"[red]{info.distribution} {info.version} {info.status}:[/]")
-        console.print(info.error or "", markup=False, highlight=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m core.plugins``."""
-    parser = argparse.ArgumentParser(prog="python -m core.plugins", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    lst = sub.add_parser("list", help="list installed plugins, their components and load status")
-    lst.add_argument("--json", action="store_true", help="machine-readable output")
-    lst.add_argument("--kind", choices=list(KINDS), help="only components of this kind")
-    lst.add_argument("--plugins", default=None,
-                     help="comma-separated distributions to load ('none' = built-ins only; default: all)")
-    lst.add_argument("--strict", action="store_true", help="exit non-zero if any plugin fails to load")
-    args = parser.parse_args(argv)
-    try:
-        host = PluginHost(args.plugins, strict=args.strict)
-    except PluginError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        json.dump(host.as_json(args.kind), sys.stdout, indent=2)
-        print()
-    else:
-        _print_table(host, args.kind)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

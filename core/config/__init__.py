@@ -5,7 +5,7 @@ is parsed as YAML (``1e-5``, ``true``, ``[a, b]``) and a number in a dotted path
 list (``rewards.0.weight=2``; the index one past the end appends). Unknown keys are errors
 with a did-you-mean; every error names the file and line (or the override) it came from.
 Each component's ``options`` are validated against its ``Options`` model by
-:func:`core.plan.make_plan` once plugins are loaded, before any weights load.
+:func:`core.plugins.plan.make_plan` once plugins are loaded, before any weights load.
 
 ``python -m core.config --markdown`` prints the field reference used in ``docs/config.md``.
 """
@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import re
-import sys
 import types
 import typing
 from pathlib import Path
@@ -685,30 +684,3 @@ def markdown_reference() -> str:
                         f"{meaning} |")
         parts.append(f"### `{title}`\n\n{doc}\n\n" + "\n".join(rows))
     return "\n\n".join(parts) + "\n"
-
-
-def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m core.config", description="config tools")
-    p.add_argument("--markdown", action="store_true", help="print the field reference as Markdown tables")
-    p.add_argument("--check", metavar="FILE", help="validate a config file (no plugins: components unchecked)")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    if args.markdown:
-        sys.stdout.write(markdown_reference())
-        return 0
-    if args.check:
-        try:
-            cfg = build_config(load_raw(args.check), args.overrides)
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        sys.stdout.write(to_yaml(cfg))
-        return 0
-    p.print_help()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

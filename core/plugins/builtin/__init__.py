@@ -1,0 +1,27 @@
+"""Core's built-in plugin: the CPU device, the transformers rollout engine, the ``accuracy`` router.
+
+An ordinary plugin like any ``vlmr1-plugin-*`` (it imports only ``core.hookspecs`` and
+``core.interfaces``), registered by the plugin host first, as the distribution ``vlmr1``.
+"""
+
+from __future__ import annotations
+
+from core.hookspecs import hookimpl
+
+
+@hookimpl
+def vlmr1_register_devices(register) -> None:
+    """CPU device and the transformers ``generate`` rollout engine."""
+    from core.plugins.builtin.cpu import CPUDevice
+    from core.plugins.builtin.rollout import TransformersRollout
+
+    register(CPUDevice)
+    register(TransformersRollout)
+
+
+@hookimpl
+def vlmr1_register_rewards(register) -> None:
+    """The ``accuracy`` router."""
+    from core.plugins.builtin.accuracy import AccuracyRouter
+
+    register(AccuracyRouter)
