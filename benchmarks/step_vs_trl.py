@@ -137,6 +137,7 @@ def run_vlmr1(args, cfg: dict[str, Any], ckpt: str, out: str, baton: Baton) -> d
     import core.grpo.trainer as trainer
     from core.config import build_config
     from core.plugins.plan import make_plan
+    from core.runtime.runlog import MetricsWriter
 
     raw = {
         "model": {"path": ckpt, "family": "qwen2_5_vl"},
@@ -153,27 +154,33 @@ def run_vlmr1(args, cfg: dict[str, Any], ckpt: str, out: str, baton: Baton) -> d
         "checkpoint": {"save_final": False},
         "eval": {"enabled": False},
     }
-    orig_load, orig_rollout, orig_writer = trainer.load_models, trainer._rollout_step, trainer.MetricsWriter
-
-    def load_models(*a, **k):
-        bundle = orig_load(*a, **k)
-        baton.counter.attach(bundle.model, "policy")
-        if bundle.ref_model is not None:
-            baton.counter.attach(bundle.ref_model, "ref")
-        return bundle
-
-    def rollout_step(*a, **k):
-        baton.begin()
-        return orig_rollout(*a, **k)
-
-    class Writer(orig_writer):
+    class Writer(MetricsWriter):
         def log(self, step: int, metrics: dict[str, Any]) -> None:
             baton.end({"completion_length": metrics.get("completion_length")})
             super().log(step, metrics)
 
-    trainer.load_models, trainer._rollout_step, trainer.MetricsWriter = load_models, rollout_step, Writer
+    class Counted(trainer.GRPOTrainer):
+        """The user's trainer, with pass counters on the models and the lock-step baton around each step."""
+
+        def load_models(self):
+            bundle = super().load_models()
+            baton.counter.attach(bundle.model, "policy")
+            if bundle.ref_model is not None:
+                baton.counter.attach(bundle.ref_model, "ref")
+            return bundle
+
+        def phase_rollout_and_rewards(self, batch):
+            baton.begin()
+            return super().phase_rollout_and_rewards(batch)
+
+        def make_writer(self):
+            cfg = self.cfg
+            return Writer(self.out_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                          is_main=self.accelerator.is_main_process)
+
     h = host()
-    trainer.run(make_plan(build_config(raw), h.registry), h.registry)
+    plan = make_plan(build_config(raw), h.registry)
+    Counted(plan, h.registry).fit()
     return {}
 
 

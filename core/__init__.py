@@ -1,3 +1,3 @@
 """vlmr1 core: a small GRPO engine for vision-language models, extended by plugins."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -6,7 +6,7 @@ the engine calls them directly and never a hook inside the training loop.
 
 A plugin module looks like::
 
-    from core.hookspecs import hookimpl
+    from core.interfaces import hookimpl  # or: from core.hookspecs import hookimpl
 
     @hookimpl
     def vlmr1_register_rewards(register):
@@ -50,4 +50,9 @@ def vlmr1_register_tasks(register: Register) -> None:
 
 @hookspec
 def vlmr1_register_devices(register: Register) -> None:
-    """Register :class:`core.interfaces.Device` and :class:`core.interfaces.RolloutEngine` subclasses."""
+    """Register :class:`core.interfaces.Device` subclasses (RolloutEngine too, deprecated since 0.2)."""
+
+
+@hookspec
+def vlmr1_register_rollouts(register: Register) -> None:
+    """Register :class:`core.interfaces.RolloutEngine` subclasses."""

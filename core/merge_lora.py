@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.cli import run_app
+from core.config import ConfigError
+
 
 def merge_lora(adapter_dir: str | Path, out: str | Path, base: str | Path | None = None,
                dtype: str = "auto") -> Path:
@@ -63,13 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the merged weights (default: the base checkpoint's)")
     args = p.parse_args(argv)
-    try:
-        out = merge_lora(args.adapter_dir, args.out, args.base, args.dtype)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"merged checkpoint in {out}")
-    return 0
+
+    def body() -> int:
+        try:
+            out = merge_lora(args.adapter_dir, args.out, args.base, args.dtype)
+        except (FileNotFoundError, ValueError, OSError) as exc:  # a missing/bad adapter or base: bad input
+            raise ConfigError(str(exc)) from None
+        print(f"merged checkpoint in {out}")
+        return 0
+
+    return run_app(body)
 
 
 if __name__ == "__main__":

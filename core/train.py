@@ -13,15 +13,15 @@ writable before any weights load.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
+import os
 import sys
 from pathlib import Path
 
-from core.config import ConfigError, RunConfig, build_config, load_raw, to_yaml
+from core.cli import DEFAULT_CONFIG, load_run, run_app
+from core.config import ConfigError, RunConfig, to_yaml
 
-#: The embedded default config: the CPU quickstart (examples/quickstart/config.yaml).
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "defaults" / "quickstart.yaml"
+__all__ = ["DEFAULT_CONFIG", "main", "parse_args"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,32 +42,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Validate, plan and (unless ``--dry-run``) train."""
-    from core.plugins import PluginError, PluginHost
+    args = parse_args(argv)
+    return run_app(lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> int:
     from core.plugins.plan import make_plan
 
-    args = parse_args(argv)
-    try:
-        raw = load_raw(args.config, DEFAULT_CONFIG)
-        overrides = list(args.overrides)
-        if args.resume and "=" in args.resume and not Path(args.resume).exists():
-            # `--resume key=value`: argparse gave the override to --resume's optional PATH.
-            overrides.insert(0, args.resume)
-            args.resume = "true"
-        if args.resume is not None:
-            overrides.append(f"checkpoint.resume={args.resume}")
-        if args.resume_force:
-            overrides.append("checkpoint.resume_force=true")
-        cfg = build_config(raw, overrides, source=args.config or "default config")
-        plugins = args.plugins if args.plugins is not None else cfg.plugins
-        host = PluginHost(plugins, strict=args.strict_plugins)
-        if not args.dry_run:  # --dry-run prints the same lines after the plan
-            host.warn_failures()
-        num_processes = _num_processes()
-        # --dry-run validates a GPU recipe on a CPU-only machine: a missing device is a note there.
-        plan = make_plan(cfg, host.registry, num_processes, require_available=not args.dry_run)
-    except (ConfigError, PluginError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    overrides = list(args.overrides)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume key=value`: argparse gave the override to --resume's optional PATH.
+        overrides.insert(0, args.resume)
+        args.resume = "true"
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    if args.resume_force:
+        overrides.append("checkpoint.resume_force=true")
+    # --dry-run prints the plugin failures after the plan instead of before.
+    cfg, host = load_run(args.config, overrides, plugins=args.plugins, strict=args.strict_plugins,
+                         warn=not args.dry_run)
+    # --dry-run validates a GPU recipe on a CPU-only machine: a missing device is a note there.
+    plan = make_plan(cfg, host.registry, int(os.environ.get("WORLD_SIZE", "1")), require_available=not args.dry_run)
     if args.dry_run:
         print("# resolved config")
         print(to_yaml(cfg))
@@ -76,41 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         for f in host.failures():
             print(f"warning: plugin {f.distribution} {f.status}; run `python -m core.plugins list`", file=sys.stderr)
         return 0
-    from core.grpo.guard import NonFiniteError
-    from core.interfaces import DataError
-    from core.plugins.registry import ComponentError
-    from core.runtime.checkpoint import CheckpointError, check_output_dir
-    from core.runtime.reward_runner import RewardError
+    from core.runtime.checkpoint import check_output_dir
 
-    try:
-        check_output_dir(cfg.logging.output_dir)  # before any weights load
-        check_model_path(cfg)
-        if cfg.logging.wandb:
-            from core.config.extras import require
+    check_output_dir(cfg.logging.output_dir)  # before any weights load
+    check_model_path(cfg)
+    if cfg.logging.wandb:
+        from core.config.extras import require
 
-            require("wandb", "wandb", "logging.wandb=true")
-        from core.grpo.trainer import run
+        require("wandb", "wandb", "logging.wandb=true")
+    from core.grpo import trainer
 
-        return run(plan, host.registry)
-    except (ConfigError, PluginError, DataError, ComponentError) as exc:
-        # Bad input names its file, line or key; no traceback from deep inside.
-        print(f"error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, CheckpointError) and "while writing" in str(exc) else 2
-    except (RewardError, NonFiniteError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # disk full, permissions, a vanished file: one line, not a traceback
-        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
-        return 1
-
-
-def describe_os_error(exc: OSError) -> str:
-    """``disk full while writing FILE (...)`` / ``cannot write FILE: reason``, on one line."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"disk full while writing {exc.filename or 'output'}: free space in logging.output_dir and rerun "
-                "with --resume")
-    where = f" ({exc.filename})" if exc.filename else ""
-    return f"{exc.strerror or exc}{where} [{type(exc).__name__}]"
+    return trainer.run(plan, host.registry)
 
 
 def check_model_path(cfg: RunConfig) -> None:
@@ -124,13 +95,6 @@ def check_model_path(cfg: RunConfig) -> None:
     local = path.startswith(("/", "./", "../", "~")) or Path(path).exists()
     if local and not Path(path).expanduser().exists():
         raise ConfigError(f"{cfg.origin('model.path')}: model.path {path} does not exist")
-
-
-def _num_processes() -> int:
-    """World size from the launcher's environment (accelerate/torchrun), 1 otherwise."""
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from core import checkpoint as ck
 from core.config import ConfigError, build_config
+from core.runtime import checkpoint as ck
 from core.runtime.checkpoint import (
     CheckpointError,
     check_output_dir,

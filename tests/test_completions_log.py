@@ -7,8 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from core.grpo.trainer import completion_record
 from core.interfaces import RewardItem, Sample
+from core.runtime.generation import completion_record
 
 
 def test_record_carries_images_and_reward_method(tmp_path: Path):

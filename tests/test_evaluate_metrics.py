@@ -8,7 +8,8 @@ import math
 import pytest
 
 from core.config import ConfigError, build_config
-from core.evaluate import (
+from core.interfaces import RewardItem, Sample
+from core.runtime.evaluator import (
     DetObject,
     box_iou,
     detection_sample,
@@ -23,7 +24,6 @@ from core.evaluate import (
     select_samples,
     summarize,
 )
-from core.interfaces import RewardItem, Sample
 
 
 def _cfg(rewards=None):
@@ -139,8 +139,9 @@ def test_reward_summary_threshold_and_not_applicable():
 
 def _record(kind, completion, solution, dataset="d1", method=None):
     s = Sample(id=f"{dataset}/{completion}", images=[], messages=[], solution=solution, reward_method=method)
+    reward = {"math": "math", "exact_match": "all_match"}.get(kind, kind.split(":", 1)[-1])
     return {"sample": s, "item": RewardItem(completion=completion, solution=solution), "dataset": dataset,
-            "kind": kind}
+            "kind": kind, "reward": None if kind in ("rec", "detection") else reward}
 
 
 def test_math_and_exact_match_use_the_rewards_with_training_options():
@@ -181,11 +182,15 @@ def test_metric_kind_by_reward_method_and_flag():
     cfg = _cfg([{"name": "all_match"}])
 
     def kind(method, forced=None):
-        return metric_kind(Sample(id="x", images=[], messages=[], reward_method=method), forced, reg, cfg)
+        return metric_kind(Sample(id="x", images=[], messages=[], reward_method=method), forced, reg, cfg).kind
 
     assert kind("iou") == "rec" and kind("odLength") == "detection" and kind("math") == "math"
     assert kind("all_match") == "exact_match" and kind("mcq") == "reward:mcq"
-    assert kind(None) == "reward:all_match"  # no method: the config's first reward, as training's eval
+    # no method: the kind the config's first reward declares (all_match: exact_match), as training's eval
+    assert kind(None) == "exact_match"
+    assert kind("mcq", "math") == "math" and kind("iou", "reward:mcq") == "reward:mcq"
+    with pytest.raises(ConfigError, match="no installed reward declares eval_metric 'nope'"):
+        kind("iou", "nope")
     assert kind("iou", "detection") == "detection"
     with pytest.raises(ConfigError, match="no installed reward serves reward_method 'nonsense'"):
         kind("nonsense")
@@ -231,13 +236,14 @@ def test_reward_errors_and_timeouts_are_reported_not_silently_zero():
 
 
 def test_training_eval_line_shows_reward_failures():
-    from core.grpo.trainer import eval_line
+    from core.runtime.evaluator import eval_line
 
-    ok = {"accuracy": 0.5, "mean_reward": 0.5, "num_samples": 4, "reward_errors": 0, "reward_timeouts": 0}
-    assert eval_line("after training", ok, "iou").startswith("eval after training: accuracy 0.500")
-    assert "reward errors 0/4" in eval_line("after training", ok, "iou")
-    down = {**ok, "accuracy": 0.0, "reward_errors": 4, "reward_timeouts": 4}
-    line = eval_line("before training", down, "judge")
+    ok = {"accuracy": 0.5, "metric": "rec", "num_samples": 4, "reward_errors": 0, "reward_timeouts": 0}
+    assert eval_line("after training", ok).startswith("eval after training: accuracy 0.500 (rec, n=4")
+    assert "reward errors 0/4" in eval_line("after training", ok)
+    down = {**ok, "accuracy": 0.0, "metric": "reward:judge", "mean_reward": 0.0, "reward_errors": 4,
+            "reward_timeouts": 4}
+    line = eval_line("before training", down)
     assert "reward errors 4/4, timeouts 4" in line and "lower bound" in line
 
 

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 
 from core.config import build_config
-from core.evaluate import evaluate, load_for_inference, main, plan_without_groups
+from core.evaluate import main
 from core.interfaces import Completion, RolloutEngine
 from core.plugins import PluginHost
+from core.plugins.plan import plan_without_groups
+from core.runtime.evaluator import evaluate
+from core.runtime.loader import load_policy
 from core.testing import ComponentsPlugin
 
 PLUGINS = "qwen-vl,synthetic,grounding,text"
@@ -96,13 +99,13 @@ class OracleRollout(RolloutEngine):
 
 def test_boxes_in_the_model_convention_score_one_through_the_real_family(tmp_path, tiny):
     """Qwen2.5-VL answers in resized-input pixels; evaluation maps them back before the IoU."""
-    from core.sft import answer_for
+    from core.supervised import answer_for
 
     host = PluginHost(PLUGINS)
     host.register(ComponentsPlugin(OracleRollout), "test-oracle")
     cfg = build_config(json.loads(_config(tmp_path, tiny, num_objects=2).read_text()), ["rollout.name=oracle"])
     plan = plan_without_groups(cfg, host.registry)
-    bundle = load_for_inference(plan, host.registry, load_model=False)
+    bundle = load_policy(plan, host.registry, phase="infer", load_model=False)
     samples = list(host.registry.create("tasks", "synthetic_grounding", plan.options["task"]).load("eval"))[:6]
     engine = OracleRollout()
     engine.setup(None)

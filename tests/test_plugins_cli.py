@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from core import __version__
+
 SITE = Path(__file__).parent / "fixtures" / "site"
 
 
@@ -36,7 +38,7 @@ def by_dist(listing: dict) -> dict:
 
 def test_list_json_shows_failed_and_refused_plugins(listing):
     plugins = by_dist(listing)
-    assert listing["vlmr1"] == "0.1.0"
+    assert listing["vlmr1"] == __version__
     broken = plugins["vlmr1-plugin-broken"]
     assert (broken["status"], broken["version"], broken["entry_point"]) == ("failed", "0.3.1", "vlmr1_broken.hooks")
     assert "Traceback (most recent call last)" in broken["error"]
@@ -44,7 +46,7 @@ def test_list_json_shows_failed_and_refused_plugins(listing):
     assert "ImportError: vlmr1_broken needs libfixture >= 2" in broken["error"]
     inc = plugins["vlmr1-plugin-incompatible"]
     assert (inc["status"], inc["version"]) == ("incompatible", "9.0.0")
-    assert "requires vlmr1>=9, but vlmr1 0.1.0 is installed" in inc["error"]
+    assert f"requires vlmr1>=9, but vlmr1 {__version__} is installed" in inc["error"]
     fx = plugins["vlmr1-plugin-fixtures"]
     assert fx["status"] == "loaded" and fx["error"] is None
     assert fx["components"] == {"rewards": ["dup"], "tasks": ["fixture_colours"]}
@@ -105,3 +107,34 @@ def test_list_errors_exit_nonzero(args, message):
     proc = run_plugins(*args)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def run_build_tiny(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "core.plugins", "build-tiny", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_build_tiny_writes_a_family_checkpoint(tmp_path):
+    # What scripts and plugins use instead of importing the plugin host (they import only core.interfaces).
+    out = tmp_path / "tiny"
+    proc = run_build_tiny("qwen2_5_vl", str(out), "--options", '{"seed": 1, "num_layers": 1}', "--plugins", "qwen_vl")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_vl"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["no_such_family", "x"], "no model family named 'no_such_family'"),
+        (["qwen2_5_vl", "x", "--options", "[1]"], "--options: expected a JSON object"),
+        (["qwen2_5_vl", "x", "--options", "{bad"], "--options: Expecting property name"),
+        (["qwen2_5_vl", "x", "--options", '{"hiden_size": 8}'], "hiden_size"),
+    ],
+)
+def test_build_tiny_errors_exit_2(tmp_path, args, message):
+    proc = run_build_tiny(args[0], str(tmp_path / args[1]), *args[2:])
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / args[1]).exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from core import __version__
 from core.config import ConfigError, build_config
 from core.plugins import PluginError, PluginHost, parse_selection
 from core.plugins.plan import make_plan
@@ -154,7 +155,7 @@ def test_incompatible_vlmr1_requirement_is_refused_without_importing(site):
     host = PluginHost("incompatible")
     info = infos(host)["vlmr1-plugin-incompatible"]
     assert info.status == "incompatible" and info.version == "9.0.0"
-    assert "requires vlmr1>=9, but vlmr1 0.1.0 is installed" in info.error
+    assert f"requires vlmr1>=9, but vlmr1 {__version__} is installed" in info.error
     assert "was imported" not in info.error  # the module (which raises on import) never ran
 
 
@@ -162,7 +163,7 @@ def test_requirement_with_an_extra_marker_is_ignored(make_distribution):
     # `vlmr1>=9; extra == "dev"` does not apply to a plain install.
     make_distribution("vlmr1-plugin-extra-req", modules={"vlmr1_extra_req/hooks.py": REWARD_SRC.format(name="xr")},
                       entry_points={"x": "vlmr1_extra_req.hooks"},
-                      requires=['vlmr1>=0.1,<0.2', 'vlmr1>=9; extra == "dev"'])
+                      requires=['vlmr1>=0.2,<0.3', 'vlmr1>=9; extra == "dev"'])
     host = PluginHost("extra-req")
     assert host.registry.get("rewards", "xr")
 
@@ -257,3 +258,94 @@ def test_options_without_extra_forbid_are_refused_at_load_time():
             model_config = ConfigDict(extra="forbid")
 
     Registry().add("rewards", Strict, "dist")
+
+
+# ---- rollout engines: their own hook (0.2), the devices hook deprecated for them ------------------
+ENGINE_SRC = '''
+from core.interfaces import RolloutEngine, hookimpl
+
+
+class Engine(RolloutEngine):
+    name = "{name}"
+
+    def generate(self, prompts, sampling):
+        return [[] for _ in prompts]
+
+
+@hookimpl
+def {hook}(register):
+    register(Engine)
+'''
+MAJOR, MINOR = (int(v) for v in __version__.split(".")[:2])
+#: The pin a plugin built for this core declares (make_distribution's default may lag behind it).
+CURRENT_PIN = [f"vlmr1>={MAJOR}.{MINOR},<{MAJOR}.{MINOR + 1}"]
+
+
+def test_rollouts_hook_registers_an_engine_without_warnings(make_distribution, recwarn):
+    make_distribution("vlmr1-plugin-new-engine", modules={"vlmr1_new_engine/hooks.py": ENGINE_SRC.format(
+        name="new_engine", hook="vlmr1_register_rollouts")}, entry_points={"x": "vlmr1_new_engine.hooks"},
+        requires=CURRENT_PIN)
+    host = PluginHost("new-engine")
+    info = infos(host, ["vlmr1-plugin-new-engine"])["vlmr1-plugin-new-engine"]
+    assert (info.status, info.hooks, info.components) == ("loaded", ["vlmr1_register_rollouts"],
+                                                          {"rollouts": ["new_engine"]})
+    assert info.warnings == [] and not [w for w in recwarn if issubclass(w.category, DeprecationWarning)]
+    assert host.registry.get("rollouts", "new_engine").__name__ == "Engine"
+    # Core's own transformers engine comes through the same hook.
+    builtin = host.infos[0]
+    assert "vlmr1_register_rollouts" in builtin.hooks and builtin.warnings == []
+    assert host.registry.resolve("rollouts", "transformers").provider == "vlmr1"
+
+
+def test_rollouts_hook_refuses_a_device(make_distribution):
+    src = ENGINE_SRC.replace("RolloutEngine", "Device")
+    make_distribution("vlmr1-plugin-wrong-hook", modules={"vlmr1_wrong_hook/hooks.py": src.format(
+        name="dev", hook="vlmr1_register_rollouts")}, entry_points={"x": "vlmr1_wrong_hook.hooks"},
+        requires=CURRENT_PIN)
+    info = infos(PluginHost("wrong-hook"), ["vlmr1-plugin-wrong-hook"])["vlmr1-plugin-wrong-hook"]
+    assert info.status == "failed" and "expected a subclass of RolloutEngine" in info.error
+
+
+def test_engine_through_the_devices_hook_still_loads_with_a_deprecation_warning(make_distribution, capsys):
+    make_distribution("vlmr1-plugin-old-engine", modules={"vlmr1_old_engine/hooks.py": ENGINE_SRC.format(
+        name="old_engine", hook="vlmr1_register_devices")}, entry_points={"x": "vlmr1_old_engine.hooks"},
+        requires=CURRENT_PIN)
+    with pytest.warns(DeprecationWarning, match=r"plugin vlmr1-plugin-old-engine registers rollout engine\(s\) "
+                      r"old_engine through vlmr1_register_devices.*register them with vlmr1_register_rollouts"):
+        host = PluginHost("old-engine")
+    info = infos(host, ["vlmr1-plugin-old-engine"])["vlmr1-plugin-old-engine"]
+    assert (info.status, info.components) == ("loaded", {"rollouts": ["old_engine"]})
+    assert host.registry.get("rollouts", "old_engine").__name__ == "Engine"  # it still works
+    # The plugin list (JSON and table) and the start of every run show it too.
+    listed = next(p for p in host.as_json()["plugins"] if p["distribution"] == "vlmr1-plugin-old-engine")
+    assert len(listed["warnings"]) == 1 and "vlmr1_register_rollouts" in listed["warnings"][0]
+    host.warn_failures()
+    assert "warning: plugin vlmr1-plugin-old-engine registers rollout engine(s) old_engine" in capsys.readouterr().err
+    from core.plugins.__main__ import _print_table
+
+    _print_table(host, None)
+    assert "vlmr1-plugin-old-engine registers rollout engine(s) old_engine" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("pin", ["vlmr1>=0.1,<0.2", "vlmr1<0.2", "vlmr1==0.1.*"])
+def test_plugin_built_for_0_1_is_refused_as_incompatible(make_distribution, pin):
+    make_distribution("vlmr1-plugin-old-pin", "0.1.0", modules={"vlmr1_old_pin/hooks.py": (
+        "raise RuntimeError('an incompatible plugin must not be imported')\n")},
+        entry_points={"x": "vlmr1_old_pin.hooks"}, requires=[pin])
+    info = infos(PluginHost("old-pin"), ["vlmr1-plugin-old-pin"])["vlmr1-plugin-old-pin"]
+    assert info.status == "incompatible"
+    assert f"but vlmr1 {__version__} is installed" in info.error
+
+
+def test_first_party_plugins_pin_this_core_version():
+    """Every first-party plugin (and the template) declares the vlmr1 range this core is in."""
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    tomls = [*root.glob("plugins/*/*/pyproject.toml"), root / "examples" / "plugin_template" / "pyproject.toml"]
+    assert len(tomls) > 10
+    for toml in tomls:
+        project = tomllib.loads(toml.read_text())["project"]
+        pins = [d for d in project["dependencies"] if d.replace(" ", "").startswith("vlmr1")]
+        assert pins == CURRENT_PIN, (toml, pins)
+        assert project["version"] == __version__, toml

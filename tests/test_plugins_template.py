@@ -32,9 +32,9 @@ def template_env(tmp_path_factory) -> dict[str, str]:
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # A real installed distribution: wheel metadata with the entry point and the vlmr1 requirement.
-    dist_info = next(target.glob("vlmr1_plugin_template-0.1.0.dist-info"))
+    dist_info = next(target.glob("vlmr1_plugin_template-0.2.0.dist-info"))
     assert "template = vlmr1_template.hooks" in (dist_info / "entry_points.txt").read_text()
-    assert "Requires-Dist: vlmr1<0.2,>=0.1" in (dist_info / "METADATA").read_text()
+    assert "Requires-Dist: vlmr1<0.3,>=0.2" in (dist_info / "METADATA").read_text()
     # The target comes first: it must win over an editable install of the template, if any.
     path = [str(target), str(SITE), *filter(None, [os.environ.get("PYTHONPATH")])]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
@@ -49,7 +49,7 @@ def test_installed_template_is_listed(template_env, tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     info = next(p for p in data["plugins"] if p["distribution"] == "vlmr1-plugin-template")
-    assert info["status"] == "loaded" and info["version"] == "0.1.0"
+    assert info["status"] == "loaded" and info["version"] == "0.2.0"
     assert info["components"] == {"rewards": ["keyword"]}
     assert info["entry_point"] == "vlmr1_template.hooks"
     keyword = next(c for c in data["components"]["rewards"] if c["qualified"] == "vlmr1-plugin-template:keyword")

@@ -1,12 +1,19 @@
-"""``python -m core.serve`` as a real subprocess on 127.0.0.1 over a tiny Qwen2.5-VL checkpoint.
+"""``core.serve`` / ``core.serving`` on 127.0.0.1 over a tiny Qwen2.5-VL checkpoint.
 
-Greedy answers must equal the built-in TransformersRollout's (same family rendering, same
-images, one prompt per generate call); errors must be OpenAI-shaped and name the field.
+Two servers: ``python -m core.serve`` as a real subprocess (the app, its flags and startup
+line), and the library's :class:`~core.serving.ThreadedServer` in process, queried with the
+real ``openai`` client (non-stream, stream, multi-image, auth, malformed requests, concurrent
+requests batched into one generate call). Greedy answers must equal the built-in
+TransformersRollout's (same family rendering, same images, one prompt per generate call),
+whether a request ran alone or in a batch; errors must be OpenAI-shaped and name the field.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -22,9 +29,11 @@ from core.interfaces.openai_messages import (
 )
 from core.plugins import PluginHost
 from core.plugins.builtin.rollout import TransformersRollout
-from core.serve import ServerProcess, main
+from core.serve import main
+from core.serving import ModelServer, ServerLimits, ServerProcess, ThreadedServer
 
 TIMEOUT = httpx.Timeout(60.0, connect=5.0)
+KEY = "serve-test-key"
 
 
 def _family_cls():
@@ -50,14 +59,14 @@ def server(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def local(tiny_ckpt):
-    """The same checkpoint in process, with the built-in rollout engine."""
+    """The same checkpoint in process, with the built-in rollout engine, one prompt per call."""
     import torch
 
     fam = _family_cls()()
     model = fam.load_model(tiny_ckpt, dtype=torch.float32)
     model.eval()
     proc = fam.load_processor(tiny_ckpt)
-    eng = TransformersRollout()
+    eng = TransformersRollout.from_options({"prompt_batch_size": 1})
     eng.setup(RolloutContext(model=model, processor=proc, family=fam, device=torch.device("cpu"),
                              suppressed_token_ids=fam.suppressed_token_ids(proc, model)))
     return fam, proc, eng
@@ -84,6 +93,13 @@ def _post(srv, body):
     return httpx.post(srv.url + "/chat/completions", json=body, timeout=TIMEOUT)
 
 
+def _expected(local, messages, images, max_new_tokens=12):
+    fam, proc, eng = local
+    return eng.generate([PromptInput(messages, fam.render_prompt(proc, messages), list(images))],
+                        SamplingParams(n=1, max_new_tokens=max_new_tokens, do_sample=False))[0][0]
+
+
+# ---- the app: python -m core.serve as a subprocess -----------------------------------------------
 def test_health_models_and_family_from_model_type(server):
     assert "(qwen2_5_vl, cpu)" in server.banner
     assert httpx.get(server.url.removesuffix("/v1") + "/health", timeout=TIMEOUT).json() == {"status": "ok"}
@@ -93,11 +109,10 @@ def test_health_models_and_family_from_model_type(server):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_greedy_equals_builtin_engine(server, local, case):
-    fam, proc, eng = local
+    fam, proc, _ = local
     messages, n_img = CASES[case]
     images = list(_images()[:n_img])
-    expected = eng.generate([PromptInput(messages, fam.render_prompt(proc, messages), images)],
-                            SamplingParams(n=1, max_new_tokens=12, do_sample=False))[0][0]
+    expected = _expected(local, messages, images)
     r = _post(server, {"model": "tiny-q25", "messages": chat_to_openai_messages(messages, images),
                        "temperature": 0, "max_tokens": 12, "n": 3, "return_token_ids": True})
     assert r.status_code == 200, r.text
@@ -137,9 +152,14 @@ def test_sampling_parameters_are_honoured(server):
     assert short["choices"][0]["token_ids"] == greedy[:3] and short["choices"][0]["finish_reason"] == "length"
 
 
+HI = [{"role": "user", "content": "hi"}]
+
+
 @pytest.mark.parametrize(("body", "status", "fragment"), [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://h/x.png"}}]}]},
      400, "messages[0].content[0].image_url: only base64 data URLs"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]},
+     400, "only base64 data URLs"),
     ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]},
      400, "messages[0].content[0].image_url: invalid base64"),
@@ -149,11 +169,13 @@ def test_sampling_parameters_are_honoured(server):
     ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role: 'tool' is not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "unsupported content part type 'audio'"),
     ({"messages": "hi"}, 400, "messages"),
-    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404, "The model `gpt-4` does not exist"),
-    ({"messages": [{"role": "user", "content": "hi"}], "stream": True}, 400, "streaming is not supported"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400, "exceeds this server's limit 64"),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature:"),
-    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["\n"]}, 400, "stop sequences are not supported"),
+    ({"messages": HI, "model": "gpt-4"}, 404, "The model `gpt-4` does not exist"),
+    ({"messages": HI, "stream": True, "n": 2}, 400, "streaming supports n=1 only"),
+    ({"messages": HI, "stream": True, "max_tokens": 65}, 400, "exceeds this server's limit 64"),
+    ({"messages": HI, "max_tokens": 65}, 400, "exceeds this server's limit 64"),
+    ({"messages": HI, "temperature": -1}, 400, "temperature:"),
+    ({"messages": HI, "stop": ["\n"]}, 400, "stop sequences are not supported"),
+    ({"messages": HI, "logprobs": True}, 400, "log-probabilities are not returned"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, fragment):
     r = _post(server, body)
@@ -171,8 +193,31 @@ def test_invalid_json_and_unknown_routes(server):
     no_reload = httpx.post(server.url + "/load_checkpoint", json={"checkpoint": "/x"}, timeout=TIMEOUT)
     assert no_reload.status_code == 404 and "--allow-reload" in no_reload.json()["error"]["message"]
     # The server still answers after the errors.
-    ok = _post(server, {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 2})
+    ok = _post(server, {"messages": HI, "temperature": 0, "max_tokens": 2})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert main([str(tmp_path / "missing"), "--plugins", "none"]) == 2
+    assert "no config.json there" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_vlm"}))
+    assert main([str(tmp_path), "--plugins", "none"]) == 2
+    assert "no installed model family handles model_type 'no_such_vlm'" in capsys.readouterr().err
+    assert main([str(tmp_path), "--plugins", "none", "--family-options", "{bad"]) == 2
+    assert "--family-options is not valid JSON" in capsys.readouterr().err
+    assert main([str(tmp_path), "--plugins", "none", "--max-batch-size", "0"]) == 2
+    assert "--max-batch-size must be >= 1" in capsys.readouterr().err
+
+
+def test_missing_serve_extra_is_a_one_line_hint(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert main([str(tmp_path), "--plugins", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: python -m core.serve needs fastapi, which is not installed: "
+                   "pip install 'vlmr1[serve]'"), err
 
 
 # ---- no server needed ----------------------------------------------------------------------------
@@ -198,16 +243,6 @@ def test_message_conversion_round_trip():
         data_url_to_image("data:image/png,abc")
 
 
-def test_cli_errors_name_the_problem(tmp_path, capsys):
-    assert main([str(tmp_path / "missing"), "--plugins", "none"]) == 2
-    assert "no config.json there" in capsys.readouterr().err
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_vlm"}))
-    assert main([str(tmp_path), "--plugins", "none"]) == 2
-    assert "no installed model family handles model_type 'no_such_vlm'" in capsys.readouterr().err
-    assert main([str(tmp_path), "--plugins", "none", "--family-options", "{bad"]) == 2
-    assert "--family-options is not valid JSON" in capsys.readouterr().err
-
-
 class _StubServer:
     """A ModelServer stand-in for the HTTP layer: one answer, one crash."""
 
@@ -221,14 +256,10 @@ class _StubServer:
 
 
 def test_http_layer_api_key_and_internal_errors():
-    import threading
+    from core.serving import HTTPLimits
 
-    from core.serve import make_http_server
-
-    httpd = make_http_server(_StubServer(), "127.0.0.1", 0, api_key="k3y", quiet=True, max_request_bytes=1000)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    with ThreadedServer(_StubServer(), api_key="k3y", limits=HTTPLimits(max_request_bytes=1000)) as srv:
+        url = srv.url.removesuffix("/v1")
         assert httpx.get(url + "/health", timeout=TIMEOUT).status_code == 200  # health needs no key
         r = httpx.get(url + "/v1/models", timeout=TIMEOUT)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
@@ -239,6 +270,144 @@ def test_http_layer_api_key_and_internal_errors():
         r = httpx.post(url + "/v1/chat/completions", json={"pad": "x" * 2000}, headers=auth, timeout=TIMEOUT)
         assert r.status_code == 413 and "exceeds the limit of 1000" in r.json()["error"]["message"]
         assert httpx.post(url + "/v1/chat/completions", json={}, headers=auth, timeout=TIMEOUT).status_code == 200
+
+
+# ---- the library in process, with the real openai client ------------------------------------------
+@pytest.fixture(scope="module")
+def lib(tiny_ckpt):
+    """A ModelServer (batches of up to 8) behind ThreadedServer, with an API key."""
+    ms = ModelServer.from_checkpoint(tiny_ckpt, plugins="qwen-vl", limits=ServerLimits(max_tokens=64),
+                                     max_batch_size=8)
+    with ThreadedServer(ms, api_key=KEY) as srv:
+        yield ms, srv
+    ms.close()
+
+
+@pytest.fixture(scope="module")
+def client(lib):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=lib[1].url, api_key=KEY, timeout=120.0, max_retries=0)
+
+
+def _oa_messages(case):
+    messages, n_img = CASES[case]
+    images = list(_images()[:n_img])
+    return messages, images, chat_to_openai_messages(messages, images)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))  # two_images: the multi-image request
+def test_openai_client_non_stream_and_stream(client, local, case):
+    messages, images, oa = _oa_messages(case)
+    expected = _expected(local, messages, images)
+    out = client.chat.completions.create(model="tiny-q25", messages=oa, temperature=0, max_tokens=12)
+    assert out.choices[0].message.content == expected.text
+    assert out.choices[0].finish_reason == ("length" if expected.truncated else "stop")
+    assert out.usage.completion_tokens == len(expected.ids)
+
+    stream = client.chat.completions.create(model="tiny-q25", messages=oa, temperature=0, max_tokens=12,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" and c.model == "tiny-q25" for c in chunks)
+    with_choices = [c for c in chunks if c.choices]
+    assert with_choices[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta.content or "" for c in with_choices]
+    assert "".join(deltas) == expected.text  # the chunks reassemble to the non-stream greedy answer
+    assert sum(1 for d in deltas if d) > 1  # incremental, not one block at the end
+    assert with_choices[-1].choices[0].finish_reason == out.choices[0].finish_reason
+    assert [f for c in with_choices[:-1] for f in [c.choices[0].finish_reason] if f] == []
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.ids)
+    assert chunks[-1].usage.prompt_tokens == out.usage.prompt_tokens
+
+
+def test_openai_client_auth_and_malformed_requests(lib, client):
+    import openai
+
+    bad_key = openai.OpenAI(base_url=lib[1].url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.chat.completions.create(model="tiny-q25", messages=HI, max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.models.list()
+    assert [m.id for m in client.models.list()] == ["tiny-q25"]
+    url_image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}]}]
+    with pytest.raises(openai.BadRequestError, match="only base64 data URLs"):
+        client.chat.completions.create(model="tiny-q25", messages=url_image, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="streaming supports n=1 only"):
+        client.chat.completions.create(model="tiny-q25", messages=HI, max_tokens=2, n=2, stream=True)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=2)
+
+
+def _wait_for(cond, what, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_concurrent_requests_are_batched_with_the_answers_they_get_alone(lib, client, local):
+    """Different prompts (text-only, one and two images) sent at once: one generate call, same greedy text."""
+    ms, _ = lib
+    red, grad = _images()
+    prompts = [
+        ([{"role": "user", "content": [{"type": "text", "text": "hi"}]}], []),
+        ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is this?"}]}], [red]),
+        ([{"role": "user", "content": [{"type": "text", "text": "a longer question " * 6}]}], []),
+        (CASES["two_images"][0], [red, grad]),
+        ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}], [grad]),
+        ([{"role": "user", "content": [{"type": "text", "text": "Count to ten."}]}], []),
+    ]
+    alone = [_expected(local, m, imgs, max_new_tokens=16) for m, imgs in prompts]
+    before = ms.stats()
+
+    def ask(i):
+        m, imgs = prompts[i]
+        return client.chat.completions.create(model="tiny-q25", messages=chat_to_openai_messages(m, imgs),
+                                              temperature=0, max_tokens=16).choices[0].message.content
+
+    # Hold the model thread so every request is queued before the first batch is taken.
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        with ms.batcher.paused():
+            futures = [pool.submit(ask, i) for i in range(len(prompts))]
+            _wait_for(lambda: ms.stats()["pending"] == len(prompts), "all requests to be queued")
+        answers = [f.result() for f in futures]
+    after = ms.stats()
+    assert answers == [c.text for c in alone]
+    assert after["generate_calls"] - before["generate_calls"] == 1
+    assert after["batched_requests"] - before["batched_requests"] == len(prompts)
+    assert after["largest_batch"] >= len(prompts)
+
+
+def test_seeded_and_streamed_requests_are_never_batched(lib):
+    ms, _ = lib
+    body = {"messages": HI, "temperature": 1.0, "max_tokens": 6, "seed": 3}
+    alone = ms.chat_completion(body)["choices"][0]["message"]["content"]
+    before = ms.stats()
+    results: list = [None] * 3
+
+    def run(i):
+        results[i] = ms.chat_completion(body)["choices"][0]["message"]["content"]
+
+    with ms.batcher.paused():
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: ms.stats()["pending"] == 3, "the seeded requests to be queued")
+    for t in threads:
+        t.join(120)
+    assert results == [alone] * 3  # a seed gives the same sample, whatever else is queued
+    assert ms.stats()["generate_calls"] - before["generate_calls"] == 3
+
+
+def test_queue_wait_over_the_limit_is_503_and_the_request_is_withdrawn(lib):
+    ms, _ = lib
+    limits, ms.limits = ms.limits, ServerLimits(max_tokens=64, queue_timeout_s=0.2)
+    try:
+        with ms.batcher.paused():
+            with pytest.raises(RequestError, match="server busy") as info:
+                ms.chat_completion({"messages": HI, "temperature": 0, "max_tokens": 2})
+            assert info.value.status == 503
+            assert ms.stats()["pending"] == 0
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        ms.limits = limits
+    assert ms.stats()["queue_timeouts"] >= 1
+    assert ms.chat_completion({"messages": HI, "temperature": 0, "max_tokens": 2})["choices"]

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from core.config import ConfigError
-from core.evaluate import parse_box
 from core.interfaces import Sample
 from core.plugins import PluginHost
-from core.sft import R1_TEMPLATE, SFTCollator, answer_for, box_from_original, main, target_text
+from core.runtime.evaluator import parse_box
+from core.sft import main
+from core.supervised import R1_TEMPLATE, SFTCollator, answer_for, box_from_original, target_text
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,8 @@ def test_detection_and_text_targets(tiny):
 
 
 def test_collator_masks_everything_but_the_target_and_eos(registry, tiny):
-    from core.grpo.trainer import ModelBundle, make_prompt
+    from core.runtime.generation import make_prompt
+    from core.runtime.loader import ModelBundle
 
     _, fam, proc = tiny
     task = registry.create("tasks", "synthetic_grounding", {"num_objects": 2, "seed": 0})

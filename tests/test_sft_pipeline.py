@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from core import evaluate, sft, train
+from core.runtime import evaluator
 from core.plugins import PluginHost
 
 HERE = Path(__file__).resolve().parents[1] / "examples" / "grounding_cpu"
@@ -52,5 +53,5 @@ def test_grounding_pipeline_at_toy_size(tmp_path, monkeypatch):
                           "--out", str(tmp_path / "eval_grpo"), *base]) == 0
     summary = json.loads((tmp_path / "eval_grpo" / "summary.json").read_text())
     assert summary["checkpoint"].endswith("checkpoint-2") and summary["num_samples"] == 3
-    assert evaluate.headline(summary) == {"rec": summary["datasets"]["synthetic_grounding"]["rec"]["acc@0.5"]}
+    assert evaluator.headline(summary) == {"rec": summary["datasets"]["synthetic_grounding"]["rec"]["acc@0.5"]}
 

@@ -111,21 +111,20 @@ def test_lora_saves_an_adapter_that_never_touches_the_vision_tower(runs):
 
 
 def test_lora_reference_is_the_adapter_disabled_policy_not_a_copy(runs):
-    """With beta > 0, load_models builds no second model under LoRA; only adapters train."""
+    """With beta > 0, the loader builds no second model under LoRA; only adapters train."""
     from accelerate import Accelerator
 
     from core.config import build_config, load_raw
-    from core.grpo.trainer import load_models
     from core.plugins import PluginHost
     from core.plugins.plan import make_plan
+    from core.runtime.loader import load_policy
 
     tmp = runs["tmp"]
     cfg = build_config(load_raw(QUICKSTART), [f"model.path={tmp / 'tiny'}", "grpo.beta=0.04", "train.mode=lora",
                                               "train.per_device_batch_size=8", "grpo.num_generations=4"])
     host = PluginHost(None)
     plan = make_plan(cfg, host.registry, 1)
-    device = plan.device.cls.from_options(plan.options.get("device"))
-    bundle = load_models(plan, host.registry, Accelerator(cpu=True), device, None)
+    bundle = load_policy(plan, host.registry, phase="train", reference=True, accelerator=Accelerator(cpu=True))
     assert bundle.lora and bundle.ref_model is None
     names = [n for n, p in bundle.model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
@@ -140,7 +139,8 @@ def test_lora_reference_is_the_adapter_disabled_policy_not_a_copy(runs):
     # and with gradient checkpointing the flag really reaches the model
     cfg_gc = build_config(load_raw(QUICKSTART), [f"model.path={tmp / 'tiny'}", "train.gradient_checkpointing=true"])
     plan_gc = make_plan(cfg_gc, host.registry, 1)
-    full = load_models(plan_gc, host.registry, Accelerator(cpu=True), device, None)
+    full = load_policy(plan_gc, host.registry, phase="train", reference=plan_gc.config.grpo.beta > 0,
+                       accelerator=Accelerator(cpu=True))
     assert full.model.is_gradient_checkpointing and full.ref_model is None  # quickstart beta is 0
 
 

@@ -1,8 +1,7 @@
 """The policy update of one GRPO step: log-probs of the rollout, the loss, the optimizer step.
 
-Kept apart from :mod:`core.grpo.trainer` (which orchestrates data, rollouts, rewards, logging
-and checkpoints) because this is where the maths meets the model: how a rollout's completions
-are batched into training inputs (plain ``[prompt, completion]`` rows, or one packed row per
+The ``update`` phase of :class:`core.grpo.trainer.GRPOTrainer`, where the maths meets the model:
+how a rollout's completions are batched into training inputs (plain ``[prompt, completion]`` rows, or one packed row per
 group with :mod:`core.grpo.prefix`), which log-probs are needed (old policy for ``mu > 1``,
 reference for ``beta > 0``), and the clipped surrogate of :func:`core.grpo.loss.grpo_loss`
 accumulated over micro-batches into ``mu`` optimizer steps.
@@ -11,6 +10,7 @@ accumulated over micro-batches into ``mu`` optimizer steps.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,18 +22,41 @@ from core.grpo.loss import LossNormalizer, grpo_loss
 from core.grpo.prefix import PackedRows, can_share_prefix, pack, packed_logprobs
 
 if TYPE_CHECKING:
-    from core.grpo.trainer import ModelBundle, Rollout
+    from core.grpo.batch import StepBatch
+    from core.runtime.loader import ModelBundle
 
 
-def policy_update(cfg: RunConfig, accelerator: Any, model: Any, bundle: ModelBundle, optimizer: Any, scheduler: Any,
-            trainable: list[torch.nn.Parameter], ro: Rollout, adv: torch.Tensor, mb_size: int,
-            keep: torch.Tensor | None = None) -> tuple[dict[str, float], list[float]]:
-    """``grpo.num_iterations`` (mu) optimiser updates on one rollout; returns metrics and the losses.
+@dataclass
+class Policy:
+    """What the update trains: the prepared (accelerate-wrapped) model, its optimizer and schedule.
 
-    Micro-batches of ``mb_size`` completions accumulate into each update; the first pass over
-    them records the old-policy (mu > 1) and reference (beta > 0) log-probs without gradients.
-    ``keep`` (bool per completion) excludes dropped groups from the loss and its normalisers.
+    ``micro_batch_size`` completions go through each forward/backward; ``trainable`` are the
+    parameters whose gradient norm is clipped.
     """
+
+    cfg: RunConfig
+    accelerator: Any
+    model: Any
+    bundle: ModelBundle
+    optimizer: Any
+    scheduler: Any
+    trainable: list[torch.nn.Parameter]
+    micro_batch_size: int
+
+
+def policy_update(policy: Policy, batch: StepBatch) -> None:
+    """``grpo.num_iterations`` (mu) optimiser updates on one step's rollout; fills ``losses`` and ``stats``.
+
+    Micro-batches of ``policy.micro_batch_size`` completions accumulate into each update; the
+    first pass over them records the old-policy (mu > 1) and reference (beta > 0) log-probs
+    without gradients. ``batch.keep`` (bool per completion) excludes dropped groups from the
+    loss and its normalisers.
+    """
+    cfg, accelerator, model, bundle = policy.cfg, policy.accelerator, policy.model, policy.bundle
+    optimizer, scheduler, trainable = policy.optimizer, policy.scheduler, policy.trainable
+    mb_size = policy.micro_batch_size
+    ro, adv, keep = batch.generations, batch.advantages, batch.keep
+    assert ro is not None and adv is not None
     g = cfg.grpo
     tok = getattr(bundle.processor, "tokenizer", bundle.processor)
     dev = accelerator.device
@@ -124,5 +147,7 @@ def policy_update(cfg: RunConfig, accelerator: Any, model: Any, bundle: ModelBun
     stats = accelerator.gather(torch.tensor([kl_sum, clipped, low, high, tokens], device=dev).reshape(1, -1))
     stats = stats.sum(0).tolist()
     tok_total = max(stats[4], 1.0)
-    return {"kl": stats[0] / tok_total, "clip_ratio": stats[1] / tok_total, "clip_ratio/low": stats[2] / tok_total,
-            "clip_ratio/high": stats[3] / tok_total, "grad_norm": grad_norm}, losses
+    batch.losses = losses
+    batch.stats.update({"kl": stats[0] / tok_total, "clip_ratio": stats[1] / tok_total,
+                        "clip_ratio/low": stats[2] / tok_total, "clip_ratio/high": stats[3] / tok_total,
+                        "grad_norm": grad_norm})

@@ -79,10 +79,15 @@ class Reward(Component):
     ``methods`` lists the ``accu_reward_method`` values this reward answers for, so the
     built-in ``accuracy`` router can dispatch each VLM-R1 row to the right reward.
     ``thread_safe`` says whether the engine may score items in parallel threads.
+    ``eval_metric`` is the metric kind evaluation reports for the samples this reward scores
+    (``core.runtime.evaluator``): ``"rec"`` (Acc@0.5 from the answer's box), ``"detection"``
+    (COCO mAP), or a name of your own (``"math"``, ``"exact_match"``) for "the share of samples
+    this reward scores >= ``eval.threshold``"; ``None`` reports it as ``reward:<name>``.
     """
 
     methods: ClassVar[tuple[str, ...]] = ()
     thread_safe: ClassVar[bool] = True
+    eval_metric: ClassVar[str | None] = None
 
     def setup(self, ctx: RewardContext) -> None:
         """Called once before training with the run's context (default: nothing to do)."""
@@ -90,6 +95,12 @@ class Reward(Component):
     @abstractmethod
     def score(self, batch: RewardBatch) -> list[float | None]:
         """Return one score per item (``None`` = not applicable), same order as ``batch``."""
+
+    def close(self) -> None:
+        """Release what the reward holds (worker processes, HTTP clients); default no-op.
+
+        Called once when the run ends; should be safe to call again.
+        """
 
     def take_failures(self) -> int:
         """How many completions this reward scored by a fallback of its own since the last call.

@@ -83,3 +83,58 @@ class RolloutEngine(Component):
 
     def sync_weights(self, model: Any) -> None:
         """Make the engine sample from the current policy weights (no-op when it *is* the policy)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Engine figures to log with the step that just ran (timings, cache hits); default none.
+
+        Called once per optimizer step, after the weight sync; each key is logged as given
+        (name them ``rollout/<what>``, e.g. ``rollout/server_generate_s``), values are floats.
+        """
+        return {}
+
+    def close(self) -> None:
+        """Release what the engine holds (HTTP clients, server processes, GPU memory); default no-op.
+
+        Called once when the run ends; should be safe to call again.
+        """
+
+
+def eos_token_ids(model: Any, processor: Any) -> set[int]:
+    """All EOS ids: the generation config's (may be a list) and the tokenizer's.
+
+    Every engine must stop on the same ids as the policy's own ``generate`` (and as the
+    loss's completion mask), so they are collected in one place.
+    """
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    tok = getattr(processor, "tokenizer", processor)
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return ids
+
+
+def split_completions(seqs: Any, eos_ids: set[int], pad_id: int | None) -> list[tuple[list[int], bool]]:
+    """Cut each generated row after its first EOS; return ``(ids, truncated)`` per row.
+
+    ``seqs`` is a 2-D tensor (or anything with ``tolist()``) of generated ids without the
+    prompt. The EOS token is kept (the policy must learn to stop). A row with no EOS is
+    truncated; its padding, if any, is removed.
+    """
+    out = []
+    for row in seqs.tolist():
+        ids: list[int] = []
+        truncated = True
+        for tok in row:
+            ids.append(tok)
+            if tok in eos_ids:
+                truncated = False
+                break
+        if truncated and pad_id is not None and pad_id not in eos_ids:
+            while ids and ids[-1] == pad_id:
+                ids.pop()
+        out.append((ids, truncated))
+    return out

@@ -1,4 +1,12 @@
-"""List installed plugins: ``python -m core.plugins list [--json] [--kind KIND] [--plugins a,b] [--strict]``."""
+"""The plugin host's command line.
+
+    python -m core.plugins list [--json] [--kind KIND] [--plugins a,b] [--strict]
+    python -m core.plugins build-tiny FAMILY DIR [--options '{"hidden_size": 64, "seed": 0}']
+
+``list`` shows each installed plugin, its status and components; ``build-tiny`` writes a model
+family's tiny, randomly initialised checkpoint offline (``ModelFamily.build_tiny_checkpoint``),
+so scripts and plugins get one without importing the plugin host.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +16,12 @@ import sys
 
 from core import __version__
 from core.plugins.host import PluginError, PluginHost
-from core.plugins.registry import KINDS
+from core.plugins.registry import KINDS, ComponentError
 
 
 def _print_table(host: PluginHost, kind: str | None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"vlmr1 {__version__} plugins")
@@ -34,6 +43,27 @@ def _print_table(host: PluginHost, kind: str | None) -> None:
     for info in host.failures():
         console.print(f"[red]{info.distribution} {info.version} {info.status}:[/]")
         console.print(info.error or "", markup=False, highlight=False)
+    for info in host.infos:
+        for message in info.warnings:
+            console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
+
+
+def _build_tiny(host: PluginHost, family: str, path: str, options: str) -> int:
+    """``build-tiny``: print the checkpoint folder; exit 2 on a bad family or options."""
+    try:
+        opts = json.loads(options)
+        if not isinstance(opts, dict):
+            raise ValueError(f"expected a JSON object, got {type(opts).__name__}")
+    except ValueError as exc:
+        print(f"error: --options: {exc}", file=sys.stderr)
+        return 2
+    try:
+        cls = host.registry.get("models", family)
+        print(cls.build_tiny_checkpoint(path, **opts))
+    except (ComponentError, NotImplementedError, TypeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,12 +76,20 @@ def main(argv: list[str] | None = None) -> int:
     lst.add_argument("--plugins", default=None,
                      help="comma-separated distributions to load ('none' = built-ins only; default: all)")
     lst.add_argument("--strict", action="store_true", help="exit non-zero if any plugin fails to load")
+    tiny = sub.add_parser("build-tiny", help="write a model family's tiny, randomly initialised checkpoint (offline)")
+    tiny.add_argument("family", help="model family, as a config's model.family (e.g. qwen2_5_vl)")
+    tiny.add_argument("dir", help="folder to write the checkpoint to")
+    tiny.add_argument("--options", default="{}", help="JSON object of the family's tiny-build options "
+                                                      "(e.g. '{\"hidden_size\": 64, \"seed\": 0}')")
+    tiny.add_argument("--plugins", default=None, help="comma-separated distributions to load (default: all)")
     args = parser.parse_args(argv)
     try:
-        host = PluginHost(args.plugins, strict=args.strict)
+        host = PluginHost(args.plugins, strict=getattr(args, "strict", False))
     except PluginError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.cmd == "build-tiny":
+        return _build_tiny(host, args.family, args.dir, args.options)
     if args.json:
         json.dump(host.as_json(args.kind), sys.stdout, indent=2)
         print()

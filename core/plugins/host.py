@@ -21,6 +21,7 @@ import importlib
 import importlib.metadata as md
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,15 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import Version
 
 from core import __version__, hookspecs
-from core.plugins.registry import HOOK_KINDS, KINDS, Registry, normalize_dist, short_dist
+from core.plugins.registry import (
+    DEPRECATED_HOOK_KINDS,
+    HOOK_KINDS,
+    KINDS,
+    SINGULAR,
+    Registry,
+    normalize_dist,
+    short_dist,
+)
 
 ENTRY_POINT_GROUP = "vlmr1"
 #: The distribution name under which core's built-in components are registered.
@@ -53,6 +62,8 @@ class PluginInfo:
     error: str | None = None
     hooks: list[str] = field(default_factory=list)
     components: dict[str, list[str]] = field(default_factory=dict)
+    #: Deprecations the plugin relies on (it still loads); shown by ``list`` and at run start.
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -64,6 +75,7 @@ class PluginInfo:
             "error": self.error,
             "hooks": self.hooks,
             "components": self.components,
+            "warnings": self.warnings,
         }
 
 
@@ -210,7 +222,15 @@ class PluginHost:
                 if self.pm.parse_hookimpl_opts(obj, hook_name) is None:
                     continue
                 info.hooks.append(hook_name)
+                counts = {k: len(self.registry.entries(k)) for k in kinds}
                 getattr(obj, hook_name)(register=self.registry.registrar(dist, kinds))
+                for kind in kinds:
+                    instead = DEPRECATED_HOOK_KINDS.get((hook_name, kind))
+                    added = [e.name for e in self.registry.entries(kind)[counts[kind]:]]
+                    if instead and added:
+                        info.warnings.append(
+                            f"plugin {dist} registers {SINGULAR[kind]}(s) {', '.join(added)} through {hook_name}, "
+                            f"deprecated since vlmr1 0.2 (removed in 0.3): register them with {instead} instead")
         except Exception:
             self.pm.unregister(obj)
             # Drop the half-registered components of this plugin: all or nothing.
@@ -222,6 +242,10 @@ class PluginHost:
         comps = {k: [e.name for e in self.registry.entries(k)[before[k]:]] for k in KINDS}
         info.components = {k: v for k, v in comps.items() if v}
         self.infos.append(info)
+        for message in info.warnings:
+            # Python hides DeprecationWarning outside __main__ by default; the plugin list and
+            # warn_failures() show the same text.
+            warnings.warn(message, DeprecationWarning, stacklevel=2)
         return info
 
     def _hook_problems(self, obj: Any) -> str | None:
@@ -260,12 +284,16 @@ class PluginHost:
         """One warning line per failed plugin, printed at the start of every run (train, evaluate, serve).
 
         A failed plugin breaks only the runs that need it, so a run that does not need it goes on;
-        the line makes sure nobody has to guess why a component is missing.
+        the line makes sure nobody has to guess why a component is missing. Deprecations a loaded
+        plugin relies on get one line each too.
         """
         for f in self.failures():
             last = (f.error or "").strip().splitlines()[-1:] or [""]
             print(f"warning: plugin {f.distribution} {f.version} {f.status} ({last[0][:160]}); "
                   "run `python -m core.plugins list` for the traceback", file=file or sys.stderr)
+        for info in self.infos:
+            for message in info.warnings:
+                print(f"warning: {message}", file=file or sys.stderr)
 
     def as_json(self, kind: str | None = None) -> dict[str, Any]:
         """What ``list --json`` prints: plugins with status, plus every component by kind.

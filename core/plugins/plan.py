@@ -214,6 +214,21 @@ def make_plan(cfg: RunConfig, registry: Registry, num_processes: int = 1, *,
     return Plan(cfg, fam, task, rewards, device, rollout, opts, batch, notes)
 
 
+def plan_without_groups(cfg: RunConfig, registry: Registry) -> Plan:
+    """``make_plan`` (every component and option checked) minus GRPO's group arithmetic.
+
+    In SFT ``train.per_device_batch_size`` counts samples, so it need not be a multiple of
+    ``grpo.num_generations``; the components are validated on a copy whose batch divides.
+    """
+    probe = cfg.model_copy(deep=True)
+    probe.train.per_device_batch_size = cfg.grpo.num_generations
+    probe.train.gradient_accumulation_steps = 1
+    probe._source, probe._lines, probe._overrides = cfg._source, cfg._lines, cfg._overrides
+    plan = make_plan(probe, registry, 1)
+    plan.config = cfg
+    return plan
+
+
 def families_for_model_type(registry: Registry, model_type: str | None) -> list[Entry]:
     """The families that claim ``model_type``; dedicated ones win over fallbacks.
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from core.interfaces import Device, ModelFamily, Reward, RolloutEngine, TaskFormat
 
-#: kind name -> interface base class. ``devices`` and ``rollouts`` share one hook.
+#: kind name -> interface base class.
 KINDS: dict[str, type] = {
     "models": ModelFamily,
     "rewards": Reward,
@@ -25,11 +25,18 @@ KINDS: dict[str, type] = {
     "devices": Device,
     "rollouts": RolloutEngine,
 }
-HOOK_KINDS = {
+#: hook name -> the kinds its ``register`` accepts, one hook per kind.
+HOOK_KINDS: dict[str, tuple[str, ...]] = {
     "vlmr1_register_models": ("models",),
     "vlmr1_register_rewards": ("rewards",),
     "vlmr1_register_tasks": ("tasks",),
-    "vlmr1_register_devices": ("devices", "rollouts"),
+    "vlmr1_register_devices": ("devices", "rollouts"),  # rollouts: deprecated, see DEPRECATED_HOOK_KINDS
+    "vlmr1_register_rollouts": ("rollouts",),
+}
+#: (hook, kind) still accepted for one version -> the hook to use instead. vlmr1 0.1 registered
+#: rollout engines through the devices hook; 0.2 accepts that with a DeprecationWarning, 0.3 will not.
+DEPRECATED_HOOK_KINDS: dict[tuple[str, str], str] = {
+    ("vlmr1_register_devices", "rollouts"): "vlmr1_register_rollouts",
 }
 SINGULAR = {"models": "model family", "rewards": "reward", "tasks": "task", "devices": "device",
             "rollouts": "rollout engine"}

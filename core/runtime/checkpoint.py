@@ -52,6 +52,10 @@ class CheckpointError(ConfigError):
 
 
 # ---- RNG --------------------------------------------------------------------------------
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (disk full, permissions): a failure of the run, not of its input."""
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG state a CPU/CUDA run depends on."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -281,7 +285,7 @@ def save_checkpoint(
     except (OSError, SafetensorError) as exc:  # safetensors reports a failed write as its own error type
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(_write_failure(exc, final, tmp, root)) from None
+        raise CheckpointWriteError(_write_failure(exc, final, tmp, root)) from None
     _swap_in(tmp, final)
     for old in list_checkpoints(root)[:-keep_last]:
         doomed = root / f".{old.name}.del"  # renamed first: a kill mid-delete leaves no half checkpoint

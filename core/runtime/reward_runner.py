@@ -56,7 +56,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -396,6 +396,24 @@ class RewardRunner:
             m[f"rewards/{name}_errors"] = float(outcomes[j].errors)
             m[f"rewards/{name}_timeouts"] = float(outcomes[j].timeouts)
         return m
+
+
+def build_reward_runner(plan: Any, registry: Any) -> RewardRunner:
+    """The runner of a run's ``rewards:`` section: each reward built, set up and wrapped in its spec.
+
+    The one place a run's rewards are built; the runner owns them (``close()`` releases them).
+    """
+    from core.interfaces import RewardContext
+
+    cfg = plan.config
+    ctx = RewardContext(registry=registry, config=cfg)
+    specs = []
+    for i, rc in enumerate(cfg.rewards):
+        reward = registry.create("rewards", rc.name, plan.options[f"rewards.{i}"])
+        reward.setup(ctx)
+        specs.append(RewardSpec(rc.name, reward, rc.weight, rc.timeout_s, rc.on_error, rc.max_error_frac,
+                                rc.max_error_steps))
+    return RewardRunner(specs)
 
 
 def _call(index: int, reward: Reward, batch: RewardBatch, results: queue.Queue) -> None:

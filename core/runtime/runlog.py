@@ -59,6 +59,13 @@ class MetricsWriter:
             tmp.replace(path)  # a kill mid-rewrite keeps the old file, never half of it
         return dropped
 
+    def last_step(self) -> int:
+        """The highest step in ``metrics.jsonl`` (0 when empty or absent)."""
+        path = self.dir / "metrics.jsonl"
+        if not path.exists():
+            return 0
+        return max((int(rec.get("step", 0)) for _, rec in read_jsonl(path) if rec is not None), default=0)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Write one step's metrics."""
         if not self.is_main:

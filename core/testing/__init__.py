@@ -71,8 +71,13 @@ class ComponentsPlugin:
 
     @hookimpl
     def vlmr1_register_devices(self, register: Any) -> None:
-        """Register the devices and rollout engines among the classes."""
-        self._register(register, Device, RolloutEngine)
+        """Register the devices among the classes."""
+        self._register(register, Device)
+
+    @hookimpl
+    def vlmr1_register_rollouts(self, register: Any) -> None:
+        """Register the rollout engines among the classes."""
+        self._register(register, RolloutEngine)
 
 
 class HangsOnce(Reward):
@@ -133,7 +138,7 @@ def write_distribution(
     *,
     modules: Mapping[str, str],
     entry_points: Mapping[str, str] | None = None,
-    requires: Sequence[str] = ("vlmr1>=0.1,<0.2",),
+    requires: Sequence[str] | None = None,
 ) -> Path:
     """Write an installed-looking distribution into ``root`` (a ``sys.path`` / ``PYTHONPATH`` folder).
 
@@ -148,7 +153,8 @@ def write_distribution(
         modules: relative file path -> source, e.g. ``{"demo_pkg/hooks.py": "..."}``.
             ``__init__.py`` files of the packages are created when missing.
         entry_points: ``vlmr1`` entry points, name -> ``module`` (default: none).
-        requires: ``Requires-Dist`` lines (the host checks the ``vlmr1`` one).
+        requires: ``Requires-Dist`` lines (the host checks the ``vlmr1`` one); default: a pin to
+            this core's minor version (``vlmr1>=0.2,<0.3`` for 0.2.x).
 
     Returns:
         The ``.dist-info`` folder.
@@ -165,6 +171,11 @@ def write_distribution(
     info = root / f"{re.sub(r'[-_.]+', '_', name)}-{version}.dist-info"
     info.mkdir(parents=True, exist_ok=True)
     meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    if requires is None:
+        from core import __version__
+
+        major, minor = (int(x) for x in __version__.split(".")[:2])
+        requires = (f"vlmr1>={major}.{minor},<{major}.{minor + 1}",)
     meta += [f"Requires-Dist: {r}" for r in requires]
     (info / "METADATA").write_text("\n".join(meta) + "\n")
     if entry_points:

@@ -98,9 +98,11 @@ def evaluate_run(run: Path, points: Sequence[Path], splits: Sequence[str], eval_
     import torch
 
     from core.config import build_config, load_raw
-    from core.evaluate import evaluate, load_for_inference, plan_without_groups
     from core.interfaces import RolloutContext
     from core.plugins import PluginHost
+    from core.plugins.plan import plan_without_groups
+    from core.runtime.evaluator import evaluate
+    from core.runtime.loader import load_policy
 
     cfg = build_config(load_raw(str(config), None), list(extra), source=str(config))
     host = PluginHost(plugins)
@@ -109,7 +111,7 @@ def evaluate_run(run: Path, points: Sequence[Path], splits: Sequence[str], eval_
     data = {s: list(task.load(s)[:eval_n]) for s in splits}
     rows = []
     for ckpt in points:
-        bundle = load_for_inference(plan, host.registry, ckpt, device=torch.device("cpu"))
+        bundle = load_policy(plan, host.registry, phase="infer", checkpoint=ckpt, device=torch.device("cpu"))
         engine = host.registry.create("rollouts", cfg.rollout.name, plan.options["rollout"])
         engine.setup(RolloutContext(bundle.model, bundle.processor, bundle.family, torch.device("cpu"),
                                     bundle.suppressed))

@@ -11,11 +11,17 @@ from core.hookspecs import hookimpl
 
 @hookimpl
 def vlmr1_register_devices(register) -> None:
-    """CPU device and the transformers ``generate`` rollout engine."""
+    """The CPU device."""
     from core.plugins.builtin.cpu import CPUDevice
-    from core.plugins.builtin.rollout import TransformersRollout
 
     register(CPUDevice)
+
+
+@hookimpl
+def vlmr1_register_rollouts(register) -> None:
+    """The transformers ``generate`` rollout engine."""
+    from core.plugins.builtin.rollout import TransformersRollout
+
     register(TransformersRollout)
 
 

@@ -6,43 +6,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.interfaces import Completion, PromptInput, RolloutEngine, SamplingParams
-
-
-def split_completions(seqs: Any, eos_ids: set[int], pad_id: int | None) -> list[tuple[list[int], bool]]:
-    """Cut each generated row after its first EOS; return ``(ids, truncated)`` per row.
-
-    The EOS token is kept (the policy must learn to stop). A row with no EOS is truncated;
-    its padding, if any, is removed.
-    """
-    out = []
-    for row in seqs.tolist():
-        ids: list[int] = []
-        truncated = True
-        for tok in row:
-            ids.append(tok)
-            if tok in eos_ids:
-                truncated = False
-                break
-        if truncated and pad_id is not None and pad_id not in eos_ids:
-            while ids and ids[-1] == pad_id:
-                ids.pop()
-        out.append((ids, truncated))
-    return out
-
-
-def eos_token_ids(model: Any, processor: Any) -> set[int]:
-    """All EOS ids: the generation config's (may be a list) and the tokenizer's."""
-    ids: set[int] = set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif gen_eos:
-        ids.update(gen_eos)
-    tok = getattr(processor, "tokenizer", processor)
-    if tok.eos_token_id is not None:
-        ids.add(tok.eos_token_id)
-    return ids
+# eos_token_ids / split_completions are plugin API: every engine stops and cuts at EOS the same way.
+from core.interfaces import (
+    Completion,
+    PromptInput,
+    RolloutEngine,
+    SamplingParams,
+    eos_token_ids,
+    split_completions,
+)
 
 
 class TransformersRollout(RolloutEngine):

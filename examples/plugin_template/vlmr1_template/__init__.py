@@ -1,3 +1,3 @@
 """vlmr1-plugin-template: an example vlmr1 plugin providing the ``keyword`` reward."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from vlmr1_generic.family import GenericFamily
 
-from core.interfaces.compat import fix_multi_image_expansion, multi_image_expansion_ok
+from core.interfaces import fix_multi_image_expansion, multi_image_expansion_ok
 from core.testing.models import CONFORMANCE_CHECKS, build_conformance_context, make_images, make_messages
 
 ONE_IMAGE = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]

@@ -25,9 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.interfaces import TransformersFamily
-from core.interfaces.hf_family import single_token_ids
-from core.interfaces.tiny import TinyOptions, reload_tokenizer, save_tiny_model
+from core.interfaces import TinyOptions, TransformersFamily, reload_tokenizer, save_tiny_model, single_token_ids
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -164,7 +164,7 @@ def test_multi_image_generation_expansion_is_repaired(ctx):
     """Every returned sequence of a 2-image prompt sees both images in order (see the family docs)."""
     from transformers import AutoModelForImageTextToText
 
-    from core.interfaces.compat import multi_image_expansion_ok
+    from core.interfaces import multi_image_expansion_ok
 
     assert multi_image_expansion_ok(ctx.model)
     raw = AutoModelForImageTextToText.from_pretrained(ctx.path, dtype=torch.float32)

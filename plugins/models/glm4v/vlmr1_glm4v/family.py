@@ -22,9 +22,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from core.interfaces import PixelBoundsOptions, TransformersFamily
-from core.interfaces.hf_family import sibling_function, size_value, transformers_has
-from core.interfaces.tiny import TinyOptions, save_tiny_model
+from core.interfaces import (
+    PixelBoundsOptions,
+    TinyOptions,
+    TransformersFamily,
+    save_tiny_model,
+    sibling_function,
+    size_value,
+    transformers_has,
+)
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -14,9 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.interfaces import TransformersFamily
-from core.interfaces.hf_family import check_ordered, sibling_function, size_value
-from core.interfaces.tiny import TinyOptions, reload_tokenizer, save_tiny_model
+from core.interfaces import (
+    TinyOptions,
+    TransformersFamily,
+    check_ordered,
+    reload_tokenizer,
+    save_tiny_model,
+    sibling_function,
+    size_value,
+)
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from vlmr1_qwen_vl.family import Qwen2VLFamily, Qwen3VLFamily, Qwen25VLFamily, qwen3_vl_available
 
-from core.interfaces.tiny import build_tiny_tokenizer
+from core.interfaces import build_tiny_tokenizer
 from core.testing.models import CONFORMANCE_CHECKS, build_conformance_context, make_images
 
 FAMILIES = [Qwen2VLFamily, Qwen25VLFamily]

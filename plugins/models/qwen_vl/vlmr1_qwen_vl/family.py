@@ -13,9 +13,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from core.interfaces import PixelBoundsOptions, TransformersFamily
-from core.interfaces.hf_family import sibling_function, transformers_has
-from core.interfaces.tiny import TinyOptions, save_tiny_model
+from core.interfaces import (
+    PixelBoundsOptions,
+    TinyOptions,
+    TransformersFamily,
+    save_tiny_model,
+    sibling_function,
+    transformers_has,
+)
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -5,7 +5,7 @@ continuous convention pycocotools uses (``x2``/``y2`` exclusive). The parser is 
 ``core.evaluate`` so evaluation reads answers exactly as this plugin's rewards do.
 """
 
-from core.interfaces.boxes import DetObject, iou, normalize_label, parse_objects
+from core.interfaces import DetObject, iou, normalize_label, parse_objects
 
 #: The name this plugin has always used for one parsed object.
 Obj = DetObject

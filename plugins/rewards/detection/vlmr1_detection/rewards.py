@@ -158,6 +158,7 @@ class MapReward(_DetectionReward):
     name = "map"
     description = "COCO mAP@[.5:.95] via pycocotools (ap50 option for AP@.5)"
     methods: ClassVar[tuple[str, ...]] = ("map", "od_ap")
+    eval_metric: ClassVar[str | None] = "detection"
 
     class Options(DetectionOptions):
         """Which AP."""
@@ -176,6 +177,7 @@ class MapAP50Reward(MapReward):
     name = "map50"
     description = "COCO AP@.5 via pycocotools"
     methods: ClassVar[tuple[str, ...]] = ("od_ap50",)
+    eval_metric: ClassVar[str | None] = "detection"
 
     class Options(MapReward.Options):
         """AP@.5 by default."""
@@ -193,6 +195,7 @@ class ODLengthReward(_DetectionReward):
     name = "od_length"
     description = "odLength: mAP × min(1, #gt / #pred)"
     methods: ClassVar[tuple[str, ...]] = ("odLength",)
+    eval_metric: ClassVar[str | None] = "detection"
 
     def compare(self, preds: list[Obj], gts: list[Obj], item: RewardItem) -> float:
         """AP times the length factor."""
@@ -219,6 +222,7 @@ class WeightedSumReward(_DetectionReward):
     name = "weighted_sum"
     description = "0.7·matched IoU + 0.3·(1 − (miss + false-alarm rate)/2), greedy IoU≥0.5 with label check"
     methods: ClassVar[tuple[str, ...]] = ("weighted_sum",)
+    eval_metric: ClassVar[str | None] = "detection"
 
     class Options(DetectionOptions):
         """Matching threshold and weights."""

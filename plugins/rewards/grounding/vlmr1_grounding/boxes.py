@@ -7,6 +7,6 @@ See :mod:`core.interfaces.boxes` for the box convention (continuous, x2/y2 exclu
 from the original VLM-R1 ``iou``.
 """
 
-from core.interfaces.boxes import area, as_box, iou, last_answer, parse_box
+from core.interfaces import area, as_box, iou, last_answer, parse_box
 
 __all__ = ["area", "as_box", "iou", "last_answer", "parse_box"]

@@ -43,6 +43,7 @@ class IoUReward(Reward):
     name = "iou"
     description = "IoU in original-image pixels (continuous, x2/y2 exclusive); optional threshold"
     methods: ClassVar[tuple[str, ...]] = ("iou", "rec")
+    eval_metric: ClassVar[str | None] = "rec"
 
     class Options(BaseModel):
         """Threshold variant, answer-tag requirement, image index and convention check."""

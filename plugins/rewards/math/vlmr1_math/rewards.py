@@ -48,6 +48,7 @@ class MathReward(Reward):
     name = "math"
     description = "math-verify equivalence (boxed / normalised fallback) with a hard per-completion time limit"
     methods: ClassVar[tuple[str, ...]] = ("math",)
+    eval_metric: ClassVar[str | None] = "math"
 
     class Options(BaseModel):
         """Time limit and isolation."""

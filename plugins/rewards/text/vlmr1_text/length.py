@@ -89,9 +89,8 @@ class LengthReward(Reward):
 
     def close(self) -> None:
         """Close the correctness reward if it holds resources."""
-        closer = getattr(self._judge, "close", None)
-        if callable(closer):
-            closer()
+        if self._judge is not None:
+            self._judge.close()  # a no-op unless the reward holds resources (Reward.close)
 
     def score(self, batch: RewardBatch) -> list[float | None]:
         """Cosine schedule per completion."""

@@ -144,6 +144,7 @@ class AllMatchReward(PerItemReward):
     name = "all_match"
     description = "exact match after normalisation (strip, lower, <answer> tags, edge punctuation)"
     methods: ClassVar[tuple[str, ...]] = ("all_match", "exact_match")
+    eval_metric: ClassVar[str | None] = "exact_match"
 
     class Options(BaseModel):
         """Normalisation switches."""

@@ -16,7 +16,7 @@ from PIL import Image
 from vlmr1_jsonl.common import ImageLimits, ImageRef
 from vlmr1_jsonl.jsonl import VlmR1Jsonl
 
-from core.interfaces.task import DataError
+from core.interfaces import DataError
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:

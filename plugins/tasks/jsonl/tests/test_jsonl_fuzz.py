@@ -15,7 +15,7 @@ from PIL import Image
 from vlmr1_jsonl.jsonl import VlmR1Jsonl
 from vlmr1_jsonl.rec import RecJson
 
-from core.interfaces.task import DataError
+from core.interfaces import DataError
 
 GOOD = {"id": "g", "image": "ok.png", "accu_reward_method": "iou",
         "conversations": [{"from": "human", "value": "<image>Where is the cat?"},

@@ -15,7 +15,7 @@ from vlmr1_jsonl.jsonl import VlmR1Jsonl
 from vlmr1_jsonl.rec import RecJson
 from vlmr1_jsonl.templates import QUESTION_TEMPLATES
 
-from core.interfaces.task import DataError
+from core.interfaces import DataError
 
 R1_SUFFIX = (" First output the thinking process in <think> </think> tags and then output the final answer "
              "in <answer> </answer> tags.")

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from core.interfaces.task import Sample, TaskFormat
+from core.interfaces import Sample, TaskFormat
 from vlmr1_jsonl.common import (
     BadRow,
     FileTaskOptions,

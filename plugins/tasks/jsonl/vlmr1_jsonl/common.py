@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.interfaces.task import DataError, Sample
+from core.interfaces import DataError, Sample
 from vlmr1_jsonl.templates import resolve_template
 
 logger = logging.getLogger("vlmr1.tasks.jsonl")

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from core.interfaces.task import Sample
+from core.interfaces import Sample
 from vlmr1_jsonl.base import FileTask
 from vlmr1_jsonl.common import BadRow, FileTaskOptions, ImageRef, Source, check_box, resolve_image
 

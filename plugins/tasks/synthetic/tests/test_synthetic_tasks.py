@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from vlmr1_synthetic.color import SyntheticColor
 from vlmr1_synthetic.grounding import SyntheticGrounding
 
-from core.interfaces.task import Sample
+from core.interfaces import Sample
 
 
 def _color(**kw) -> SyntheticColor:

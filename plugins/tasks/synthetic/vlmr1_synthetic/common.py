@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import overload
 
-from core.interfaces.task import Sample
+from core.interfaces import Sample
 
 #: VLM-R1's R1 question suffix (om-ai-lab/VLM-R1, src/open-r1-multimodal/src/open_r1/grpo_jsonl.py,
 #: ``question_prompt``), appended to the question when ``answer_format == "r1"``.

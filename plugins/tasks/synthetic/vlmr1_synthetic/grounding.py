@@ -28,7 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.interfaces.task import Sample, TaskFormat
+from core.interfaces import Sample, TaskFormat
 from vlmr1_synthetic.common import R1_SUFFIX, GeneratedSamples, canonical_split, colour_rgb, sample_rng
 
 Shape = Literal["square", "circle"]

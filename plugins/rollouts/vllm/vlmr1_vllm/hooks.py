@@ -4,7 +4,7 @@ from core.hookspecs import hookimpl
 
 
 @hookimpl
-def vlmr1_register_devices(register) -> None:
+def vlmr1_register_rollouts(register) -> None:
     """The ``vllm`` rollout engine."""
     from vlmr1_vllm.engine import VLLMRollout
 

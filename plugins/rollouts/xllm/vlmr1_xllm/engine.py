@@ -42,7 +42,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.interfaces import Completion, PromptInput, RolloutContext, RolloutEngine, SamplingParams
+from core.interfaces import (
+    Completion,
+    PromptInput,
+    RolloutContext,
+    RolloutEngine,
+    SamplingParams,
+    chat_to_openai_messages,
+    eos_token_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +251,6 @@ class OpenAIServerRollout(RolloutEngine):
     # ---- generation ---------------------------------------------------------------------
     def build_request(self, prompt: PromptInput, sampling: SamplingParams, n: int) -> dict[str, Any]:
         """The chat-completions body for one prompt (``n`` completions)."""
-        from core.interfaces.openai_messages import chat_to_openai_messages
-
         greedy = not sampling.do_sample or sampling.temperature == 0
         body: dict[str, Any] = {
             "model": self.model_id(),
@@ -347,8 +353,6 @@ class OpenAIServerRollout(RolloutEngine):
         return list(tok(text, add_special_tokens=False)["input_ids"])
 
     def _eos_ids(self) -> set[int]:
-        from core.plugins.builtin.rollout import eos_token_ids
-
         tok = self._tokenizer()
         if tok is None:
             return set()

@@ -4,8 +4,8 @@ from core.hookspecs import hookimpl
 
 
 @hookimpl
-def vlmr1_register_devices(register) -> None:
-    """The ``openai_server`` rollout engine."""
+def vlmr1_register_rollouts(register) -> None:
+    """The ``openai_server`` rollout engine (any OpenAI-compatible chat-completions server)."""
     from vlmr1_xllm.engine import OpenAIServerRollout
 
     register(OpenAIServerRollout)

@@ -30,9 +30,7 @@ ImportError that names the extra to install.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import io
 import json
 import os
 import socket
@@ -48,7 +46,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.interfaces import Completion, PromptInput, RolloutContext, RolloutEngine, SamplingParams
+from core.interfaces import (
+    Completion,
+    PromptInput,
+    RolloutContext,
+    RolloutEngine,
+    SamplingParams,
+    chat_to_openai_messages,
+    eos_token_ids,
+)
 
 INSTALL_HINT = "pip install 'vlmr1-plugin-vllm[vllm]'"
 
@@ -379,8 +385,6 @@ class VLLMRollout(RolloutEngine):
         return list(self.ctx.suppressed_token_ids) if self.options.suppress_via_logit_bias else []
 
     def _eos_ids(self) -> set[int]:
-        from core.plugins.builtin.rollout import eos_token_ids
-
         return eos_token_ids(self._policy, self.ctx.processor)
 
     def _eos_id(self, eos: set[int]) -> int | None:
@@ -456,24 +460,12 @@ def server_messages(prompt: PromptInput) -> list[dict[str, Any]]:
     return out
 
 
-def image_data_url(image: Any) -> str:
-    """A PIL image as a PNG data URL (lossless: the server sees exactly these pixels)."""
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def openai_messages(prompt: PromptInput) -> list[dict[str, Any]]:
-    """Our chat messages in the OpenAI format vLLM's chat route takes (each image an ``image_url``)."""
-    return [{**m, "content": [{"type": "image_url", "image_url": {"url": image_data_url(part["image"])}}
-                              if part.get("type") == "image" else part for part in m["content"]]}
-            if isinstance(m.get("content"), list) else m for m in server_messages(prompt)]
-
-
 def chat_request(prompt: PromptInput, kw: dict[str, Any], *, choices: list[str] | None = None,
                  seed: bool = True) -> dict[str, Any]:
     """The ``/v1/chat/completions`` body for one prompt (vLLM's extensions: token ids, top_k, seed, choice)."""
-    body: dict[str, Any] = {"messages": openai_messages(prompt), "return_token_ids": True,
+    # PNG data URLs: lossless, so the server sees exactly these pixels.
+    body: dict[str, Any] = {"messages": chat_to_openai_messages(prompt.messages, prompt.images, "png"),
+                            "return_token_ids": True,
                             "add_generation_prompt": True, **{k: v for k, v in kw.items() if k != "logprobs"}}
     if "logit_bias" in body:
         body["logit_bias"] = {str(t): b for t, b in body["logit_bias"].items()}  # JSON keys are strings

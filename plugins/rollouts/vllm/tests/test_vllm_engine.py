@@ -25,8 +25,7 @@ from vlmr1_vllm.engine import (
     vllm_sampling_kwargs,
 )
 
-from core.interfaces import Completion, PromptInput, RolloutContext, SamplingParams
-from core.interfaces.tiny import build_tiny_tokenizer
+from core.interfaces import Completion, PromptInput, RolloutContext, SamplingParams, build_tiny_tokenizer
 from core.plugins import PluginHost
 
 CUDA = types.SimpleNamespace(type="cuda", index=0)  # the engine only reads .type

@@ -1,0 +1,368 @@
+"""The HTTP face of a :class:`~core.serving.ModelServer`: a FastAPI app served by uvicorn.
+
+Routes: ``POST /v1/chat/completions`` (JSON, or server-sent events with ``stream: true``),
+``GET /v1/models``, ``GET /health`` (no key needed), ``GET /stats`` (the batcher's counters)
+and, with ``allow_reload``, ``POST /v1/load_checkpoint``. Every error is an OpenAI-shaped
+``{"error": {...}}`` body.
+
+Connection handling is uvicorn's (asyncio: an idle or slow client costs a socket, not a
+thread), bounded by :class:`HTTPLimits`: ``workers`` requests are worked on at once (body read,
+validation, generation), ``max_queued`` more wait for a slot and beyond that a request gets 503
+with ``Retry-After`` at once; the body must arrive within ``request_timeout_s`` (408) and be at
+most ``max_request_bytes`` (413, from ``Content-Length`` before reading); a connection that
+sends no request within ``idle_timeout_s`` is closed (uvicorn's keep-alive timeout, here also
+for fresh connections). The API key is checked, in constant time, before the body is read.
+FastAPI and uvicorn are the ``vlmr1[serve]`` extra: they are imported when an app is built.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the route functions' annotations,
+# and ``Request`` is imported inside create_app (the extra may be missing at import time).
+import asyncio
+import hmac
+import json
+import socket
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from core.interfaces import RequestError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI, Request
+
+#: Largest request body accepted (bytes); a few large base64 images fit.
+DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
+
+
+@dataclass
+class HTTPLimits:
+    """Connection-level bounds (see the module docstring); the flags of ``python -m core.serve``."""
+
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    #: Seconds a connection may stay idle before or between requests (uvicorn's keep-alive timeout).
+    idle_timeout_s: float = 5.0
+    #: Seconds a connection may take between two reads of an unfinished request head.
+    socket_timeout_s: float = 30.0
+    #: Seconds the whole request body may take to arrive (408 after that).
+    request_timeout_s: float = 60.0
+    #: Requests worked on at once (body, validation, waiting for and running generation).
+    workers: int = 64
+    #: The listen backlog (connections the kernel queues before they are accepted).
+    backlog: int = 128
+    #: Requests waiting for a worker slot beyond which a new one gets 503 at once.
+    max_queued: int = 512
+
+
+def _error(exc: RequestError, *, close: bool = False, headers: dict[str, str] | None = None) -> Any:
+    from fastapi.responses import JSONResponse
+
+    headers = dict(headers or {})
+    if close:  # an unread body must not be parsed as the next request, nor read at all
+        headers["Connection"] = "close"
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _unread_body(request: "Request") -> bool:
+    """Whether the request announced a body that has not been read (the connection then closes)."""
+    if getattr(request.state, "body_read", False):
+        return False
+    h = request.headers
+    return h.get("content-length", "0") != "0" or "transfer-encoding" in h
+
+
+def create_app(server: Any, *, api_key: str | None = None, allow_reload: bool = False,
+               limits: HTTPLimits | None = None) -> "FastAPI":
+    """The ASGI app answering for ``server`` (a :class:`~core.serving.ModelServer`, or any object with its methods)."""
+    import anyio
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+
+    lim = limits or HTTPLimits()
+    app = FastAPI(title="vlmr1 serve", docs_url=None, redoc_url=None, openapi_url=None)
+    # anyio's default pool has 40 threads; each worker slot may need one.
+    threads = anyio.CapacityLimiter(lim.workers)
+    state: dict[str, Any] = {}
+
+    def slots() -> asyncio.Semaphore:
+        if "slots" not in state:  # made in the server's event loop
+            state["slots"] = asyncio.Semaphore(lim.workers)
+        return state["slots"]
+
+    expected = f"Bearer {api_key}".encode() if api_key is not None else None
+
+    def authorize(request: Request) -> None:
+        if expected is None:
+            return
+        got = request.headers.get("authorization", "").encode("latin-1")
+        if not hmac.compare_digest(got, expected):
+            raise RequestError("missing or wrong API key (Authorization: Bearer ...)", status=401,
+                               err_type="authentication_error")
+
+    async def read_json(request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > lim.max_request_bytes):
+            raise RequestError(f"request body of {length} bytes exceeds the limit of {lim.max_request_bytes}",
+                               status=413)
+        chunks: list[bytes] = []
+        got = 0
+
+        async def receive_all() -> None:
+            nonlocal got
+            async for chunk in request.stream():
+                got += len(chunk)
+                if got > lim.max_request_bytes:
+                    raise RequestError(f"request body exceeds the limit of {lim.max_request_bytes} bytes",
+                                       status=413)
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(receive_all(), lim.request_timeout_s)
+        except ClientDisconnect:  # nobody is left to answer; end the request quietly
+            raise RequestError("client disconnected before sending the whole body") from None
+        except asyncio.TimeoutError:
+            raise RequestError(f"request body not received within {lim.request_timeout_s:g} s "
+                               f"({got} of {length or '?'} bytes)", status=408) from None
+        request.state.body_read = True
+        try:
+            return json.loads(b"".join(chunks))
+        except ValueError as exc:
+            raise RequestError(f"request body is not valid JSON: {exc}") from None
+
+    async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on a worker thread; an unexpected exception is a 500 naming it (trace on stderr)."""
+        def call() -> Any:
+            try:
+                return fn(*args)
+            except RequestError:
+                raise
+            except Exception as exc:
+                traceback.print_exc()
+                raise RequestError(f"internal error: {type(exc).__name__}: {exc}", status=500,
+                                   err_type="server_error") from exc
+
+        return await anyio.to_thread.run_sync(call, limiter=threads)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError) -> Any:
+        return _error(exc, close=_unread_body(request))
+
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, exc: HTTPException) -> Any:
+        path = request.url.path
+        hint = " (start the server with --allow-reload)" if path.rstrip("/") == "/v1/load_checkpoint" else ""
+        what = "no route" if exc.status_code == 404 else exc.detail
+        return _error(RequestError(f"{what} {request.method} {path}{hint}", status=exc.status_code,
+                                   err_type="NotFoundError" if exc.status_code == 404 else "invalid_request_error"),
+                      close=_unread_body(request))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Any:
+        authorize(request)
+        return JSONResponse(server.models())
+
+    @app.get("/stats")
+    async def stats(request: Request) -> Any:
+        authorize(request)
+        return JSONResponse(server.stats())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        authorize(request)
+        await slots().acquire()
+        release = True
+        try:
+            body = await read_json(request)
+            if isinstance(body, dict) and body.get("stream") is True:
+                chunks = await in_thread(server.chat_completion_stream, body)
+                release = False  # the stream holds its slot until it ends
+                return StreamingResponse(sse(chunks), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return JSONResponse(await in_thread(server.chat_completion, body))
+        finally:
+            if release:
+                slots().release()
+
+    async def sse(chunks: Any) -> Any:
+        """Server-sent events: one ``data: {chunk}`` per chunk, then ``data: [DONE]``."""
+        done = object()
+        try:
+            while (chunk := await in_thread(next, chunks, done)) is not done:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except RequestError as exc:  # generation failed after the 200: the error is the last event
+            yield f"data: {json.dumps(exc.body())}\n\n"
+        finally:
+            slots().release()
+        yield "data: [DONE]\n\n"
+
+    if allow_reload:
+        @app.post("/v1/load_checkpoint")
+        async def load_checkpoint(request: Request) -> Any:
+            authorize(request)
+            async with slots():
+                return JSONResponse(await in_thread(server.load_checkpoint, await read_json(request)))
+
+    app.add_middleware(_Admission, limit=lim.workers + lim.max_queued)
+    return app
+
+
+class _Admission:
+    """ASGI middleware: beyond ``limit`` requests in the app, answer 503 with ``Retry-After`` at once."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit, self.in_flight = app, limit, 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            await _error(RequestError("server overloaded: too many requests waiting; retry later", status=503,
+                                      err_type="server_error"), close=True,
+                         headers={"Retry-After": "1"})(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+# ---- running it ------------------------------------------------------------------------------------
+def _protocol_class() -> type:
+    """The h11 protocol of uvicorn, also closing connections that send no complete request head in time.
+
+    uvicorn starts its keep-alive timer only after a first response, so a connection that never
+    sends a request would stay open for ever: here it gets ``idle_timeout_s`` too, and a
+    request head that stops arriving gets ``socket_timeout_s`` between reads.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        socket_timeout_s = 30.0
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._close_after(self.timeout_keep_alive)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self._close_after(self.socket_timeout_s)  # a partial head: wait for the rest
+
+        def _close_after(self, seconds: float) -> None:
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(seconds, self.timeout_keep_alive_handler)
+
+    return Protocol
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A bound, not yet listening socket for ``host:port`` (port 0 = a free one); ``OSError`` if refused."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _uvicorn_server(app: Any, limits: HTTPLimits, quiet: bool, on_ready: Callable[[], None]) -> Any:
+    import uvicorn
+
+    protocol = _protocol_class()
+    protocol.socket_timeout_s = limits.socket_timeout_s
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                on_ready()
+
+    config = uvicorn.Config(app, http=protocol, lifespan="off", backlog=limits.backlog,
+                            timeout_keep_alive=limits.idle_timeout_s, timeout_graceful_shutdown=5,
+                            log_level="warning" if quiet else "info", access_log=not quiet)
+    return Server(config)
+
+
+def serve(server: Any, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
+          allow_reload: bool = False, limits: HTTPLimits | None = None, quiet: bool = False,
+          on_ready: Callable[[str, int], None] | None = None) -> None:
+    """Serve ``server`` on ``host:port`` until SIGINT/SIGTERM; ``on_ready(host, port)`` once accepting.
+
+    The socket is bound first, so a refused address is a :class:`~core.config.ConfigError` (bad
+    input) raised here, and ``port=0`` reports the port it got.
+    """
+    from core.config import ConfigError
+
+    lim = limits or HTTPLimits()
+    try:
+        sock = _bind(host, port)
+    except OSError as exc:
+        raise ConfigError(f"cannot bind {host}:{port}: {exc}") from None
+    bound_host, bound_port = sock.getsockname()[:2]
+    srv = _uvicorn_server(create_app(server, api_key=api_key, allow_reload=allow_reload, limits=lim), lim, quiet,
+                          lambda: on_ready(bound_host, bound_port) if on_ready else None)
+    try:
+        srv.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+
+
+class ThreadedServer:
+    """The HTTP server for ``server`` on a background thread (tests, notebooks); a context manager.
+
+    ``url`` is the ``.../v1`` base URL once started::
+
+        with ThreadedServer(model_server, api_key="k") as srv:
+            OpenAI(base_url=srv.url, api_key="k").chat.completions.create(...)
+    """
+
+    def __init__(self, server: Any, host: str = "127.0.0.1", port: int = 0, *, api_key: str | None = None,
+                 allow_reload: bool = False, limits: HTTPLimits | None = None, quiet: bool = True,
+                 startup_timeout: float = 60.0) -> None:
+        self.limits = limits or HTTPLimits()
+        self.sock = _bind(host, port)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}/v1"
+        self.startup_timeout = startup_timeout
+        self._ready = threading.Event()
+        self._uvicorn = _uvicorn_server(
+            create_app(server, api_key=api_key, allow_reload=allow_reload, limits=self.limits),
+            self.limits, quiet, self._ready.set)
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self.sock]},
+                                        name="vlmr1-serve-http", daemon=True)
+
+    def start(self) -> "ThreadedServer":
+        """Start and wait (bounded) until the server accepts connections."""
+        self._thread.start()
+        if not self._ready.wait(self.startup_timeout):
+            self.stop()
+            raise RuntimeError(f"the server did not start within {self.startup_timeout:g} s")
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the server to exit and wait for its thread."""
+        self._uvicorn.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> "ThreadedServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
