@@ -348,3 +348,64 @@ def test_error_budget_is_off_by_default_and_validated():
         runner(batch(2))
     with pytest.raises(ValueError, match="max_error_frac"):
         RewardRunner([RewardSpec("x", Boom(), 1.0, 1.0, "zero", max_error_frac=1.5)])
+
+
+# ---- routed rewards (the accuracy router) keep the runner's limits ---------------------------
+class _Exact(Reward):
+    name = "r_exact"
+    methods = ("exact",)
+
+    def score(self, b):
+        return [1.0 if it.completion == it.solution else 0.0 for it in b]
+
+
+class _Stuck(Reward):
+    name = "r_stuck"
+    methods = ("stuck",)
+    release = threading.Event()
+
+    def score(self, b):
+        self.release.wait(60)
+        return [1.0] * len(b)
+
+
+class _Picky(Reward):
+    name = "r_picky"
+    methods = ("picky",)
+
+    def score(self, b):
+        if any(it.completion == "poison" for it in b):
+            raise ValueError("poisoned row")
+        return [0.5] * len(b)
+
+
+def _router():
+    from core.interfaces import RewardContext
+    from core.plugins import PluginHost
+    from core.testing import ComponentsPlugin
+
+    host = PluginHost("none")
+    host.register(ComponentsPlugin(_Exact, _Stuck, _Picky), "test-routed")
+    router = host.registry.create("rewards", "accuracy", {})
+    router.setup(RewardContext(registry=host.registry, config=None))
+    return router
+
+
+def test_routed_rewards_get_the_time_limit_and_row_isolation_of_the_runner():
+    """A routed reward that hangs times out alone; a raising row or an unknown method fails only its own row."""
+    items = [RewardItem("a", "a", reward_method="exact"), RewardItem("x", "a", reward_method="stuck"),
+             RewardItem("ok", "a", reward_method="picky"), RewardItem("poison", "a", reward_method="picky"),
+             RewardItem("b", "a", reward_method="exact"), RewardItem("?", "a", reward_method="nobody")]
+    runner = RewardRunner([spec("accuracy", _router(), timeout=1.0)])
+    try:
+        t0 = time.monotonic()
+        res = runner(RewardBatch(items))
+        assert time.monotonic() - t0 < 30  # the hanging routed reward is abandoned at its limit, not waited for
+        assert as_list(res.per_reward[:, 0]) == [1.0, 0.0, 0.5, 0.0, 0.0, 0.0]
+        assert res.failed[:, 0].tolist() == [False, True, False, True, False, True]
+        assert res.timed_out[:, 0].tolist() == [False, True, False, False, False, False]
+        assert res.metrics["rewards/accuracy_errors"] == 3 and res.metrics["rewards/accuracy_timeouts"] == 1
+        assert [t for t in threading.enumerate() if t.name == "vlmr1-reward-accuracy/r_stuck"]
+    finally:
+        _Stuck.release.set()
+        runner.close()

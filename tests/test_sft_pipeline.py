@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from core import evaluate, sft, train
-from core.runtime import evaluator
 from core.plugins import PluginHost
+from core.runtime import evaluator
 
 HERE = Path(__file__).resolve().parents[1] / "examples" / "grounding_cpu"
 PLUGINS = "qwen-vl,synthetic,grounding"

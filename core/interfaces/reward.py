@@ -110,3 +110,13 @@ class Reward(Component):
         ``rewards/<name>_errors`` and in the ``max_error_frac`` budget. Default: none.
         """
         return 0
+
+    def route(self, batch: RewardBatch) -> list[tuple[Reward, list[int]]] | None:
+        """For a reward that only dispatches (the built-in ``accuracy`` router): which reward scores which rows.
+
+        Return ``[(reward, row indices), ...]`` covering the rows that have a reward; the engine's
+        reward runner then calls each of those rewards itself, so every routed reward gets the
+        time limit, row isolation and error accounting of a configured one. Rows left out are
+        "not applicable". Default ``None``: this reward scores the batch itself (``score``).
+        """
+        return None

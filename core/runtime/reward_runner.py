@@ -130,12 +130,26 @@ class RewardResult:
 
 @dataclass
 class _Job:
+    """One reward call: ``reward`` on ``batch``, whose rows are ``rows`` of column ``column`` (all when None).
+
+    A configured reward is one job; a routing reward (``Reward.route``) becomes one job per
+    routed reward, each under the configured reward's time limit and error policy.
+    """
+
     index: int
+    column: int
     spec: RewardSpec
+    reward: Reward
+    batch: RewardBatch
     name: str
     serial: bool
+    rows: list[int] | None = None
     thread: threading.Thread | None = None
     deadline: float = 0.0
+
+    def to_rows(self, local: list[int]) -> list[int]:
+        """Batch-row indices of this job's local indices."""
+        return local if self.rows is None else [self.rows[i] for i in local]
 
 
 class _Outcome:
@@ -246,26 +260,29 @@ class RewardRunner:
 
     # ---- scheduling --------------------------------------------------------------------
     def _run_all(self, batch: RewardBatch, outcomes: list[_Outcome]) -> None:
-        n = len(batch)
         # A fresh queue per call: results of calls abandoned in earlier steps land in
         # their own (now unread) queue and can never be mistaken for this step's.
         results: queue.Queue[tuple[int, object, BaseException | None]] = queue.Queue()
-        jobs = [_Job(i, s, self.names[i], serial=not getattr(s.reward, "thread_safe", True))
-                for i, s in enumerate(self.specs)]
+        jobs: list[_Job] = []
+        for col, spec in enumerate(self.specs):
+            for reward, rows, sub in self._route(col, spec, batch, outcomes[col]):
+                name = self.names[col] if rows is None else f"{self.names[col]}/{getattr(reward, 'name', '?')}"
+                jobs.append(_Job(len(jobs), col, spec, reward, sub, name,
+                                 serial=not getattr(reward, "thread_safe", True), rows=rows))
         parallel = [j for j in jobs if not j.serial]
         serial = [j for j in jobs if j.serial]
         running: dict[int, _Job] = {}
 
         def start(job: _Job) -> bool:
             with _ABANDONED_LOCK:
-                alive = [t for t in _ABANDONED.get(job.spec.reward, []) if t.is_alive()]
-                _ABANDONED[job.spec.reward] = alive
+                alive = [t for t in _ABANDONED.get(job.reward, []) if t.is_alive()]
+                _ABANDONED[job.reward] = alive
             if len(alive) >= MAX_ABANDONED_CALLS:
-                self._fail(job, outcomes[job.index], n, "timeout",
+                self._fail(job, outcomes[job.column], len(job.batch), "timeout",
                            f"is not called: {len(alive)} earlier calls are still running after exceeding "
                            f"{job.spec.timeout_s:g} s", None)
                 return False
-            t = threading.Thread(target=_call, args=(job.index, job.spec.reward, batch, results),
+            t = threading.Thread(target=_call, args=(job.index, job.reward, job.batch, results),
                                  name=f"vlmr1-reward-{job.name}", daemon=True)
             job.thread = t
             job.deadline = time.monotonic() + job.spec.timeout_s
@@ -290,20 +307,53 @@ class RewardRunner:
             if idx is not None and idx in running:
                 job = running.pop(idx)
                 serial_running = serial_running and not job.serial
-                self._collect(job, outcomes[idx], n, value, exc)
+                self._collect(job, outcomes[job.column], len(job.batch), value, exc)
             now = time.monotonic()
             for job in [j for j in running.values() if j.deadline <= now]:
                 running.pop(job.index)
                 serial_running = serial_running and not job.serial
                 with _ABANDONED_LOCK:
                     if job.thread is not None and job.thread.is_alive():
-                        _ABANDONED.setdefault(job.spec.reward, []).append(job.thread)
-                self._fail(job, outcomes[job.index], n, "timeout",
+                        _ABANDONED.setdefault(job.reward, []).append(job.thread)
+                self._fail(job, outcomes[job.column], len(job.batch), "timeout",
                            f"no result within its time limit of {job.spec.timeout_s:g} s (call abandoned)", None)
 
     # ---- result handling ---------------------------------------------------------------
+    def _route(self, col: int, spec: RewardSpec, batch: RewardBatch,
+               out: _Outcome) -> list[tuple[Reward, list[int] | None, RewardBatch]]:
+        """The calls that score column ``col``: the reward itself, or each reward its ``route`` names.
+
+        A routing that raises for some rows (a method nobody serves) fails only those rows: they
+        are routed one by one and the ones that still raise get the reward's error policy.
+        """
+        router = getattr(spec.reward, "route", None)
+        plan = None
+        if callable(router):
+            try:
+                plan = router(batch)
+            except Exception:  # noqa: BLE001 - retried row by row below
+                plan = self._route_rows(col, spec, batch, out)
+        if plan is None:
+            return [(spec.reward, None, batch)]
+        return [(reward, list(rows), RewardBatch([batch.items[i] for i in rows])) for reward, rows in plan if rows]
+
+    def _route_rows(self, col: int, spec: RewardSpec, batch: RewardBatch,
+                    out: _Outcome) -> list[tuple[Reward, list[int]]]:
+        groups: dict[int, tuple[Reward, list[int]]] = {}
+        for i, item in enumerate(batch.items):
+            try:
+                routed = spec.reward.route(RewardBatch([item])) or []
+            except Exception as exc:  # noqa: BLE001 - this row's failure, counted by the runner
+                job = _Job(-1, col, spec, spec.reward, batch, self.names[col], serial=False)
+                self._fail(job, out, len(batch), "exception", f"raised {type(exc).__name__}: {exc}", exc,
+                           indices=[i])
+                continue
+            for reward, _rows in routed:
+                groups.setdefault(id(reward), (reward, []))[1].append(i)
+        return list(groups.values())
+
     def _collect(self, job: _Job, out: _Outcome, n: int, value: object, exc: BaseException | None) -> None:
-        taker = getattr(job.spec.reward, "take_failures", None)
+        taker = getattr(job.reward, "take_failures", None)
         own = taker() if callable(taker) else 0
         if isinstance(own, int) and own > 0:  # failures the reward caught itself (a judge's on_failure: zero)
             out.errors += min(own, n)
@@ -349,7 +399,7 @@ class RewardRunner:
             if f is None or not math.isfinite(f):
                 bad.append(i)
             else:
-                out.scores[i] = f
+                out.scores[job.to_rows([i])[0]] = f
         if bad:
             sample = values[bad[0]]
             self._fail(job, out, n, "bad_value",
@@ -359,7 +409,7 @@ class RewardRunner:
     def _fail(self, job: _Job, out: _Outcome, n: int, kind: str, reason: str, exc: BaseException | None,
               indices: list[int] | None = None) -> None:
         spec = job.spec
-        idx = list(range(n)) if indices is None else indices
+        idx = job.to_rows(list(range(n)) if indices is None else indices)
         msg = f"reward {job.name!r} {reason}"
         if spec.on_error == "raise":
             err_cls = RewardTimeoutError if kind == "timeout" else RewardError

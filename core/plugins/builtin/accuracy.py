@@ -91,14 +91,18 @@ class AccuracyRouter(Reward):
         """The fallback-scored completions of the rewards built so far."""
         return sum(r.take_failures() for r in list(self._built.values()))
 
-    def score(self, batch: RewardBatch) -> list[float | None]:
-        """Score each item with the reward its method routes to."""
-        out: list[float | None] = [None] * len(batch)
+    def route(self, batch: RewardBatch) -> list[tuple[Reward, list[int]]]:
+        """Group the rows by the reward their method routes to (the runner scores each group)."""
         by_reward: dict[int, tuple[Reward, list[int]]] = {}
         for i, item in enumerate(batch):
             reward = self.reward_for(item.reward_method or self.options.default_method)
             by_reward.setdefault(id(reward), (reward, []))[1].append(i)
-        for reward, idx in by_reward.values():
+        return list(by_reward.values())
+
+    def score(self, batch: RewardBatch) -> list[float | None]:
+        """Score each item with the reward its method routes to (direct use; the runner calls :meth:`route`)."""
+        out: list[float | None] = [None] * len(batch)
+        for reward, idx in self.route(batch):
             scores = reward.score(RewardBatch([batch.items[i] for i in idx]))
             for i, s in zip(idx, scores, strict=True):
                 out[i] = s

@@ -6,10 +6,9 @@ import json
 import logging
 
 import pytest
-from vlmr1_detection.parsing import Obj, parse_objects
 from vlmr1_detection.rewards import MapAP50Reward, MapReward, ODLengthReward, WeightedSumReward, coco_ap
 
-from core.interfaces import RewardBatch, RewardContext, RewardItem
+from core.interfaces import DetObject, RewardBatch, RewardContext, RewardItem, parse_objects
 from core.plugins import PluginHost
 
 CAT = [0, 0, 10, 10]
@@ -39,17 +38,17 @@ def score(reward, completion, solution, **kw):
 # ---- parsing ------------------------------------------------------------------------------
 def test_parse_objects_forms():
     o = objs(([1, 2, 3, 4], "Cat"))
-    assert parse_objects(ans(o)) == [Obj([1, 2, 3, 4], "cat")]  # fenced, label lower-cased
-    assert parse_objects(ans(o, fence=False)) == [Obj([1, 2, 3, 4], "cat")]
+    assert parse_objects(ans(o)) == [DetObject([1, 2, 3, 4], "cat")]  # fenced, label lower-cased
+    assert parse_objects(ans(o, fence=False)) == [DetObject([1, 2, 3, 4], "cat")]
     assert parse_objects(ans(o), case_sensitive=True)[0].label == "Cat"
-    assert parse_objects('Here: [{"bbox_2d": [1, 2, 3, 4], "label": "cat"}] done') == [Obj([1, 2, 3, 4], "cat")]
-    assert parse_objects('{"bbox_2d": [1, 2, 3, 4], "label": "cat"}') == [Obj([1, 2, 3, 4], "cat")]
-    assert parse_objects(o) == [Obj([1, 2, 3, 4], "cat")]  # already a list
+    assert parse_objects('Here: [{"bbox_2d": [1, 2, 3, 4], "label": "cat"}] done') == [DetObject([1, 2, 3, 4], "cat")]
+    assert parse_objects('{"bbox_2d": [1, 2, 3, 4], "label": "cat"}') == [DetObject([1, 2, 3, 4], "cat")]
+    assert parse_objects(o) == [DetObject([1, 2, 3, 4], "cat")]  # already a list
     assert parse_objects("<answer>None</answer>") == []
     assert parse_objects("<answer> none </answer>") == []
     assert parse_objects(ans("[]")) == []
     # malformed entries are kept (they count as predictions) but have no box
-    assert parse_objects('[{"bbox_2d": [1, 2, 3], "label": "cat"}, 7]') == [Obj(None, "cat"), Obj(None, "")]
+    assert parse_objects('[{"bbox_2d": [1, 2, 3], "label": "cat"}, 7]') == [DetObject(None, "cat"), DetObject(None, "")]
 
 
 @pytest.mark.parametrize("text", ["", "<answer></answer>", ans('[{"bbox_2d": [1, 2, 3, 4], "label": '), "the cat",
@@ -62,34 +61,34 @@ def test_parse_objects_unparsable(text):
 def test_coco_ap_one_of_two_found_hand_computed():
     # 2 gt cats, 1 exact detection: precision 1 up to recall 0.5, nothing beyond. COCO's
     # 101-point interpolation: recall points 0.00..0.50 (51 of 101) have precision 1.
-    ap, ap50 = coco_ap([Obj(CAT, "cat")], [Obj(CAT, "cat"), Obj(CAT2, "cat")])
+    ap, ap50 = coco_ap([DetObject(CAT, "cat")], [DetObject(CAT, "cat"), DetObject(CAT2, "cat")])
     assert ap == pytest.approx(51 / 101) and ap50 == pytest.approx(51 / 101)
 
 
 def test_coco_ap_partial_overlap_hand_computed():
     # IoU 0.72 (10x7.2 inside 10x10): a match at thresholds .50 .55 .60 .65 .70, not .75 ... .95
-    ap, ap50 = coco_ap([Obj([0, 0, 10, 7.2], "cat")], [Obj(CAT, "cat")])
+    ap, ap50 = coco_ap([DetObject([0, 0, 10, 7.2], "cat")], [DetObject(CAT, "cat")])
     assert ap == pytest.approx(5 / 10) and ap50 == pytest.approx(1.0)
 
 
 def test_coco_ap_false_positive_order_hand_computed():
-    fp = Obj([50, 50, 60, 60], "cat")
+    fp = DetObject([50, 50, 60, 60], "cat")
     # equal scores keep the answer's order: TP first -> precision 1 at recall 1 -> AP 1
-    assert coco_ap([Obj(CAT, "cat"), fp], [Obj(CAT, "cat")]) == pytest.approx((1.0, 1.0))
+    assert coco_ap([DetObject(CAT, "cat"), fp], [DetObject(CAT, "cat")]) == pytest.approx((1.0, 1.0))
     # FP first -> the TP comes at precision 1/2 -> AP 1/2
-    assert coco_ap([fp, Obj(CAT, "cat")], [Obj(CAT, "cat")]) == pytest.approx((0.5, 0.5))
+    assert coco_ap([fp, DetObject(CAT, "cat")], [DetObject(CAT, "cat")]) == pytest.approx((0.5, 0.5))
 
 
 def test_coco_ap_two_classes_mean():
-    gts = [Obj(CAT, "cat"), Obj(CAT2, "dog")]
+    gts = [DetObject(CAT, "cat"), DetObject(CAT2, "dog")]
     # cat AP 1, dog AP 0 (its box misses) -> mean 0.5; a label absent from the gt is dropped
-    assert coco_ap([Obj(CAT, "cat"), Obj([40, 40, 50, 50], "dog"), Obj(CAT2, "zebra")], gts) == pytest.approx(
-        (0.5, 0.5))
-    assert coco_ap([Obj(CAT, "zebra")], gts) == (0.0, 0.0)
+    preds = [DetObject(CAT, "cat"), DetObject([40, 40, 50, 50], "dog"), DetObject(CAT2, "zebra")]
+    assert coco_ap(preds, gts) == pytest.approx((0.5, 0.5))
+    assert coco_ap([DetObject(CAT, "zebra")], gts) == (0.0, 0.0)
 
 
 def test_coco_ap_prints_nothing(capsys):
-    coco_ap([Obj(CAT, "cat")], [Obj(CAT, "cat")])
+    coco_ap([DetObject(CAT, "cat")], [DetObject(CAT, "cat")])
     assert capsys.readouterr().out == ""
 
 

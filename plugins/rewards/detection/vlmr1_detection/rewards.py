@@ -30,8 +30,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.interfaces import Reward, RewardBatch, RewardItem
-from vlmr1_detection.parsing import Obj, iou, parse_objects
+from core.interfaces import DetObject, Reward, RewardBatch, RewardItem, iou, parse_objects
 
 logger = logging.getLogger(__name__)
 
@@ -84,21 +83,22 @@ class _DetectionReward(Reward):
             return float(not gts and not preds)
         return self.compare(self._to_original(item, preds), gts, item)
 
-    def _to_original(self, item: RewardItem, preds: list[Obj]) -> list[Obj]:
+    def _to_original(self, item: RewardItem, preds: list[DetObject]) -> list[DetObject]:
         if not self.options.map_boxes:
             return preds
         if item.box_convention == "unknown" and not self.options.allow_unknown_convention:
             raise ValueError(f"{self.name}: the model family's box convention is 'unknown', so predicted boxes "
                              "cannot be mapped to original-image pixels; declare the family's box_convention, or "
                              "set this reward's option map_boxes: false or allow_unknown_convention: true")
-        return [Obj(None if o.box is None else [float(v) for v in item.box_to_original(o.box, 0)], o.label)
+        return [DetObject(None if o.box is None else [float(v) for v in item.box_to_original(o.box, 0)], o.label)
                 for o in preds]
 
-    def compare(self, preds: list[Obj], gts: list[Obj], item: RewardItem) -> float:  # pragma: no cover
+    def compare(self, preds: list[DetObject], gts: list[DetObject], item: RewardItem) -> float:  # pragma: no cover
         raise NotImplementedError
 
 
-def coco_ap(preds: list[Obj], gts: list[Obj], image_size: tuple[int, int] | None = None) -> tuple[float, float]:
+def coco_ap(preds: list[DetObject], gts: list[DetObject],
+            image_size: tuple[int, int] | None = None) -> tuple[float, float]:
     """``(AP@[.5:.95], AP@.5)`` of one image with pycocotools (all areas, 100 detections).
 
     Categories are the ground truth's labels; every prediction has score 1.0 (the models
@@ -165,7 +165,7 @@ class MapReward(_DetectionReward):
 
         ap50: bool = Field(False, description="report AP@IoU=0.5 instead of AP@[.5:.95]")
 
-    def compare(self, preds: list[Obj], gts: list[Obj], item: RewardItem) -> float:
+    def compare(self, preds: list[DetObject], gts: list[DetObject], item: RewardItem) -> float:
         """AP of one image."""
         ap, ap50 = coco_ap(preds, gts, item.image_sizes[0] if item.image_sizes else None)
         return ap50 if self.options.ap50 else ap
@@ -197,7 +197,7 @@ class ODLengthReward(_DetectionReward):
     methods: ClassVar[tuple[str, ...]] = ("odLength",)
     eval_metric: ClassVar[str | None] = "detection"
 
-    def compare(self, preds: list[Obj], gts: list[Obj], item: RewardItem) -> float:
+    def compare(self, preds: list[DetObject], gts: list[DetObject], item: RewardItem) -> float:
         """AP times the length factor."""
         ap, _ = coco_ap(preds, gts, item.image_sizes[0] if item.image_sizes else None)
         return ap * min(1.0, len(gts) / len(preds))
@@ -232,7 +232,7 @@ class WeightedSumReward(_DetectionReward):
         beta: float = Field(0.0, ge=0.0)
         gamma: float = Field(0.3, ge=0.0)
 
-    def compare(self, preds: list[Obj], gts: list[Obj], item: RewardItem) -> float:
+    def compare(self, preds: list[DetObject], gts: list[DetObject], item: RewardItem) -> float:
         """Greedy matching and the weighted score."""
         o = self.options
         if o.alpha + o.beta + o.gamma <= 0:

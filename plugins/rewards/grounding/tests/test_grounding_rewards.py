@@ -6,10 +6,9 @@ import functools
 import logging
 
 import pytest
-from vlmr1_grounding.boxes import iou, parse_box
 from vlmr1_grounding.rewards import IoUReward, RecFormatReward
 
-from core.interfaces import ModelFamily, RewardBatch, RewardContext, RewardItem
+from core.interfaces import ModelFamily, RewardBatch, RewardContext, RewardItem, iou, parse_box
 from core.plugins import PluginHost
 
 

@@ -13,8 +13,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.interfaces import Reward, RewardBatch, RewardItem
-from vlmr1_grounding.boxes import area, iou, last_answer, parse_box
+from core.interfaces import Reward, RewardBatch, RewardItem, area, iou, last_answer, parse_box
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ class IoUReward(Reward):
     writes pixels of the resized input, Qwen2-VL / InternVL 0-1000) and compared with the
     solution box, which is in original-image pixels (REC JSON ``solution``, a list, a JSON
     string, or text with ``<answer>`` tags). Box convention: continuous coordinates,
-    ``x2``/``y2`` exclusive, ``area = (x2 - x1) * (y2 - y1)`` (see :mod:`vlmr1_grounding.boxes`).
+    ``x2``/``y2`` exclusive, ``area = (x2 - x1) * (y2 - y1)`` (see :mod:`core.interfaces.boxes`).
 
     Score: the IoU in [0, 1]; with ``threshold`` set, 1.0 when ``IoU > threshold`` else 0.0
     (the REC Acc@0.5 convention). No answer block (unless ``require_answer_tag: false``),
