@@ -20,26 +20,11 @@ outage (a warning is printed when any occurred).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from core.cli import load_run, run_app
 from core.config import ConfigError
-from core.runtime.evaluator import (
-    check_metric,
-    evaluate,
-    prediction_rows,
-    print_table,
-    select_samples,
-    to_jsonable,
-)
-
-if TYPE_CHECKING:
-    from core.plugins.plan import Plan
-    from core.plugins.registry import Registry
+from core.runtime.evaluator import EvalRequest, check_metric, evaluate_checkpoint
 
 
 # ---- command line --------------------------------------------------------------------------
@@ -89,73 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if args.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
-        return _run(args, plan, host.registry)
+        req = EvalRequest(**{k: getattr(args, k) for k in EvalRequest.__dataclass_fields__})
+        evaluate_checkpoint(plan, host.registry, req)
+        return 0
 
     return run_app(body)
-
-
-def _run(args: argparse.Namespace, plan: Plan, registry: Registry) -> int:
-    import torch
-
-    from core.interfaces import RolloutContext
-    from core.runtime.loader import load_policy, resolve_checkpoint
-
-    cfg = plan.config
-    device_obj = plan.device.cls.from_options(plan.options.get("device"))
-    device_obj.seed(args.seed)
-    device = device_obj.torch_device()
-    engine = registry.create("rollouts", cfg.rollout.name, plan.options["rollout"])
-    load = args.load_model == "always" or (args.load_model == "auto" and plan.rollout.name == "transformers")
-    bundle = load_policy(plan, registry, phase="infer", checkpoint=args.checkpoint, load_model=load, device=device)
-    engine.setup(RolloutContext(bundle.model, bundle.processor, bundle.family, device, bundle.suppressed))
-    task = registry.create("tasks", cfg.task.name, plan.options["task"])
-    try:
-        data = task.load(args.split)
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(f"--split {args.split!r}: {exc}") from None
-    samples = select_samples(data, args.limit, args.seed, args.shuffle)
-    if not samples:
-        raise ConfigError(f"task {cfg.task.name}: split {args.split!r} has no samples")
-    name = Path(args.checkpoint or cfg.model.resolved_path()).name
-    out = Path(args.out or Path("runs") / "eval" / f"{name}-{args.split}")
-    max_new = args.max_new_tokens or cfg.eval.max_new_tokens or cfg.grpo.max_completion_length
-    t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
-    try:
-        result = evaluate(plan, registry, bundle, engine, samples, max_new_tokens=max_new,
-                          batch_size=args.batch_size or cfg.eval.batch_size, temperature=args.temperature,
-                          metric=args.metric, require_answer_tag=args.require_answer_tag, progress=not args.quiet)
-    finally:
-        engine.close()
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.jsonl", "w") as f:
-        for row in prediction_rows(result.records):
-            f.write(json.dumps(row) + "\n")
-    summary = {
-        "checkpoint": str(resolve_checkpoint(args.checkpoint)) if args.checkpoint else cfg.model.resolved_path(),
-        "family": bundle.family.name,
-        "task": cfg.task.name,
-        "split": args.split,
-        "num_samples": len(samples),
-        "limit": args.limit,
-        "shuffle": args.shuffle,
-        "seed": args.seed,
-        "rollout": cfg.rollout.name,
-        "decoding": {"greedy": args.temperature == 0, "temperature": args.temperature,
-                     "max_new_tokens": max_new},
-        "seconds": round(time.perf_counter() - t0, 2),
-        "datasets": to_jsonable(result.summary),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print_table(result.summary, f"{name} ({args.split}, {'greedy' if args.temperature == 0 else 'sampled'})")
-    for ds, per in result.summary.items():
-        for kind, v in per.items():
-            if v.get("reward_errors"):
-                print(f"warning: {ds}/{kind}: the reward failed on {v['reward_errors']} of {v['n']} samples "
-                      f"({v['reward_timeouts']} timeouts); they count as wrong, so the accuracy is a lower bound",
-                      file=sys.stderr)
-    print(f"predictions and summary in {out}")
-    return 0
 
 
 if __name__ == "__main__":

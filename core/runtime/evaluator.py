@@ -562,3 +562,94 @@ def headline(summary: dict[str, Any], dataset: str | None = None) -> dict[str, f
     main_metric: dict[str, Callable[[dict[str, Any]], Any]] = {
         "rec": lambda v: v["acc@0.5"], "detection": lambda v: v["mAP"]}
     return {kind: main_metric.get(kind, lambda v: v["accuracy"])(v) for kind, v in ds[key].items()}
+
+
+# ---- a checkpoint, end to end (what python -m core.evaluate runs) ---------------------------
+@dataclass
+class EvalRequest:
+    """What ``python -m core.evaluate`` asks for (its flags); see that module for each one's meaning."""
+
+    checkpoint: str | None = None
+    split: str = "eval"
+    limit: int | None = None
+    shuffle: bool = False
+    seed: int = 0
+    metric: str = "auto"
+    temperature: float = 0.0
+    max_new_tokens: int | None = None
+    batch_size: int | None = None
+    require_answer_tag: bool = False
+    load_model: str = "auto"
+    out: str | None = None
+    quiet: bool = False
+
+
+def evaluate_checkpoint(plan: Plan, registry: Registry, args: EvalRequest) -> Path:
+    """Load the checkpoint, evaluate a split, write ``predictions.jsonl`` / ``summary.json``, print the table.
+
+    Returns the output folder.
+    """
+    import sys
+    import time
+
+    import torch
+
+    from core.interfaces import RolloutContext
+    from core.runtime.loader import load_policy, resolve_checkpoint
+
+    cfg = plan.config
+    device_obj = plan.device.cls.from_options(plan.options.get("device"))
+    device_obj.seed(args.seed)
+    device = device_obj.torch_device()
+    engine = registry.create("rollouts", cfg.rollout.name, plan.options["rollout"])
+    load = args.load_model == "always" or (args.load_model == "auto" and plan.rollout.name == "transformers")
+    bundle = load_policy(plan, registry, phase="infer", checkpoint=args.checkpoint, load_model=load, device=device)
+    engine.setup(RolloutContext(bundle.model, bundle.processor, bundle.family, device, bundle.suppressed))
+    task = registry.create("tasks", cfg.task.name, plan.options["task"])
+    try:
+        data = task.load(args.split)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"--split {args.split!r}: {exc}") from None
+    samples = select_samples(data, args.limit, args.seed, args.shuffle)
+    if not samples:
+        raise ConfigError(f"task {cfg.task.name}: split {args.split!r} has no samples")
+    name = Path(args.checkpoint or cfg.model.resolved_path()).name
+    out = Path(args.out or Path("runs") / "eval" / f"{name}-{args.split}")
+    max_new = args.max_new_tokens or cfg.eval.max_new_tokens or cfg.grpo.max_completion_length
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    try:
+        result = evaluate(plan, registry, bundle, engine, samples, max_new_tokens=max_new,
+                          batch_size=args.batch_size or cfg.eval.batch_size, temperature=args.temperature,
+                          metric=args.metric, require_answer_tag=args.require_answer_tag, progress=not args.quiet)
+    finally:
+        engine.close()
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as f:
+        for row in prediction_rows(result.records):
+            f.write(json.dumps(row) + "\n")
+    summary = {
+        "checkpoint": str(resolve_checkpoint(args.checkpoint)) if args.checkpoint else cfg.model.resolved_path(),
+        "family": bundle.family.name,
+        "task": cfg.task.name,
+        "split": args.split,
+        "num_samples": len(samples),
+        "limit": args.limit,
+        "shuffle": args.shuffle,
+        "seed": args.seed,
+        "rollout": cfg.rollout.name,
+        "decoding": {"greedy": args.temperature == 0, "temperature": args.temperature,
+                     "max_new_tokens": max_new},
+        "seconds": round(time.perf_counter() - t0, 2),
+        "datasets": to_jsonable(result.summary),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_table(result.summary, f"{name} ({args.split}, {'greedy' if args.temperature == 0 else 'sampled'})")
+    for ds, per in result.summary.items():
+        for kind, v in per.items():
+            if v.get("reward_errors"):
+                print(f"warning: {ds}/{kind}: the reward failed on {v['reward_errors']} of {v['n']} samples "
+                      f"({v['reward_timeouts']} timeouts); they count as wrong, so the accuracy is a lower bound",
+                      file=sys.stderr)
+    print(f"predictions and summary in {out}")
+    return out
