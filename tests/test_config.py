@@ -290,3 +290,14 @@ def test_config_check_cli(tmp_path, capsys):
     assert "Did you mean 'train.seed'?" in capsys.readouterr().err
     assert _main(["--markdown"]) == 0
     assert capsys.readouterr().out == markdown_reference()
+
+
+def test_all_zero_reward_weights_are_refused():
+    """A run whose rewards all weigh 0 would learn nothing and exit 0: refused before anything loads."""
+    from core.config import ConfigError, build_config
+
+    raw = {"model": {"path": "x"}, "task": {"name": "t"},
+           "rewards": [{"name": "a", "weight": 0}, {"name": "b", "weight": 0.0}]}
+    with pytest.raises(ConfigError, match="every reward has weight 0"):
+        build_config(raw)
+    build_config({**raw, "rewards": [{"name": "a", "weight": 0}, {"name": "b", "weight": 0.5}]})

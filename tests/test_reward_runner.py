@@ -334,10 +334,10 @@ def test_error_budget_stops_the_run_after_n_bad_steps_in_a_row():
     runner = RewardRunner([s])
     runner(poisoned(4, {0, 1, 2}))
     runner(poisoned(4, {0, 1, 2}))
-    runner(poisoned(4, {0, 1}))  # exactly half: not over the limit, the streak restarts
+    runner(poisoned(4, {0}))  # under half: the streak restarts
     runner(poisoned(4, {0, 1, 2}))
-    runner(poisoned(4, {0, 1, 2}))
-    with pytest.raises(RewardError, match=r"'p' failed on more than 50% .* last 3 steps \(3/4 in the last.*"
+    runner(poisoned(4, {0, 1}))  # exactly half counts (a reward failing on half the rows is broken)
+    with pytest.raises(RewardError, match=r"'p' failed on at least 50% .* last 3 steps \(3/4 in the last.*"
                                           r"cannot parse this completion"):
         runner(poisoned(4, {0, 1, 2}))
 

@@ -195,8 +195,8 @@ class RewardConfig(ComponentRef):
     on_error: Literal["zero", "skip", "raise"] = Field(
         "zero", description="score of a completion whose reward timed out, raised or gave NaN")
     max_error_frac: float = Field(
-        0.5, ge=0, le=1, description="stop the run when more than this fraction of a step's completions fail this "
-                                     "reward (errors + timeouts) ...")
+        0.5, ge=0, le=1, description="stop the run when at least this fraction of a step's completions fail "
+                                     "this reward (errors + timeouts) ...")
     max_error_steps: int = Field(10, ge=1, description="... for this many steps in a row")
 
 
@@ -308,7 +308,10 @@ class CheckpointConfig(Strict):
     """Checkpointing and resume."""
 
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
-    keep_last: int = Field(2, ge=1, description="older checkpoints are deleted")
+    keep_last: int = Field(
+        2, ge=1, description="keep the keep_last checkpoint-N folders of output_dir with the highest N and delete the "
+                             "rest after each save: by step number, across runs too (a new run whose steps are "
+                             "lower than an earlier run's in the same output_dir deletes its own)")
     resume: bool | Literal["auto"] | str = Field(
         False, description="true (`--resume`) = the latest checkpoint in output_dir, an error if there is none; "
                            "auto = the latest if any, else start fresh; or a checkpoint folder")
@@ -365,6 +368,10 @@ class RunConfig(Strict):
     def _check_model(self) -> RunConfig:
         if self.model.tiny is not None and not self.model.family:
             raise ValueError("model.tiny needs model.family (the family that builds the checkpoint)")
+        if all(r.weight == 0 for r in self.rewards):
+            # Every advantage would be 0: the run would "train" on no signal and exit 0.
+            raise ValueError("rewards: every reward has weight 0, so the summed reward is always 0 and nothing "
+                             "is learnt; give at least one reward a non-zero weight")
         return self
 
     def origin(self, key: str) -> str:

@@ -249,10 +249,10 @@ class RewardRunner:
         for j, (s, out) in enumerate(zip(self.specs, outcomes, strict=True)):
             if s.max_error_frac is None:
                 continue
-            self._streak[j] = self._streak[j] + 1 if min(out.errors, n) / n > s.max_error_frac else 0
+            self._streak[j] = self._streak[j] + 1 if min(out.errors, n) / n >= s.max_error_frac else 0
             if self._streak[j] >= s.max_error_steps:
                 raise RewardError(
-                    f"reward {self.names[j]!r} failed on more than {s.max_error_frac:.0%} of the completions in "
+                    f"reward {self.names[j]!r} failed on at least {s.max_error_frac:.0%} of the completions in "
                     f"each of the last {self._streak[j]} steps ({out.errors}/{n} in the last, {out.timeouts} "
                     f"timeouts; last failure: {out.last_reason}). The run is stopped because it would train on "
                     f"scores filled in by on_error, not on the reward. Fix the reward, or raise its "
