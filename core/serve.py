@@ -22,11 +22,17 @@ import json
 import os
 import sys
 
-from core.cli import run_app
-from core.serving.asgi import DEFAULT_MAX_REQUEST_BYTES
+# The model thread shares the cores with the threads that read requests and decode images, and
+# OpenMP helper threads that spin after every op (libgomp's default) starve them: on 2 cores the
+# served rate dropped several-fold at random (docs/serving.md). Passive waiting, unless the user
+# set it; it only takes effect here, before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from core.cli import run_app  # noqa: E402 - after the environment is set
+from core.serving.asgi import DEFAULT_MAX_REQUEST_BYTES  # noqa: E402
 
 # Kept importable from here for one version; import it from core.serving (nothing imports an app).
-from core.serving.process import ServerProcess  # noqa: F401
+from core.serving.process import ServerProcess  # noqa: E402, F401
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     """Check the flags, load the checkpoint, serve until interrupted."""
     from core.config import ConfigError
     from core.config.extras import require
-    from core.serving import SERVE_MODULES, HTTPLimits, ModelServer, ServerLimits, serve
+    from core.serving import SERVE_MODULES, HTTPLimits, ModelServer, ServerLimits, bind, serve
 
     try:
         family_options = json.loads(args.family_options)
@@ -101,12 +107,17 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_wait_ms < 0:
         raise ConfigError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
     require(SERVE_MODULES, "serve", "python -m core.serve")
-    server = ModelServer.from_checkpoint(
-        args.checkpoint, family=args.family, family_options=family_options, plugins=args.plugins,
-        device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
-        model_id=args.model_name, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
-        limits=ServerLimits(args.default_max_tokens, args.max_tokens_limit, args.max_n, args.max_prompt_tokens,
-                            args.max_images, args.max_image_pixels, args.queue_timeout))
+    sock = bind(args.host, args.port)  # before the load: a taken port fails at once
+    try:
+        server = ModelServer.from_checkpoint(
+            args.checkpoint, family=args.family, family_options=family_options, plugins=args.plugins,
+            device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
+            model_id=args.model_name, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
+            limits=ServerLimits(args.default_max_tokens, args.max_tokens_limit, args.max_n, args.max_prompt_tokens,
+                                args.max_images, args.max_image_pixels, args.queue_timeout))
+    except BaseException:
+        sock.close()
+        raise
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: serving on {args.host} without an API key; anyone who can reach it may use it",
               file=sys.stderr)
@@ -116,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"vlmr1 serve: model {server.model_id} ({server.family.name}, {server.device}) "
               f"on http://{host}:{port}/v1", flush=True)
 
-    serve(server, args.host, args.port, api_key=api_key, allow_reload=args.allow_reload, quiet=args.quiet,
-          on_ready=ready, limits=HTTPLimits(args.max_request_bytes, args.idle_timeout, args.socket_timeout,
-                                            args.request_timeout, args.workers, args.backlog,
-                                            max(0, args.max_queued)))
+    limits = HTTPLimits(args.max_request_bytes, args.idle_timeout, args.socket_timeout, args.request_timeout,
+                        args.workers, args.backlog, max(0, args.max_queued))
+    serve(server, api_key=api_key, allow_reload=args.allow_reload, quiet=args.quiet, on_ready=ready, sock=sock,
+          limits=limits)
     return 0
 
 

@@ -129,7 +129,7 @@ def test_server_back_end_matches_the_built_in_one(tmp_path, tiny):
         PluginHost("xllm").registry.get("rollouts", "openai_server")
     except Exception as exc:
         pytest.skip(f"needs the openai_server rollout engine (vlmr1-plugin-xllm): {exc}")
-    from core.serve import ServerProcess
+    from core.serving import ServerProcess
 
     cfg = str(_config(tmp_path, tiny))
     common = ["--config", cfg, "--limit", "4", "--batch-size", "1", "--quiet"]

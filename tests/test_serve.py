@@ -10,7 +10,9 @@ whether a request ran alone or in a batch; errors must be OpenAI-shaped and name
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +32,15 @@ from core.interfaces.openai_messages import (
 from core.plugins import PluginHost
 from core.plugins.builtin.rollout import TransformersRollout
 from core.serve import main
-from core.serving import ModelServer, ServerLimits, ServerProcess, ThreadedServer
+from core.serving import SERVE_MODULES, ModelServer, ServerLimits, ServerProcess, ThreadedServer
 
 TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 KEY = "serve-test-key"
+
+
+def needs_serve_extra():
+    if any(importlib.util.find_spec(m) is None for m in SERVE_MODULES):
+        pytest.skip("needs the serve extra: pip install 'vlmr1[serve]'")
 
 
 def _family_cls():
@@ -52,6 +59,7 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt):
+    needs_serve_extra()
     # No --family: the family must be found from config.model_type.
     with ServerProcess(tiny_ckpt, ["--plugins", "qwen-vl", "--max-tokens-limit", "64"], startup_timeout=120) as srv:
         yield srv
@@ -198,20 +206,23 @@ def test_invalid_json_and_unknown_routes(server):
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):
-    assert main([str(tmp_path / "missing"), "--plugins", "none"]) == 2
+    assert main([str(tmp_path / "missing"), "--plugins", "none", "--port", "0"]) == 2
     assert "no config.json there" in capsys.readouterr().err
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_vlm"}))
-    assert main([str(tmp_path), "--plugins", "none"]) == 2
+    assert main([str(tmp_path), "--plugins", "none", "--port", "0"]) == 2
     assert "no installed model family handles model_type 'no_such_vlm'" in capsys.readouterr().err
     assert main([str(tmp_path), "--plugins", "none", "--family-options", "{bad"]) == 2
     assert "--family-options is not valid JSON" in capsys.readouterr().err
     assert main([str(tmp_path), "--plugins", "none", "--max-batch-size", "0"]) == 2
     assert "--max-batch-size must be >= 1" in capsys.readouterr().err
+    with socket.socket() as taken:  # a taken port fails at once, before the checkpoint is looked at
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main([str(tmp_path), "--plugins", "none", "--port", str(taken.getsockname()[1])]) == 2
+        assert "cannot bind 127.0.0.1:" in capsys.readouterr().err
 
 
 def test_missing_serve_extra_is_a_one_line_hint(tmp_path, capsys, monkeypatch):
-    import importlib.util
-
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
     assert main([str(tmp_path), "--plugins", "none"]) == 2
@@ -258,6 +269,8 @@ class _StubServer:
 def test_http_layer_api_key_and_internal_errors():
     from core.serving import HTTPLimits
 
+    needs_serve_extra()
+
     with ThreadedServer(_StubServer(), api_key="k3y", limits=HTTPLimits(max_request_bytes=1000)) as srv:
         url = srv.url.removesuffix("/v1")
         assert httpx.get(url + "/health", timeout=TIMEOUT).status_code == 200  # health needs no key
@@ -276,6 +289,7 @@ def test_http_layer_api_key_and_internal_errors():
 @pytest.fixture(scope="module")
 def lib(tiny_ckpt):
     """A ModelServer (batches of up to 8) behind ThreadedServer, with an API key."""
+    needs_serve_extra()
     ms = ModelServer.from_checkpoint(tiny_ckpt, plugins="qwen-vl", limits=ServerLimits(max_tokens=64),
                                      max_batch_size=8)
     with ThreadedServer(ms, api_key=KEY) as srv:
@@ -411,3 +425,39 @@ def test_queue_wait_over_the_limit_is_503_and_the_request_is_withdrawn(lib):
         ms.limits = limits
     assert ms.stats()["queue_timeouts"] >= 1
     assert ms.chat_completion({"messages": HI, "temperature": 0, "max_tokens": 2})["choices"]
+
+
+def test_reload_goes_through_the_one_loader(lib, tiny_ckpt, monkeypatch):
+    import core.runtime.loader as loader
+
+    ms, _ = lib
+    calls = []
+    real = loader.load_checkpoint
+    monkeypatch.setattr(loader, "load_checkpoint", lambda *a, **k: calls.append(k) or real(*a, **k))
+    body = {"messages": HI, "temperature": 0, "max_tokens": 6}
+    before = ms.chat_completion(body)["choices"][0]["message"]["content"]
+    assert ms.load_checkpoint({"checkpoint": str(tiny_ckpt)}) == {"status": "ok", "checkpoint": str(tiny_ckpt),
+                                                                  "model": "tiny-q25"}
+    assert [c["dtype"] for c in calls] == ["float32"]  # the served precision is kept
+    assert ms.chat_completion(body)["choices"][0]["message"]["content"] == before
+    with pytest.raises(RequestError, match="no config.json") as info:
+        ms.load_checkpoint({"checkpoint": str(tiny_ckpt / "missing")})
+    assert info.value.status == 400
+
+
+def test_a_stream_closed_early_stops_its_generation(lib):
+    ms, _ = lib
+    body = {"messages": HI, "temperature": 0, "max_tokens": 64, "stream": True}
+    full = list(ms.chat_completion_stream(body))
+    assert full[-1]["choices"][0]["finish_reason"] == "length"  # the random tiny model never stops by itself
+    with ms.batcher.paused():  # the job is queued, not started: close the stream before its first token
+        chunks = []
+        t = threading.Thread(target=lambda: chunks.append(ms.chat_completion_stream(body)))
+        t.start()
+        _wait_for(lambda: ms.stats()["pending"] == 1, "the stream to be queued")
+        job = ms.batcher._pending[0]
+        job.streamer.cancel()  # what closing the chunk iterator does
+    t.join(120)
+    res = job.future.result(timeout=120)
+    assert len(res.completions[0].ids) == 1  # stopped after the first token instead of 64
+    assert list(chunks[0])[-1]["choices"][0]["finish_reason"] == "length"

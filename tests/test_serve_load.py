@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import functools
 import hmac
+import importlib.util
 import socket
 import struct
 import time
@@ -25,7 +26,7 @@ import pytest
 from PIL import Image
 
 from core.interfaces.openai_messages import RequestError, data_url_to_image, image_to_data_url, openai_to_chat_messages
-from core.serving import HTTPLimits, ServerProcess, ThreadedServer
+from core.serving import SERVE_MODULES, HTTPLimits, ServerProcess, ThreadedServer
 
 KEY = "load-test-key-0123456789"
 
@@ -72,6 +73,8 @@ class _Stub:
 
 @pytest.fixture
 def stub_server():
+    if any(importlib.util.find_spec(m) is None for m in SERVE_MODULES):
+        pytest.skip("needs the serve extra: pip install 'vlmr1[serve]'")
     servers = []
 
     def start(**limits):
@@ -178,6 +181,8 @@ def test_overflowing_requests_get_503_not_a_reset(stub_server):
 def tiny_ckpt(tmp_path_factory):
     from core.plugins import PluginHost
 
+    if any(importlib.util.find_spec(m) is None for m in SERVE_MODULES):
+        pytest.skip("needs the serve extra: pip install 'vlmr1[serve]'")
     try:
         fam = PluginHost("qwen-vl").registry.get("models", "qwen2_5_vl")
     except Exception as exc:  # the plugin is not installed

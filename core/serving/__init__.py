@@ -21,7 +21,7 @@ Three layers, each usable alone:
 :class:`ServerProcess` runs ``python -m core.serve`` as a child process (tests, scripts).
 """
 
-from core.serving.asgi import DEFAULT_MAX_REQUEST_BYTES, HTTPLimits, ThreadedServer, create_app, serve
+from core.serving.asgi import DEFAULT_MAX_REQUEST_BYTES, HTTPLimits, ThreadedServer, bind, create_app, serve
 from core.serving.batching import Batcher, Generated, Job, QueueTimeout, TokenStreamer
 from core.serving.model_server import ChatRequest, ModelServer, ServerLimits, load_for_serving
 from core.serving.process import ServerProcess
@@ -43,6 +43,7 @@ __all__ = [
     "ServerProcess",
     "ThreadedServer",
     "TokenStreamer",
+    "bind",
     "create_app",
     "load_for_serving",
     "serve",

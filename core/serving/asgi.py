@@ -103,8 +103,8 @@ def create_app(server: Any, *, api_key: str | None = None, allow_reload: bool = 
                                err_type="authentication_error")
 
     async def read_json(request: Request) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > lim.max_request_bytes):
+        length = request.headers.get("content-length")  # h11 has refused a malformed one already
+        if length is not None and length.isdigit() and int(length) > lim.max_request_bytes:
             raise RequestError(f"request body of {length} bytes exceeds the limit of {lim.max_request_bytes}",
                                status=413)
         chunks: list[bytes] = []
@@ -173,34 +173,47 @@ def create_app(server: Any, *, api_key: str | None = None, allow_reload: bool = 
         authorize(request)
         return JSONResponse(server.stats())
 
+    class EventStream(StreamingResponse):
+        """Server-sent events from a chunk iterator; holds a worker slot until sent, failed or abandoned."""
+
+        def __init__(self, chunks: Any) -> None:
+            super().__init__(self.events(chunks), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            self.chunks = chunks
+
+        @staticmethod
+        async def events(chunks: Any) -> Any:
+            done = object()
+            try:
+                while (chunk := await in_thread(next, chunks, done)) is not done:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            except RequestError as exc:  # generation failed after the 200: the error is the last event
+                yield f"data: {json.dumps(exc.body())}\n\n"
+            yield "data: [DONE]\n\n"
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                close = getattr(self.chunks, "close", None)
+                if close is not None:  # a client that left stops the generation (no next() is running now)
+                    close()
+                slots().release()
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         authorize(request)
         await slots().acquire()
-        release = True
+        stream = None
         try:
             body = await read_json(request)
             if isinstance(body, dict) and body.get("stream") is True:
-                chunks = await in_thread(server.chat_completion_stream, body)
-                release = False  # the stream holds its slot until it ends
-                return StreamingResponse(sse(chunks), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                stream = EventStream(await in_thread(server.chat_completion_stream, body))
+                return stream  # it releases the slot when it is done
             return JSONResponse(await in_thread(server.chat_completion, body))
         finally:
-            if release:
+            if stream is None:
                 slots().release()
-
-    async def sse(chunks: Any) -> Any:
-        """Server-sent events: one ``data: {chunk}`` per chunk, then ``data: [DONE]``."""
-        done = object()
-        try:
-            while (chunk := await in_thread(next, chunks, done)) is not done:
-                yield f"data: {json.dumps(chunk)}\n\n"
-        except RequestError as exc:  # generation failed after the 200: the error is the last event
-            yield f"data: {json.dumps(exc.body())}\n\n"
-        finally:
-            slots().release()
-        yield "data: [DONE]\n\n"
 
     if allow_reload:
         @app.post("/v1/load_checkpoint")
@@ -265,16 +278,25 @@ def _protocol_class() -> type:
     return Protocol
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """A bound, not yet listening socket for ``host:port`` (port 0 = a free one); ``OSError`` if refused."""
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
+def bind(host: str, port: int) -> socket.socket:
+    """A bound, not yet listening socket for ``host:port`` (port 0 = a free one).
+
+    Bind before loading a model, so a taken port fails in a second rather than after the load;
+    a refused address is a :class:`~core.config.ConfigError` (bad input).
+    """
+    from core.config import ConfigError
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(f"cannot bind {host}:{port}: {exc}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise ConfigError(f"cannot bind {host}:{port}: {exc}") from None
     return sock
 
 
@@ -298,19 +320,14 @@ def _uvicorn_server(app: Any, limits: HTTPLimits, quiet: bool, on_ready: Callabl
 
 def serve(server: Any, host: str = "127.0.0.1", port: int = 8000, *, api_key: str | None = None,
           allow_reload: bool = False, limits: HTTPLimits | None = None, quiet: bool = False,
-          on_ready: Callable[[str, int], None] | None = None) -> None:
-    """Serve ``server`` on ``host:port`` until SIGINT/SIGTERM; ``on_ready(host, port)`` once accepting.
+          on_ready: Callable[[str, int], None] | None = None, sock: socket.socket | None = None) -> None:
+    """Serve ``server`` until SIGINT/SIGTERM; ``on_ready(host, port)`` once it accepts connections.
 
-    The socket is bound first, so a refused address is a :class:`~core.config.ConfigError` (bad
-    input) raised here, and ``port=0`` reports the port it got.
+    Listens on ``sock`` (from :func:`bind`) when given, else binds ``host:port`` now; with port 0
+    ``on_ready`` gets the port the socket got.
     """
-    from core.config import ConfigError
-
     lim = limits or HTTPLimits()
-    try:
-        sock = _bind(host, port)
-    except OSError as exc:
-        raise ConfigError(f"cannot bind {host}:{port}: {exc}") from None
+    sock = sock if sock is not None else bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     srv = _uvicorn_server(create_app(server, api_key=api_key, allow_reload=allow_reload, limits=lim), lim, quiet,
                           lambda: on_ready(bound_host, bound_port) if on_ready else None)
@@ -335,7 +352,7 @@ class ThreadedServer:
                  allow_reload: bool = False, limits: HTTPLimits | None = None, quiet: bool = True,
                  startup_timeout: float = 60.0) -> None:
         self.limits = limits or HTTPLimits()
-        self.sock = _bind(host, port)
+        self.sock = bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}/v1"
         self.startup_timeout = startup_timeout

@@ -27,8 +27,7 @@ from concurrent.futures import Future
 from dataclasses import astuple, dataclass, field
 from typing import Any
 
-from core.interfaces import Completion, PromptInput, RolloutContext, SamplingParams
-from core.interfaces.openai_messages import RequestError
+from core.interfaces import Completion, PromptInput, RequestError, RolloutContext, SamplingParams
 
 
 @dataclass
@@ -45,7 +44,6 @@ class Job:
     started: threading.Event = field(default_factory=threading.Event)
     #: Resolves to a :class:`Generated`, or to the :class:`RequestError` the request gets.
     future: Future = field(default_factory=Future)
-    queued_at: float = field(default_factory=time.monotonic)
 
     @property
     def batch_key(self) -> tuple | None:
@@ -76,7 +74,8 @@ class TokenStreamer:
 
     ``generate`` calls :meth:`put` in the worker thread, so the tokenizer is only ever used by
     that thread. Decoding is incremental (a few tokens of context, as vLLM and TGI do), and a
-    delta is held back while it ends in an incomplete UTF-8 character.
+    delta is held back while it ends in an incomplete UTF-8 character. :meth:`cancel` (the
+    client went away) ends the generation at the next token.
     """
 
     def __init__(self, tokenizer: Any) -> None:
@@ -84,9 +83,14 @@ class TokenStreamer:
 
         self.tokenizer = tokenizer
         self.deltas: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.cancelled = threading.Event()
         self._ids: list[int] = []
         self._prefix = self._read = 0
         self._prompt = True
+
+    def cancel(self) -> None:
+        """Stop generating for this stream (checked once per generated token)."""
+        self.cancelled.set()
 
     def put(self, value: Any) -> None:
         """Receive the prompt (skipped), then one token per step."""
@@ -111,18 +115,29 @@ class TokenStreamer:
 
 
 class _StreamingPolicy:
-    """The policy with ``streamer=`` added to its ``generate`` calls; every other attribute is the model's.
+    """The policy with a :class:`TokenStreamer` added to its ``generate`` calls; all else is the model's.
 
     The built-in engine takes no streamer; wrapping the model it calls keeps one generation
     path (prompt processing, suppressed tokens, EOS handling) for streamed and plain requests.
+    The streamer's :meth:`~TokenStreamer.cancel` becomes a stopping criterion.
     """
 
     def __init__(self, model: Any) -> None:
         self._model = model
-        self.streamer: Any = None
+        self.streamer: TokenStreamer | None = None
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self._model.generate(*args, streamer=self.streamer, **kwargs)
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        cancelled = self.streamer.cancelled
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        stop = StoppingCriteriaList([Cancelled()])
+        return self._model.generate(*args, streamer=self.streamer, stopping_criteria=stop, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
@@ -229,27 +244,31 @@ class Batcher:
 
     # ---- the worker ------------------------------------------------------------------------------
     def _take_batch(self) -> list[Job] | None:
-        """The next batch: the oldest job and up to ``max_batch_size - 1`` compatible ones."""
+        """The next batch: the oldest job and up to ``max_batch_size - 1`` compatible ones.
+
+        A job is marked started as it leaves the queue, under the lock: from then on
+        :meth:`wait_started` no longer withdraws it (the lock is released while waiting for companions).
+        """
         with self._cv:
             while not self._closed and (self._paused or not self._pending):
                 self._cv.wait()
             if self._closed:
                 return None
             first = self._pending.popleft()
+            first.started.set()
             batch, key = [first], first.batch_key
-            if key is not None and self.max_batch_size > 1:
-                deadline = time.monotonic() + self.max_wait_s
-                while True:
-                    for job in [j for j in self._pending if j.batch_key == key][:self.max_batch_size - len(batch)]:
-                        self._pending.remove(job)
-                        batch.append(job)
-                    left = deadline - time.monotonic()
-                    if len(batch) >= self.max_batch_size or left <= 0 or self._closed:
-                        break
-                    self._cv.wait(left)
-            for job in batch:  # under the lock: wait_started() sees it taken, never half-withdrawn
-                job.started.set()
-            return batch
+            if key is None or self.max_batch_size == 1:
+                return batch
+            deadline = time.monotonic() + self.max_wait_s
+            while True:
+                for job in [j for j in self._pending if j.batch_key == key][:self.max_batch_size - len(batch)]:
+                    self._pending.remove(job)
+                    job.started.set()
+                    batch.append(job)
+                left = deadline - time.monotonic()
+                if len(batch) >= self.max_batch_size or left <= 0 or self._closed:
+                    return batch
+                self._cv.wait(left)
 
     def _run(self) -> None:
         while (batch := self._take_batch()) is not None:

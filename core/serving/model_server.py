@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from core.interfaces import SamplingParams
-from core.interfaces.openai_messages import RequestError, openai_to_chat_messages
+from core.interfaces import RequestError, SamplingParams, openai_to_chat_messages
 from core.serving.batching import Batcher, Generated, Job, TokenStreamer
 
 if TYPE_CHECKING:
+    from core.interfaces import Device
     from core.runtime.loader import ModelBundle
 
 
@@ -44,7 +44,8 @@ class ChatRequest(BaseModel):
     n: int = Field(1, ge=1)
     seed: int | None = None
     repetition_penalty: float = Field(1.0, gt=0.0)
-    stream: bool = False
+    #: Strict: the HTTP layer picks the streamed answer by ``stream is True``.
+    stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     logprobs: bool | None = None
@@ -70,10 +71,10 @@ class ServerLimits:
 
 def load_for_serving(path: str | Path, *, family: str | None = None, family_options: dict | None = None,
                      plugins: str | None = None, device: str = "auto", dtype: str = "auto",
-                     attn_implementation: str | None = None) -> tuple[ModelBundle, Any]:
+                     attn_implementation: str | None = None) -> tuple[ModelBundle, Device, Any]:
     """Resolve the family (``family`` or ``config.model_type``) and the device, then load through the one loader.
 
-    Returns the loader's :class:`~core.runtime.loader.ModelBundle` and the device's torch device.
+    Returns the loader's :class:`~core.runtime.loader.ModelBundle`, the device and its torch device.
     Dtype and attention kernel follow :func:`core.runtime.loader.resolve_dtype` (the rule training uses).
     """
     from core.config import ConfigError, format_validation_error
@@ -99,8 +100,9 @@ def load_for_serving(path: str | Path, *, family: str | None = None, family_opti
     dev_entry, _ = pick_device(registry, device)
     dev = dev_entry.cls()
     torch_device = dev.torch_device(0)
-    return load_checkpoint(path, fam, dev, dtype=dtype, attn_implementation=attn_implementation,
-                           torch_device=torch_device), torch_device
+    bundle = load_checkpoint(path, fam, dev, dtype=dtype, attn_implementation=attn_implementation,
+                             torch_device=torch_device)
+    return bundle, dev, torch_device
 
 
 class ModelServer:
@@ -112,8 +114,10 @@ class ModelServer:
 
     def __init__(self, model: Any, processor: Any, family: Any, device: Any, model_id: str,
                  limits: ServerLimits | None = None, *, suppressed: list[int] | None = None,
-                 max_batch_size: int = 8, batch_wait_s: float = 0.005) -> None:
+                 max_batch_size: int = 8, batch_wait_s: float = 0.005, device_spec: Device | None = None) -> None:
         self.family, self.device = family, device
+        #: The :class:`~core.interfaces.Device` the model was loaded for (reloads go through the loader with it).
+        self.device_spec = device_spec
         self.model_id = model_id
         self.limits = limits or ServerLimits()
         self.created = int(time.time())
@@ -141,11 +145,12 @@ class ModelServer:
                         limits: ServerLimits | None = None, max_batch_size: int = 8,
                         batch_wait_s: float = 0.005) -> ModelServer:
         """Load ``path`` (see :func:`load_for_serving`) and serve it as ``model_id`` (default: the folder name)."""
-        bundle, torch_device = load_for_serving(path, family=family, family_options=family_options,
-                                                plugins=plugins, device=device, dtype=dtype,
-                                                attn_implementation=attn_implementation)
+        bundle, dev, torch_device = load_for_serving(path, family=family, family_options=family_options,
+                                                     plugins=plugins, device=device, dtype=dtype,
+                                                     attn_implementation=attn_implementation)
         return cls(bundle.model, bundle.processor, bundle.family, torch_device, model_id or Path(path).resolve().name,
-                   limits, suppressed=bundle.suppressed, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
+                   limits, suppressed=bundle.suppressed, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s,
+                   device_spec=dev)
 
     @property
     def model(self) -> Any:
@@ -173,30 +178,34 @@ class ModelServer:
     def load_checkpoint(self, body: Any) -> dict[str, Any]:
         """``POST /v1/load_checkpoint``: load ``body["checkpoint"]`` and swap it in between batches.
 
-        The new weights load with the current model's dtype and attention kernel while requests
-        keep being served, then replace model and processor at once.
+        The new weights load through the one loader with the current model's dtype and attention
+        kernel while requests keep being served, then replace model and processor at once.
         """
         import torch
+
+        from core.runtime.loader import load_checkpoint
 
         path = body.get("checkpoint") if isinstance(body, dict) else None
         if not isinstance(path, str) or not path:
             raise RequestError("checkpoint: a checkpoint folder path is required", param="checkpoint")
         if not (Path(path) / "config.json").is_file():
             raise RequestError(f"checkpoint: no config.json in {path}", param="checkpoint")
+        if self.device_spec is None:
+            raise RequestError("checkpoint: this server was built from a loaded model (not from_checkpoint), "
+                               "so it has no device to load for", status=501, param="checkpoint",
+                               err_type="server_error")
         current = self.model
         first = next(iter(current.parameters()), None)
-        dtype = first.dtype if first is not None else torch.float32
+        dtype = str(first.dtype if first is not None else torch.float32).removeprefix("torch.")
         attn = getattr(getattr(current, "config", None), "_attn_implementation", None)
         try:
-            model = self.family.load_model(path, dtype=dtype, attn_implementation=attn)
-            processor = self.family.load_processor(path)
+            bundle = load_checkpoint(path, self.family, self.device_spec, dtype=dtype, attn_implementation=attn,
+                                     torch_device=self.device)
         except Exception as exc:
             raise RequestError(f"checkpoint: cannot load {path}: {type(exc).__name__}: {exc}", status=500,
                                param="checkpoint", err_type="server_error") from exc
-        model.to(self.device)
-        model.eval()
-        count_tok = self._counting_tokenizer(processor)
-        self.batcher.swap(model, processor, self.family.suppressed_token_ids(processor, model))
+        count_tok = self._counting_tokenizer(bundle.processor)
+        self.batcher.swap(bundle.model, bundle.processor, bundle.suppressed)
         with self._count_tok_lock:
             self._count_tok = count_tok
         self.loaded_checkpoint = path
@@ -205,8 +214,8 @@ class ModelServer:
     def chat_completion(self, body: Any) -> dict[str, Any]:
         """``POST /v1/chat/completions`` without ``stream``: validate, queue, wait, answer."""
         req, job = self._prepare(body)
-        if req.stream:
-            raise RequestError("stream: use chat_completion_stream for streamed requests", param="stream")
+        if req.stream:  # the HTTP layer sends these to chat_completion_stream
+            raise RequestError("stream: streamed requests go to chat_completion_stream", param="stream")
         self.batcher.submit(job)
         res = self.batcher.result(job, self.limits.queue_timeout_s)
         # Greedy: one completion was generated for the n identical answers.
@@ -241,6 +250,7 @@ class ModelServer:
         request or a full queue is still an HTTP error rather than an event in a 200 stream.
         Text deltas arrive as the model generates them; the last chunk carries
         ``finish_reason``, and with ``stream_options.include_usage`` one more carries ``usage``.
+        Closing the iterator early stops the generation at the next token.
         """
         req, job = self._prepare(body)
         if req.n != 1:
@@ -264,9 +274,12 @@ class ModelServer:
 
         yield chunk({"role": "assistant", "content": ""})
         sent = []
-        for delta in job.streamer:
-            sent.append(delta)
-            yield chunk({"content": delta})
+        try:
+            for delta in job.streamer:
+                sent.append(delta)
+                yield chunk({"content": delta})
+        finally:  # closed early (the client went away): stop generating for nobody
+            job.streamer.cancel()
         res: Generated = job.future.result()  # raises the batch's RequestError if generation failed
         (comp,) = res.completions
         streamed = "".join(sent)

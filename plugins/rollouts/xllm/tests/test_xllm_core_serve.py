@@ -15,7 +15,7 @@ from vlmr1_xllm import OpenAIServerRollout
 from core.interfaces import PromptInput, RolloutContext, SamplingParams
 from core.plugins import PluginHost
 from core.plugins.builtin.rollout import TransformersRollout
-from core.serve import ServerProcess
+from core.serving import ServerProcess
 
 GREEDY = SamplingParams(n=2, max_new_tokens=10, do_sample=False)
 GREEDY1 = SamplingParams(n=1, max_new_tokens=10, do_sample=False)
