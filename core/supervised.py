@@ -277,6 +277,25 @@ def _cpu_time_callback() -> Any:
     return CPUTime()
 
 
+def _step_printer() -> Any:
+    """A ``TrainerCallback`` printing one line per log, ``step N/M  loss ...``, when progress bars are off.
+
+    It replaces transformers' ``PrinterCallback``, whose bare dict says how far training is only in
+    epochs; a run logged to a file (``examples/grounding_cpu``) shows its progress with this line.
+    """
+    from transformers import TrainerCallback
+
+    class StepPrinter(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, D102
+            if state.is_local_process_zero and logs:
+                parts = [f"step {state.global_step}/{state.max_steps}"]
+                parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()
+                          if k != "total_flos"]
+                print("  ".join(parts), flush=True)
+
+    return StepPrinter()
+
+
 def run(plan: Plan, registry: Registry, args: SFTOptions) -> int:
     """Train with TRL's ``SFTTrainer`` and save a transformers checkpoint; returns a process exit code."""
     import datasets
@@ -314,6 +333,11 @@ def run(plan: Plan, registry: Registry, args: SFTOptions) -> int:
     cpu_clock = _cpu_time_callback()
     trainer = SFTTrainer(model=bundle.model, args=sft_args, train_dataset=dataset, data_collator=collator,
                          processing_class=bundle.processor, callbacks=[cpu_clock])
+    if sft_args.disable_tqdm:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(_step_printer())  # after cpu_clock, so the line has cpu_time_s
     result = trainer.train()
     cpu_seconds = cpu_clock.elapsed()
     if bundle.lora:  # merged weights: core.train / core.evaluate load the folder as a full model.path
@@ -330,7 +354,8 @@ def run(plan: Plan, registry: Registry, args: SFTOptions) -> int:
                 "cpu_time_s": cpu_seconds, "log_history": trainer.state.log_history, "template": args.template,
                 "box_format": args.box_format, "config": cfg.model_dump(mode="json")}
         (out / "sft_state.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-        print(f"SFT done: {info['steps']} steps, loss {info['first_logged_loss']:.4f} -> "
-              f"{info['last_logged_loss']:.4f}; checkpoint in {out}")
+        loss = (f"loss {info['first_logged_loss']:.4f} -> {info['last_logged_loss']:.4f}" if losses
+                else f"mean loss {result.training_loss:.4f} (fewer steps than --logging-steps)")
+        print(f"SFT done: {info['steps']} steps, {loss}; checkpoint in {out}")
     return 0
 

@@ -25,3 +25,14 @@ def test_plot_and_reader_tolerate_torn_lines(tmp_path):
     path.write_text('{"step": 1, "reward": 0.1}\n[1, 2]\n{"step": 2, "reward": 0.2}\n{"step": 3, "re')
     assert [rec is not None for _, rec in read_jsonl(path)] == [True, False, True, False]
     assert plot_rewards(tmp_path).is_file()
+
+
+def test_reward_plot_names_a_per_reward_curve_equal_to_the_total():
+    from core.runtime.runlog import reward_curves
+
+    one = [{"step": s, "reward": s / 4, "rewards/all_match": s / 4, "rewards/all_match_std": 0.1} for s in (1, 2, 3)]
+    assert [(label, total) for label, _, total in reward_curves(one)] == [("reward (= rewards/all_match)", True)]
+    two = [{"step": s, "reward": s / 2, "rewards/iou": s / 4, "rewards/format": s / 4} for s in (1, 2)]
+    assert [label for label, _, _ in reward_curves(two)] == ["reward", "rewards/format", "rewards/iou"]
+    gap = [{"step": 1, "reward": 0.5, "rewards/iou": 0.5}, {"step": 2, "reward": 0.7}]  # iou missing at step 2
+    assert [label for label, _, _ in reward_curves(gap)] == ["reward", "rewards/iou"]

@@ -74,3 +74,34 @@ def test_reduced_experiment_end_to_end(tmp_path):
     # The arms started from the warm start, not from the raw tiny model.
     grpo_cfg = (out / "seed0" / "grpo" / "config.yaml").read_text()
     assert str(out / "warm_start") in grpo_cfg
+
+
+def test_one_seed_tables_show_no_spread():
+    m = _mod()
+
+    def pt(cpu: float, acc: float) -> dict:
+        return {"cpu_s": cpu, "id": {"acc@0.5": acc, "mean_iou": acc / 2}}
+
+    results = {"splits": ["id"], "seeds": [0], "machine": "x", "date": "d", "command": "c", "eval_n": 4,
+               "grpo_steps": 4, "sft_steps": 4,
+               "warm_start": {"steps": 6, "cpu_s": 1.0, "eval": {"id": {"acc@0.5": 0.5, "mean_iou": 0.25}}},
+               "runs": {"0": {"grpo": {"points": [pt(0, 0.5), pt(10, 0.75)]},
+                              "sft": {"points": [pt(0, 0.5), pt(10, 0.625)]}}}}
+    md = m.markdown(results, m.summarize(results))
+    assert "±" not in md and "| id | 0.750 | 0.625 | +0.125 | 0.375 | 0.312 |" in md, md
+    assert "One seed" in md
+    results["seeds"], results["runs"]["1"] = [0, 1], results["runs"]["0"]
+    assert "0.750 ± 0.000 [0.750, 0.750]" in m.markdown(results, m.summarize(results))
+
+
+def test_a_running_stage_shows_progress_on_the_console(tmp_path, capsys):
+    m = _mod()
+    # Prints a step line every 0.3 s for ~1.5 s; progress is polled every 0.2 s, so lines show up even when a
+    # shared machine delays the child (the check needs one poll between its first print and its exit).
+    child = "import time\nfor i in range(1, 6):\n    print(f'step {i}/5', flush=True)\n    time.sleep(0.3)\n"
+    cpu = m.run_stage([sys.executable, "-c", child], tmp_path / "logs" / "toy.log", None, every=0.2)
+    out = capsys.readouterr().out
+    assert cpu >= 0 and "done in" in out
+    assert any(ln.startswith("   [toy ") and "step " in ln for ln in out.splitlines()), out
+    assert (tmp_path / "logs" / "toy.log").read_text().count("step ") == 5
+    assert m.last_line(tmp_path / "logs" / "toy.log") == "step 5/5"

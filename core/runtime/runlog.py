@@ -120,7 +120,12 @@ def _clean(v: Any) -> Any:
 
 
 def plot_rewards(output_dir: str | Path, keys: tuple[str, ...] = ("reward",)) -> Path | None:
-    """Plot reward (and per-reward) curves from ``metrics.jsonl`` into ``reward_curve.png``."""
+    """Plot reward (and per-reward) curves from ``metrics.jsonl`` into ``reward_curve.png``.
+
+    The total (``reward``, the weighted sum) is the thick black line. A per-reward curve equal to
+    it at every step (one reward of weight 1) would lie exactly under it, so it is not drawn and
+    the total's label names it instead (:func:`reward_curves`).
+    """
     path = Path(output_dir) / "metrics.jsonl"
     if not path.exists():
         return None
@@ -132,14 +137,11 @@ def plot_rewards(output_dir: str | Path, keys: tuple[str, ...] = ("reward",)) ->
     rows = [rec for _, rec in read_jsonl(path) if rec is not None and isinstance(rec.get("step"), int | float)]
     if not rows:
         return None
-    names = list(keys) + sorted({k for r in rows for k in r if k.startswith("rewards/") and k.count("/") == 1
-                                 and not k.endswith(("_std", "_frac", "_errors", "_timeouts"))})
-    fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
-    for name in names:
-        ys = [r.get(name) for r in rows]
-        if any(y is not None for y in ys):
-            ax.plot(steps, [float("nan") if y is None else y for y in ys], label=name)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, ys, total in reward_curves(rows, keys):
+        style = {"color": "black", "linewidth": 2.2, "zorder": 3} if total else {"linewidth": 1.2}
+        ax.plot(steps, [float("nan") if y is None else y for y in ys], label=label, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
     ax.set_title("GRPO training reward")
@@ -150,3 +152,28 @@ def plot_rewards(output_dir: str | Path, keys: tuple[str, ...] = ("reward",)) ->
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def reward_curves(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("reward",)) -> list[tuple[str, list, bool]]:
+    """``(label, values per row, is_total)`` of each curve :func:`plot_rewards` draws.
+
+    ``keys`` are the totals; every ``rewards/<name>`` mean follows. A per-reward series equal to a
+    total at every step is dropped and named in the total's label.
+    """
+    per_reward = sorted({k for r in rows for k in r if k.startswith("rewards/") and k.count("/") == 1
+                         and not k.endswith(("_std", "_frac", "_errors", "_timeouts"))})
+    series = {name: [r.get(name) for r in rows] for name in [*keys, *per_reward]}
+    series = {name: ys for name, ys in series.items() if any(y is not None for y in ys)}
+    labels = {name: name for name in series}
+    for total in [k for k in keys if k in series]:
+        for name in [k for k in per_reward if k in series]:
+            if _same_curve(series[total], series[name]):
+                labels[total] += f" (= {name})"
+                del series[name]
+    return [(labels[name], ys, name in keys) for name, ys in series.items()]
+
+
+def _same_curve(a: list[Any], b: list[Any]) -> bool:
+    """Whether two metric series are equal at every step (missing where the other is missing)."""
+    return all((x is None) == (y is None) and (x is None or math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12))
+               for x, y in zip(a, b, strict=True))

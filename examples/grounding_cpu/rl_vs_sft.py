@@ -38,7 +38,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,24 +50,72 @@ SPLITS = ("id", "ood_reasoning", "ood_visual")
 
 
 # ---- running the stages --------------------------------------------------------------------
-def run_stage(cmd: list[str], log: Path, threads: int | None) -> float:
-    """Run one command (cwd = repo root), log its output; return its CPU seconds (user + sys)."""
+def run_stage(cmd: list[str], log: Path, threads: int | None, progress: Callable[[], str] | None = None,
+              every: float = 30.0) -> float:
+    """Run one command (cwd = repo root), log its output; return its CPU seconds (user + sys).
+
+    The output goes to ``log``; every ``every`` seconds the console gets one line of progress:
+    ``progress()`` if given, else the log's last line (``core.sft`` prints ``step N/M  loss ...``).
+    """
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"== {shlex.join(cmd)}  (log: {log})", flush=True)
+    say(f"== {shlex.join(cmd)}  (log: {log})")
+    status = progress or (lambda: last_line(log))
     t0 = time.perf_counter()
+    shown, next_at = "", t0 + every
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
+        while True:
+            pid, status_code, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(min(1.0, every))
+            if time.perf_counter() >= next_at:
+                next_at += every
+                line = status()
+                if line and line != shown:
+                    say(f"   [{log.stem} {time.perf_counter() - t0:.0f} s] {line}")
+                    shown = line
+    code = os.waitstatus_to_exitcode(status_code)
     if code != 0:
         tail = log.read_text(errors="replace").splitlines()[-25:]
         raise SystemExit("\n".join(tail) + f"\nstage failed with exit code {code}: {shlex.join(cmd)} (log: {log})")
-    print(f"   done in {time.perf_counter() - t0:.0f} s wall, {usage.ru_utime + usage.ru_stime:.0f} CPU s",
-          flush=True)
+    say(f"   done in {time.perf_counter() - t0:.0f} s wall, {usage.ru_utime + usage.ru_stime:.0f} CPU s")
     return usage.ru_utime + usage.ru_stime
+
+
+def say(line: str) -> None:
+    """Print one line in one write: stages run side by side in threads, and their lines must not interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def last_line(log: Path, width: int = 160) -> str:
+    """The last non-empty line of a log (a progress bar's last state after its carriage returns)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))  # a metrics.jsonl row is a few KB
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [ln.split("\r")[-1].strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    return lines[-1][:width] if lines else ""
+
+
+def grpo_progress(run: Path, steps: int) -> Callable[[], str]:
+    """Progress of a GRPO run from its ``metrics.jsonl``: ``step N/M  reward R`` (its console shows no steps)."""
+    def status() -> str:
+        line = last_line(run / "metrics.jsonl", width=100_000)
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return ""
+        return f"step {row.get('step')}/{steps}  reward {float(row.get('reward', float('nan'))):.3f}"
+
+    return status
 
 
 def checkpoints(run: Path) -> list[Path]:
@@ -199,17 +247,21 @@ def markdown(results: dict[str, Any], summary: dict[str, Any]) -> str:
         for split in splits:
             g, s = summary[when]["grpo"][split], summary[when]["sft"][split]
             d = g["acc@0.5"]["mean"] - s["acc@0.5"]["mean"]
-            lines.append(
-                f"| {split} | {g['acc@0.5']['mean']:.3f} ± {g['acc@0.5']['std']:.3f} "
-                f"[{g['acc@0.5']['min']:.3f}, {g['acc@0.5']['max']:.3f}] "
-                f"| {s['acc@0.5']['mean']:.3f} ± {s['acc@0.5']['std']:.3f} "
-                f"[{s['acc@0.5']['min']:.3f}, {s['acc@0.5']['max']:.3f}] | {d:+.3f} "
-                f"| {g['mean_iou']['mean']:.3f} ± {g['mean_iou']['std']:.3f} "
-                f"| {s['mean_iou']['mean']:.3f} ± {s['mean_iou']['std']:.3f} |")
+            lines.append(f"| {split} | {over_seeds(g['acc@0.5'])} | {over_seeds(s['acc@0.5'])} | {d:+.3f} "
+                         f"| {over_seeds(g['mean_iou'], ranged=False)} | {over_seeds(s['mean_iou'], ranged=False)} |")
         lines.append("")
-    lines += ["Mean ± sample std over seeds, [min, max] across seeds. CPU seconds are the training processes' "
-              "user + system time (evaluation excluded).", ""]
+    spread = ("Mean ± sample std over seeds, [min, max] across seeds." if len(seeds) > 1
+              else "One seed: single values (no spread across seeds to show).")
+    lines += [f"{spread} CPU seconds are the training processes' user + system time (evaluation excluded).", ""]
     return "\n".join(lines)
+
+
+def over_seeds(stats: dict[str, Any], ranged: bool = True) -> str:
+    """``mean ± std [min, max]`` over seeds; the bare value when there is one seed (a std of 0 says nothing)."""
+    if len(stats["values"]) == 1:
+        return f"{stats['mean']:.3f}"
+    text = f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+    return text + (f" [{stats['min']:.3f}, {stats['max']:.3f}]" if ranged else "")
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -267,6 +319,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                        "at a time with the default thread count)")
     p.add_argument("--plugins", default="qwen-vl,synthetic,grounding")
     p.add_argument("--python", default=sys.executable)
+    p.add_argument("--progress-every", type=float, default=30.0,
+                   help="seconds between progress lines of a running stage on the console (default 30)")
     return p.parse_args(argv)
 
 
@@ -292,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     warm = out / "warm_start"
     if not (warm / "sft_state.json").is_file():
         run_stage([py, "-m", "core.sft", "--config", str(config), *plug, "--output-dir", str(warm),
-                   f"train.max_steps={args.sft_steps}", *extra], out / "logs" / "warm_start.log", threads)
+                   f"train.max_steps={args.sft_steps}", *extra], out / "logs" / "warm_start.log", threads,
+                  every=args.progress_every)
     warm_state = json.loads((warm / "sft_state.json").read_text())
     sft_cpu_per_step = float(warm_state["cpu_time_s"]) / max(int(warm_state["steps"]), 1)
 
@@ -307,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                                f"model.path={warm}", "model.tiny=null", f"logging.output_dir={run}",
                                f"train.max_steps={args.grpo_steps}", f"train.seed={seed}",
                                f"checkpoint.save_every={every}", f"checkpoint.keep_last={args.points + 1}"],
-                              out / "logs" / f"grpo_seed{seed}.log"))
+                              out / "logs" / f"grpo_seed{seed}.log", grpo_progress(run, args.grpo_steps)))
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        list(pool.map(lambda c: run_stage(c[0], c[1], threads), grpo_cmds))
+        list(pool.map(lambda c: run_stage(c[0], c[1], threads, c[2], args.progress_every), grpo_cmds))
     grpo_cpu = [cpu_at_checkpoints(out / f"seed{s}" / "grpo", "grpo") for s in seeds]
     grpo_total = sum(max(c.values()) for c in grpo_cpu) / len(seeds)
 
@@ -328,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"train.seed={seed + 1}"],
                              out / "logs" / f"sft_seed{seed}.log"))
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        list(pool.map(lambda c: run_stage(c[0], c[1], threads), sft_cmds))
+        list(pool.map(lambda c: run_stage(c[0], c[1], threads, every=args.progress_every), sft_cmds))
 
     # 3. evaluation (cached per run in evals.json)
     def eval_job(job: tuple[Path, list[Path]]) -> None:
@@ -340,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         worker_args = {"splits": splits, "eval_n": args.eval_n, "batch": args.eval_batch, "config": str(config),
                        "plugins": args.plugins, "extra": extra}
         (folder / "eval_args.json").write_text(json.dumps(worker_args))
-        run_stage(cmd, out / "logs" / f"eval_{folder.relative_to(out).as_posix().replace('/', '_')}.log", threads)
+        run_stage(cmd, out / "logs" / f"eval_{folder.relative_to(out).as_posix().replace('/', '_')}.log", threads,
+                  every=args.progress_every)
 
     jobs = [(warm, [warm])]
     for seed in seeds:

@@ -4,12 +4,13 @@
 #   seconds -> every saved checkpoint evaluated on the in-domain and out-of-domain splits
 #   -> OUT/results.md, OUT/results.json, OUT/accuracy_vs_cpu.png
 # Knobs (environment): PYTHON, OUT, SEEDS, SFT_STEPS, GRPO_STEPS, POINTS, EVAL_N, JOBS, EXTRA (config
-# overrides added to every stage, e.g. EXTRA="task.options.num_objects=1"), GRPO_EXTRA, SFT_EXTRA.
+# overrides added to every stage, e.g. EXTRA="task.options.num_objects=1"), GRPO_EXTRA, SFT_EXTRA,
+# PROGRESS_EVERY (seconds between a running stage's progress lines on the console, default 30).
 # Each stage is a plain `python -m core.sft|core.train` command (printed, logged under OUT/logs/);
 # finished stages are reused when the command is run again with the same OUT. See README.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."                      # the repository root
-PY=${PYTHON:-python}                           # e.g. PYTHON=.venv/bin/python
+PY=${PYTHON:-.venv/bin/python}                 # the venv `make install` builds (a bare python lacks the plugins)
 exec "$PY" examples/grounding_cpu/rl_vs_sft.py \
   --out "${OUT:-runs/grounding_cpu}" \
   --seeds "${SEEDS:-0,1,2}" \
@@ -19,4 +20,5 @@ exec "$PY" examples/grounding_cpu/rl_vs_sft.py \
   --eval-n "${EVAL_N:-200}" \
   --jobs "${JOBS:-2}" \
   --python "$PY" \
+  --progress-every "${PROGRESS_EVERY:-30}" \
   --extra "${EXTRA:-}" --grpo-extra "${GRPO_EXTRA:-}" --sft-extra "${SFT_EXTRA:-}"
