@@ -71,7 +71,6 @@ COMMANDS: dict[tuple[str, str], Run | Skip] = {
     # ---- README.md ----
     ("README.md", "make quickstart"): Skip("= `.venv/bin/python -m core.train` after set-up; that runs below"),
     ("README.md", "make test"): Skip("runs this test suite"),
-    ("README.md", "make test-fast"): Skip("runs this test suite"),
     ("README.md", ".venv/bin/python -m core.train"): Run(
         extra=TOY_TRAIN, files=tuple(f"runs/quickstart/{f}" for f in
                                      ("metrics.jsonl", "completions.jsonl", "eval.json", "reward_curve.png",
