@@ -9,7 +9,8 @@ Each app is argparse, one library call and an exit code. This module holds the r
 
 Exit codes: ``0`` the run did what was asked; ``2`` bad input found (config, data, plugin,
 checkpoint, an option value); ``1`` a failure while running (a reward that keeps failing, a
-non-finite loss, a full disk, a failed checkpoint write, a plugin that called ``sys.exit``).
+non-finite loss, a rollout server that cannot be reached, a full disk, a failed checkpoint write, a
+plugin that called ``sys.exit``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def exit_code(exc: BaseException) -> int | None:
     """The exit code the apps give ``exc``; ``None`` for an unexpected error (a bug: keep its traceback)."""
     from core.config import ConfigError
     from core.grpo.guard import NonFiniteError
-    from core.interfaces import DataError
+    from core.interfaces import DataError, RolloutError
     from core.plugins import PluginError
     from core.plugins.registry import ComponentError
     from core.runtime.checkpoint import CheckpointWriteError
@@ -62,7 +63,7 @@ def exit_code(exc: BaseException) -> int | None:
     table: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
         (CheckpointWriteError, EXIT_FAILED),  # a ConfigError subclass: must come before it
         ((ConfigError, PluginError, DataError, ComponentError), EXIT_BAD_INPUT),
-        ((RewardError, NonFiniteError, OSError), EXIT_FAILED),
+        ((RewardError, NonFiniteError, RolloutError, OSError), EXIT_FAILED),
     )
     for types, code in table:
         if isinstance(exc, types):

@@ -5,7 +5,8 @@ An OpenAI-compatible chat-completions server over one checkpoint (needs ``pip in
 with any number of base64 ``data:`` images in place (never URLs or local files), honours
 ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``max_tokens`` / ``max_completion_tokens``,
 ``n``, ``seed``, ``repetition_penalty``, ``stream`` (server-sent events, n=1) and vLLM's
-``return_token_ids``; ``GET /v1/models``, ``GET /health``, ``GET /stats``; ``POST
+``return_token_ids`` and guided choice (``structured_outputs: {"choice": [...]}`` or
+``guided_choice``: the built-in engine's ``choices``); ``GET /v1/models``, ``GET /health``, ``GET /stats``; ``POST
 /v1/load_checkpoint`` only with ``--allow-reload``. Requests that arrive together are
 generated in one batch (``--max-batch-size``; 1 = one prompt per ``generate`` call).
 
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-images", type=int, default=8, help="most images per request")
     g.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                    help="most pixels per image, checked before decoding (default 4096x4096)")
+    g.add_argument("--max-choices", type=int, default=1024,
+                   help="most strings in a request's guided choice (structured_outputs.choice / guided_choice)")
     g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="largest request body")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch-size", type=int, default=8,
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         if not api_key:
             raise ConfigError(f"--api-key-env {args.api_key_env}: that variable is not set")
     for name in ("max_prompt_tokens", "max_images", "max_image_pixels", "max_request_bytes", "workers", "backlog",
-                 "max_batch_size"):
+                 "max_batch_size", "max_choices"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("idle_timeout", "socket_timeout", "request_timeout", "queue_timeout"):
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
             model_id=args.model_name, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
             limits=ServerLimits(args.default_max_tokens, args.max_tokens_limit, args.max_n, args.max_prompt_tokens,
-                                args.max_images, args.max_image_pixels, args.queue_timeout))
+                                args.max_images, args.max_image_pixels, args.queue_timeout, args.max_choices))
     except BaseException:
         sock.close()
         raise

@@ -142,3 +142,23 @@ def test_server_back_end_matches_the_built_in_one(tmp_path, tiny):
     assert [r["completion"] for r in server[0]] == [r["completion"] for r in local[0]]
     assert server[1]["datasets"] == local[1]["datasets"]
     assert server[1]["rollout"] == "openai_server"
+
+
+def test_unreachable_server_is_one_error_line_and_exit_1(tmp_path, tiny, capsys):
+    """A rollout server nobody listens on: ``error: ...`` naming its URL, exit 1, no traceback."""
+    import socket
+
+    try:
+        PluginHost("xllm").registry.get("rollouts", "openai_server")
+    except Exception as exc:
+        pytest.skip(f"needs the openai_server rollout engine (vlmr1-plugin-xllm): {exc}")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = str(_config(tmp_path, tiny))
+    code = main(["--config", cfg, "--limit", "1", "--quiet", "--out", str(tmp_path / "x"), "--plugins",
+                 PLUGINS + ",xllm", "--rollout", "openai_server", f"rollout.options.base_url=http://127.0.0.1:{port}/v1",
+                 "rollout.options.max_retries=0"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.startswith("error: ") and f"127.0.0.1:{port}" in err and "Traceback" not in err

@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
+class RolloutError(RuntimeError):
+    """A rollout engine could not generate (a server unreachable or answering errors, a back end that died).
+
+    Raise it (or a subclass) for failures of the engine's environment rather than of its code:
+    the apps then end with one ``error: ...`` line and exit code 1 instead of a traceback.
+    """
+
+
 @dataclass
 class SamplingParams:
     """Sampling settings, honoured by every engine."""

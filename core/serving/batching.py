@@ -8,6 +8,12 @@ Every request becomes a :class:`Job` on one queue. The worker takes the oldest j
 training rollout would generate for it). Under load the queue fills while a batch generates,
 so the next batch is taken at once, without waiting.
 
+A request's ``choices`` (guided choice: vLLM's ``structured_outputs.choice`` / ``guided_choice``)
+become the built-in engine's ``choices`` option: the worker keeps one engine per choice set
+(the last :data:`CHOICE_ENGINES` sets used), so the constraint is the training rollout's own
+prefix-constrained decoding, not a second implementation. Only requests with the same choice
+set share a batch.
+
 Batching left-pads prompts to one length. The padded positions are masked out, but the matmuls
 run on other shapes, so logits differ from a prompt generated alone by float rounding (~1e-7
 in float32): identical greedy answers on the tested CPU float32 path, yet a near-tie between
@@ -21,13 +27,16 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import astuple, dataclass, field
 from typing import Any
 
 from core.interfaces import Completion, PromptInput, RequestError, RolloutContext, SamplingParams
+
+#: How many choice-constrained engines (one per distinct ``choices`` list) the worker keeps.
+CHOICE_ENGINES = 32
 
 
 @dataclass
@@ -38,6 +47,8 @@ class Job:
     images: list[Any]
     sampling: SamplingParams
     seed: int | None = None
+    #: Guided choice: every completion is one of these strings then EOS (``None`` = free text).
+    choices: tuple[str, ...] | None = None
     #: A :class:`TokenStreamer` fed token by token (the job then runs alone).
     streamer: Any = None
     #: Set once the worker has taken the job into a batch (it can no longer be withdrawn).
@@ -50,7 +61,7 @@ class Job:
         """Jobs with equal keys may share a generate call; ``None`` = always alone."""
         if self.seed is not None or self.streamer is not None:
             return None
-        return astuple(self.sampling)
+        return astuple(self.sampling), self.choices
 
 
 @dataclass
@@ -163,6 +174,8 @@ class Batcher:
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
         self.engine = TransformersRollout.from_options({"prompt_batch_size": max_batch_size})
         self.stream_engine = TransformersRollout.from_options({"prompt_batch_size": 1})
+        #: (choices, streamed) -> the built-in engine with that ``choices`` option, most recent last.
+        self._choice_engines: OrderedDict[tuple[tuple[str, ...], bool], Any] = OrderedDict()
         self._set_model(model, processor, suppressed)
         self._pending: deque[Job] = deque()
         self._cv = threading.Condition()
@@ -177,12 +190,35 @@ class Batcher:
     # ---- the model ---------------------------------------------------------------------------
     def _set_model(self, model: Any, processor: Any, suppressed: list[int]) -> None:
         self.model, self.processor = model, processor
-        self.engine.setup(RolloutContext(model=model, processor=processor, family=self.family,
-                                         device=self.device, suppressed_token_ids=suppressed))
+        self._ctx = RolloutContext(model=model, processor=processor, family=self.family,
+                                   device=self.device, suppressed_token_ids=suppressed)
+        self.engine.setup(self._ctx)
         self._streaming_policy = _StreamingPolicy(model)
-        self.stream_engine.setup(RolloutContext(model=self._streaming_policy, processor=processor,
-                                                family=self.family, device=self.device,
-                                                suppressed_token_ids=suppressed))
+        self._stream_ctx = RolloutContext(model=self._streaming_policy, processor=processor,
+                                          family=self.family, device=self.device,
+                                          suppressed_token_ids=suppressed)
+        self.stream_engine.setup(self._stream_ctx)
+        # A choice engine tokenises its choices once, with the processor it first saw: rebuild after a swap.
+        self._choice_engines.clear()
+
+    def _engine_for(self, job: Job) -> Any:
+        """The built-in engine that generates ``job``: plain or streaming, with its ``choices`` option."""
+        streamed = job.streamer is not None
+        if job.choices is None:
+            return self.stream_engine if streamed else self.engine
+        from core.plugins.builtin.rollout import TransformersRollout
+
+        key = (job.choices, streamed)
+        engine = self._choice_engines.get(key)
+        if engine is None:
+            engine = TransformersRollout.from_options(
+                {"prompt_batch_size": 1 if streamed else self.max_batch_size, "choices": list(job.choices)})
+            engine.setup(self._stream_ctx if streamed else self._ctx)
+            self._choice_engines[key] = engine
+            while len(self._choice_engines) > CHOICE_ENGINES:
+                self._choice_engines.popitem(last=False)
+        self._choice_engines.move_to_end(key)
+        return engine
 
     def swap(self, model: Any, processor: Any, suppressed: list[int]) -> None:
         """Replace model and processor between batches (jobs queue up meanwhile, none is lost)."""
@@ -284,14 +320,15 @@ class Batcher:
                        for j in batch]
             if first.seed is not None:
                 torch.manual_seed(first.seed)
+            engine = self._engine_for(first)
             if first.streamer is not None:
                 self._streaming_policy.streamer = first.streamer
                 try:
-                    groups = self.stream_engine.generate(prompts, first.sampling)
+                    groups = engine.generate(prompts, first.sampling)
                 finally:
                     self._streaming_policy.streamer = None
             else:
-                groups = self.engine.generate(prompts, first.sampling)
+                groups = engine.generate(prompts, first.sampling)
             results = [Generated(g, self.family.process(self.processor, [p.text], [p.images])["input_ids"][0].tolist())
                        for g, p in zip(groups, prompts, strict=True)]
         except Exception as exc:  # every request of the batch gets the cause as a 500

@@ -2,7 +2,9 @@
 
 :class:`ModelServer` validates a request body against every limit (4xx naming the limit),
 converts the OpenAI messages (:mod:`core.interfaces.openai_messages`: base64 ``data:`` images
-only, never a URL fetch or a file open), queues the generation on the
+only, never a URL fetch or a file open), takes a guided choice (vLLM's
+``structured_outputs: {"choice": [...]}`` or ``guided_choice``) as the built-in engine's
+``choices`` option, queues the generation on the
 :class:`~core.serving.batching.Batcher` and shapes the answer: a ``chat.completion`` object, or
 for ``stream: true`` the ``chat.completion.chunk`` objects of a server-sent-event stream. It
 is called from worker threads (the ASGI app runs it in a thread pool), so it is testable with
@@ -51,6 +53,15 @@ class ChatRequest(BaseModel):
     logprobs: bool | None = None
     #: vLLM's extension: each choice carries the generated ``token_ids`` (EOS included).
     return_token_ids: bool = False
+    #: Guided choice, as vLLM >= 0.10.2 takes it: ``{"choice": [...]}`` (other kinds are refused).
+    structured_outputs: dict[str, Any] | None = None
+    #: Guided choice, as vLLM before 0.12 takes it (the same constraint).
+    guided_choice: list[str] | None = None
+    #: Other constraints vLLM knows; named here only to refuse them (never ignored silently).
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_grammar: Any = None
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass
@@ -67,6 +78,8 @@ class ServerLimits:
     max_image_pixels: int = 4096 * 4096
     #: Seconds a request waits in the queue for the model before a 503.
     queue_timeout_s: float = 300.0
+    #: Strings in a request's guided choice (``structured_outputs.choice`` / ``guided_choice``).
+    max_choices: int = 1024
 
 
 def load_for_serving(path: str | Path, *, family: str | None = None, family_options: dict | None = None,
@@ -316,6 +329,7 @@ class ModelServer:
                                param="max_tokens")
         if req.n > lim.max_n:
             raise RequestError(f"n: {req.n} exceeds this server's limit {lim.max_n}", param="n")
+        choices = self._choices(req, max_tokens)
         messages, images = openai_to_chat_messages(req.messages, max_images=lim.max_images,
                                                    max_pixels=lim.max_image_pixels)
         self._check_prompt_length(messages)
@@ -325,7 +339,48 @@ class ModelServer:
             n=1 if greedy else req.n, max_new_tokens=max_tokens, temperature=req.temperature or 1.0,
             top_p=req.top_p, top_k=req.top_k or None, do_sample=not greedy,
             repetition_penalty=req.repetition_penalty)
-        return req, Job(messages, images, sampling, seed=req.seed)
+        return req, Job(messages, images, sampling, seed=req.seed, choices=choices)
+
+    def _choices(self, req: ChatRequest, max_tokens: int) -> tuple[str, ...] | None:
+        """The request's guided choice (``structured_outputs.choice`` or ``guided_choice``), checked.
+
+        Every other constraint (JSON, regex, grammar, a JSON ``response_format``) is a 400: the
+        server never answers unconstrained where a constraint was asked for. A choice must fit
+        in ``max_tokens`` with its EOS, counted as the built-in engine tokenises it.
+        """
+        for name in ("guided_json", "guided_regex", "guided_grammar"):
+            if getattr(req, name) is not None:
+                raise RequestError(f"{name}: not supported by core.serve (guided choice only: "
+                                   "structured_outputs.choice or guided_choice)", param=name)
+        if req.response_format is not None and req.response_format.get("type", "text") != "text":
+            raise RequestError(f"response_format: type {req.response_format.get('type')!r} is not supported by "
+                               "core.serve (only 'text'; guided choice: structured_outputs.choice)",
+                               param="response_format")
+        so = req.structured_outputs
+        if so is not None:
+            other = sorted(k for k, v in so.items() if k != "choice" and v is not None)
+            if other:
+                raise RequestError(f"structured_outputs.{other[0]}: not supported by core.serve "
+                                   "(only structured_outputs.choice)", param=f"structured_outputs.{other[0]}")
+        if so is not None and so.get("choice") is not None and req.guided_choice is not None:
+            raise RequestError("guided_choice: give either structured_outputs.choice or guided_choice, not both",
+                               param="guided_choice")
+        param, choices = ("guided_choice", req.guided_choice) if req.guided_choice is not None else \
+            ("structured_outputs.choice", (so or {}).get("choice"))
+        if choices is None:
+            return None
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            raise RequestError(f"{param}: must be a non-empty list of strings", param=param)
+        if len(choices) > self.limits.max_choices:
+            raise RequestError(f"{param}: {len(choices)} choices exceed this server's limit of "
+                               f"{self.limits.max_choices} (--max-choices)", param=param)
+        with self._count_tok_lock:
+            lengths = [len(self._count_tok.encode(c, add_special_tokens=False)) + 1 for c in choices]
+        n, choice = max(zip(lengths, choices, strict=True))
+        if n > max_tokens:
+            raise RequestError(f"{param}: {choice!r} is {n} tokens with its EOS, more than max_tokens={max_tokens}",
+                               param=param)
+        return tuple(choices)
 
     def _check_prompt_length(self, messages: list[dict[str, Any]]) -> None:
         """400 when the prompt text has more than ``max_prompt_tokens`` tokens, before the model is touched.

@@ -113,6 +113,23 @@ def test_retokenised_ids_without_server_token_ids(server, local):
         assert c.ids == (ids if c.truncated else ids + [tok.eos_token_id])
 
 
+@pytest.mark.parametrize("field", ["structured_outputs", "guided_choice"])
+def test_choices_through_server_equal_builtin_choices(server, local, field):
+    """``choices`` sent as either field: core.serve decodes with the built-in engine's own constraint."""
+    fam, proc, model, ctx, builtin = local
+    choices = ["red", "blue", "dark green", "yellow"]
+    constrained = TransformersRollout.from_options({"prompt_batch_size": 1, "choices": choices})
+    constrained.setup(ctx)
+    ps = prompts(fam, proc)
+    expected = [constrained.generate([p], GREEDY1)[0] for p in ps]
+    got = engine(server, ctx, choices=choices, choice_field=field).generate(ps, GREEDY1)
+    assert as_tuples(got) == as_tuples(expected)
+    assert all(c.text in choices for g in got for c in g)
+    sampled = engine(server, ctx, choices=choices, choice_field=field).generate(
+        ps, SamplingParams(n=4, max_new_tokens=10, temperature=1.0))
+    assert all(c.text in choices and not c.truncated for g in sampled for c in g)
+
+
 def test_refresh_loads_new_policy_weights(server, local, ckpt, tmp_path):
     fam, proc, model, ctx, builtin = local
     ps = prompts(fam, proc)

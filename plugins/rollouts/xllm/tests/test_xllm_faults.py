@@ -273,6 +273,32 @@ def test_request_body_and_model_discovery():
         assert Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB").tobytes() == img.tobytes()
 
 
+@pytest.mark.parametrize(("field", "sent"), [
+    ("structured_outputs", {"structured_outputs": {"choice": ["red", "blue"]}}),
+    ("guided_choice", {"guided_choice": ["red", "blue"]}),
+])
+def test_choices_are_sent_as_guided_choice(field, sent):
+    with fake_server(chat_only(lambda body, no: (200, ok_answer(text="blue"), None))) as (url, hits):
+        got = engine(url, choices=["red", "blue"], choice_field=field).generate([prompt()], GREEDY)
+    assert got[0][0].text == "blue"
+    body = hits[0]["body"]
+    assert {k: body[k] for k in sent} == sent
+    assert not {"structured_outputs", "guided_choice"} - set(sent) & set(body)  # only the chosen field
+
+
+def test_a_server_ignoring_the_choice_is_an_error():
+    """A server that does not know the field answers free text: named, with the other field to try."""
+    answers = iter([ok_answer(text="a red circle"), ok_answer(text="re", finish="length")])
+    with fake_server(chat_only(lambda body, no: (200, next(answers), None))) as (url, hits):
+        eng = engine(url, choices=["red", "blue"], concurrency=1)
+        with pytest.raises(ServerError, match=r"answered 'a red circle', none of rollout.options.choices.*"
+                                              r"choice_field=guided_choice"):
+            eng.generate([prompt()], GREEDY)
+        assert eng.generate([prompt()], GREEDY)[0][0].truncated  # cut by max_tokens: not a violation
+    with fake_server(chat_only(lambda body, no: (200, ok_answer(text="a red circle"), None))) as (url, hits):
+        assert engine(url).generate([prompt()], GREEDY)[0][0].text == "a red circle"  # no choices: free text
+
+
 def test_completion_ids_from_server_or_retokenised(tok):
     eos = tok.eos_token_id
     answers = iter([
@@ -311,6 +337,10 @@ def test_options_are_validated():
         OpenAIServerRollout.from_options({"base_url": "http://h", "refresh_every": 2, "checkpoint_dir": "/tmp/x"})
     with pytest.raises(ValidationError, match="timeout_sec"):
         OpenAIServerRollout.from_options({"base_url": "http://h", "timeout_sec": 3})
+    with pytest.raises(ValidationError, match="choices"):
+        OpenAIServerRollout.from_options({"base_url": "http://h", "choices": []})
+    with pytest.raises(ValidationError, match="choice_field"):
+        OpenAIServerRollout.from_options({"base_url": "http://h", "choice_field": "regex"})
     eng = OpenAIServerRollout.from_options({"base_url": "http://h:1/v1/"})
     assert eng.chat_url == "http://h:1/v1/chat/completions" and eng.root == "http://h:1"
 

@@ -19,6 +19,13 @@ decoded from partial UTF-8 sequences does not round-trip), so the log-probabilit
 trainer computes are those of a canonical tokenisation of the sampled text, not of the
 sampled tokens themselves. Prefer a server that returns token ids for RL.
 
+Guided choice: with ``choices`` every request carries vLLM's constraint, as
+``structured_outputs: {"choice": [...]}`` (vLLM >= 0.10.2 and ``core.serve``; the default) or as
+``guided_choice: [...]`` (``choice_field: guided_choice``: vLLM before 0.12, ``core.serve``), so
+a config whose built-in ``rollout.options.choices`` constrained training evaluates the same way
+through a server. A server that does not know the field it got may ignore it and answer free
+text: a stopped answer that is none of the choices is a :class:`ServerError` naming the field.
+
 Weights: the server holds its own copy. ``refresh_every: K`` saves the policy every K calls
 of :meth:`~OpenAIServerRollout.sync_weights` (one per optimizer step) and runs the
 ``reload_command`` and/or POSTs to ``reload_url`` so the server loads it; rollouts are then
@@ -47,6 +54,7 @@ from core.interfaces import (
     PromptInput,
     RolloutContext,
     RolloutEngine,
+    RolloutError,
     SamplingParams,
     chat_to_openai_messages,
     eos_token_ids,
@@ -58,7 +66,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-class ServerError(RuntimeError):
+class ServerError(RolloutError):
     """The server could not produce an answer (after the allowed retries, or it refused the request)."""
 
 
@@ -105,6 +113,15 @@ class OpenAIServerRollout(RolloutEngine):
         send_seed: bool = Field(True, description="send each prompt's seed (PromptInput.seed) as the request seed")
         extra_body: dict[str, Any] = Field(default_factory=dict,
                                            description="extra request fields, e.g. {'min_p': 0.05}")
+        choices: list[str] | None = Field(
+            None, min_length=1,
+            description="guided choice: every completion is one of these strings then EOS, as the built-in "
+                        "engine's choices; sent as choice_field; null = free text")
+        choice_field: Literal["structured_outputs", "guided_choice"] = Field(
+            "structured_outputs",
+            description="how choices travel: structured_outputs = {'structured_outputs': {'choice': [...]}} "
+                        "(vLLM >= 0.10.2, core.serve); guided_choice = {'guided_choice': [...]} (vLLM < 0.12, "
+                        "core.serve)")
         refresh_every: int | None = Field(None, ge=1, description="K: reload the server's weights every K steps")
         checkpoint_dir: str | None = Field(None, description="where refreshes save the policy (step-N folders)")
         reload_command: str | None = Field(
@@ -266,6 +283,10 @@ class OpenAIServerRollout(RolloutEngine):
             body["repetition_penalty"] = sampling.repetition_penalty
         if self.options.request_token_ids:
             body["return_token_ids"] = True
+        if self.options.choices:
+            choices = list(self.options.choices)
+            body.update({"structured_outputs": {"choice": choices}} if self.options.choice_field == "structured_outputs"
+                        else {"guided_choice": choices})
         body.update(self.options.extra_body)
         return body
 
@@ -331,6 +352,7 @@ class OpenAIServerRollout(RolloutEngine):
         """A server choice -> :class:`Completion` (ids from the server, else re-tokenised; see module doc)."""
         text = choice["message"].get("content") or ""
         finish = choice.get("finish_reason")
+        self._check_choice(text, finish)
         ids = choice.get("token_ids")
         if not (isinstance(ids, list) and all(isinstance(t, int) for t in ids)):
             ids = self._tokenize(text)
@@ -341,6 +363,18 @@ class OpenAIServerRollout(RolloutEngine):
             if eos and (not ids or ids[-1] not in eos):
                 ids.append(self._eos_token_id(eos))
         return Completion(ids=ids, text=text, truncated=finish == "length")
+
+    def _check_choice(self, text: str, finish: Any) -> None:
+        """A finished answer must be one of ``choices``: otherwise the server ignored the constraint."""
+        choices = self.options.choices
+        if not choices or finish != "stop" or text in choices or text.strip() in {c.strip() for c in choices}:
+            return
+        field = self.options.choice_field
+        other = "guided_choice" if field == "structured_outputs" else "structured_outputs"
+        raise ServerError(f"OpenAI-compatible server at {self.chat_url} answered {_snippet(text, 80)!r}, none of "
+                          f"rollout.options.choices {choices}: it ignored the guided choice sent as {field!r}. "
+                          "vLLM >= 0.12 takes only structured_outputs, vLLM < 0.10.2 only guided_choice (core.serve "
+                          f"both); try rollout.options.choice_field={other}")
 
     def _tokenizer(self) -> Any:
         proc = self.ctx.processor if self.ctx is not None else None
