@@ -409,3 +409,16 @@ def test_routed_rewards_get_the_time_limit_and_row_isolation_of_the_runner():
     finally:
         _Stuck.release.set()
         runner.close()
+
+
+class _Exits(Reward):
+    name = "exits"
+
+    def score(self, b):
+        raise SystemExit(0)
+
+
+def test_sys_exit_inside_score_stops_the_run_naming_the_reward():
+    """``sys.exit(0)`` in a reward is never "scored 0 and carry on" (a run trained on zeros would exit 0)."""
+    with pytest.raises(RewardError, match=r"reward 'x' \(.*_Exits\) called sys.exit\(0\) inside score\(\)"):
+        RewardRunner([spec("x", _Exits(), on_error="zero")])(batch(2))

@@ -358,6 +358,12 @@ class RewardRunner:
         if isinstance(own, int) and own > 0:  # failures the reward caught itself (a judge's on_failure: zero)
             out.errors += min(own, n)
             out.last_reason = f"the reward reported {own} completion(s) scored by its own fallback"
+        if isinstance(exc, SystemExit):
+            # A reward that ends the process is broken, not flaky: scoring its rows 0 would let the
+            # run "succeed" on no signal. The apps turn this into exit 1.
+            raise RewardError(f"reward {job.name!r} ({type(job.reward).__module__}.{type(job.reward).__qualname__}) "
+                              f"called sys.exit({exc.code!r}) inside score(); a reward must return its scores "
+                              "or raise an exception") from exc
         if exc is not None:
             self._fail(job, out, n, "exception", f"raised {type(exc).__name__}: {exc}", exc)
             return
