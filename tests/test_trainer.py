@@ -76,6 +76,11 @@ def test_outputs_are_written(full_run):
     assert (out / "reward_curve.png").stat().st_size > 1000
     assert any((out / "tensorboard").iterdir())
     assert "eval before training" in proc.stdout and "eval after training" in proc.stdout
+    # the backend is printed at start and recorded once in the output folder and in each checkpoint
+    assert "backend: single process (cpu)" in proc.stdout.splitlines()
+    assert json.loads((out / "backend.json").read_text())["description"] == "single process (cpu)"
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["backend"]["name"] == "single" and state["optimizer_per_rank"] is False
     # periodic checkpoints every 2 steps plus the final one; no temporary folder left behind
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2", "checkpoint-4"]
 

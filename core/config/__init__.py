@@ -280,6 +280,9 @@ class TrainConfig(Strict):
     shuffle: bool = Field(True, description="visit training prompts in a seeded random order each epoch; "
                           "false = in the task's order (for tasks that interleave classes)")
     gradient_checkpointing: bool = False
+    distributed_timeout_s: float | None = Field(
+        None, gt=0, description="seconds a collective waits for the other processes before the run fails "
+                                "(torch.distributed's timeout); null = accelerate's default (30 min gloo, 10 min nccl)")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @field_validator("lr_scheduler")

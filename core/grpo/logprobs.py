@@ -112,7 +112,11 @@ def selected_logprobs(
     = the last ``logits_to_keep`` positions, or all for 0), picks ``positions`` (indices into
     those ``S'``) and returns log-probs through :func:`head_logprobs`, so the full
     ``[B, S', vocab]`` logits never exist. The head is called inside the model's forward (as
-    ZeRO-3 parameter gathering and DDP expect). If the model does not route its logits through
+    ZeRO-3 parameter gathering and DDP expect), and its output — what the model returns as
+    ``logits`` — is those log-probs ``[B, K, 1]``: DeepSpeed ZeRO-3 re-gathers the head's
+    sharded weight for backward from a hook on that output, so the gradient must flow through
+    it (a model that changes its logits after the head, e.g. soft-capping, gets the log-probs
+    from the head directly instead). If the model does not route its logits through
     ``get_output_embeddings()``, the ordinary logits are used instead.
     """
     head = _unwrap(model).get_output_embeddings()
@@ -125,7 +129,7 @@ def selected_logprobs(
         lp = head_logprobs(orig, h.reshape(-1, h.shape[-1]), targets.reshape(-1).to(hidden.device), temperature,
                            budget_bytes, vocab)
         got["lp"] = lp.view(positions.shape)
-        return hidden.new_zeros(*hidden.shape[:-1], 0)  # what the model sees as logits: nothing
+        return got["lp"].unsqueeze(-1)  # what the model returns as logits: the log-probs, one per position
 
     orig = head.forward
     own = head.__dict__.get("forward")  # an instance-level forward (hooks of other libraries) to restore
@@ -138,6 +142,10 @@ def selected_logprobs(
         else:
             head.forward = own
     if "lp" in got:
+        carried = getattr(out, "logits", None)
+        if isinstance(carried, torch.Tensor) and carried.shape == (*positions.shape, 1) \
+                and torch.equal(carried[..., 0].detach(), got["lp"].detach()):
+            return carried[..., 0]  # through the model's output (and any hook on the head's output)
         return got["lp"]
     logits = out.logits  # the head was bypassed: fall back to the materialised logits
     rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(1).expand_as(positions)

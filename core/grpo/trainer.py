@@ -39,10 +39,25 @@ from core.grpo.update import Policy, policy_update
 from core.interfaces import RewardBatch, RolloutContext, Sample, SamplingParams
 from core.plugins.plan import Plan
 from core.plugins.registry import Registry
-from core.runtime.checkpoint import load_trainer_state, resolve_resume, save_checkpoint, set_rng_state
+from core.runtime.checkpoint import (
+    CheckpointError,
+    load_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+    set_rng_state,
+)
+from core.runtime.distributed import (
+    ZeroOptimizerState,
+    backend_of,
+    build_accelerator,
+    check_backend,
+    fill_deepspeed_config,
+    whole_weights_for_generation,
+    write_backend,
+)
 from core.runtime.evaluator import eval_line, evaluate, training_result
 from core.runtime.generation import completion_record, generate_groups, runs_of
-from core.runtime.loader import ModelBundle, load_policy
+from core.runtime.loader import ModelBundle, load_policy, resolve_dtype
 from core.runtime.reward_runner import build_reward_runner
 from core.runtime.runlog import MetricsWriter, plot_rewards
 
@@ -56,13 +71,18 @@ class GRPOTrainer:
     """Set-up in ``__init__`` (data first, then models, optimizer, rewards, engine); :meth:`fit` trains."""
 
     def __init__(self, plan: Plan, registry: Registry) -> None:
-        from accelerate import Accelerator
         from transformers import get_scheduler
 
         self.plan, self.registry = plan, registry
         cfg = self.cfg = plan.config
         self.device = plan.device.cls.from_options(plan.options.get("device"))
-        self.accelerator = acc = Accelerator(cpu=self.device.torch_device().type == "cpu")
+        # The backend `accelerate launch` asked for (DeepSpeed, FSDP2, DDP), or a ConfigError: never
+        # a quiet fallback to DDP. The model's dtype decides DeepSpeed's precision.
+        dtype = resolve_dtype(cfg.model.dtype, self.device, self.device.torch_device().type)
+        self.accelerator = acc = build_accelerator(self.device, dtype=dtype, timeout_s=cfg.train.distributed_timeout_s)
+        self.backend = backend_of(acc)
+        check_backend(self.backend)
+        acc.print(f"backend: {self.backend.describe()}")
         self.rank, self.world = acc.process_index, acc.num_processes
         self.out_dir = Path(cfg.logging.output_dir)
         self.G = cfg.grpo.num_generations
@@ -91,11 +111,17 @@ class GRPOTrainer:
         # which is right only for data-parallel dataloaders it shards itself.
         scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
                                   num_training_steps=cfg.train.max_steps * cfg.grpo.num_iterations)
-        _configure_deepspeed(acc, cfg)
+        _configure_deepspeed(acc, cfg, self.bundle.model)
         model, optimizer = acc.prepare(self.bundle.model, optimizer)
         self.bundle.model = model
+        # prepare may replace parameters (FSDP2 shards them into new DTensor parameters): clip those.
+        trainable = [p for p in model.parameters() if p.requires_grad]
         self.policy = Policy(cfg, acc, model, self.bundle, optimizer, scheduler, trainable,
                              cfg.train.per_device_batch_size)
+        # ZeRO shards the optimizer state over the processes: each saves and restores its own shard.
+        self.optimizer_per_rank = self.backend.name == "deepspeed"
+        self.optimizer_state: Any = ZeroOptimizerState(optimizer, self.rank, self.world) \
+            if self.optimizer_per_rank else optimizer
 
         self.rewards = build_reward_runner(plan, registry)
         self.engine = registry.create("rollouts", cfg.rollout.name, plan.options["rollout"])
@@ -194,12 +220,15 @@ class GRPOTrainer:
         resampled = 0
         for rnd in range(rounds + 1):
             idx = [i for i, (k, _) in enumerate(slots) if k in pending]
-            if idx:
-                groups, counts, firsts = runs_of([slots[i] for i in idx])
-                seeds = [((cfg.train.seed * 1_000_003 + step) * 101 + rnd) * 10_007 + k for k in groups]
-                with batch.timed("rollout"):
+            part = None
+            # Every rank enters (a ZeRO-3 gather is a collective), also one with nothing to regenerate.
+            with batch.timed("rollout"), whole_weights_for_generation(acc, self.policy.model):
+                if idx:
+                    groups, counts, firsts = runs_of([slots[i] for i in idx])
+                    seeds = [((cfg.train.seed * 1_000_003 + step) * 101 + rnd) * 10_007 + k for k in groups]
                     part = generate_groups(self.bundle, self.engine, [self.train_set[prompt_ids[k]] for k in groups],
                                            counts, self.sampling, seeds, firsts)
+            if part is not None:
                 with batch.timed("rewards"):
                     part_res = self.rewards(RewardBatch(part.items))
                 _splice(batch, idx, part, part_res)
@@ -285,9 +314,11 @@ class GRPOTrainer:
         """Greedy evaluation of the eval split with the one evaluator; printed and kept for ``eval.json``."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        result = evaluate(self.plan, self.registry, self.bundle, self.engine, self.eval_set,
-                          max_new_tokens=cfg.eval.max_new_tokens or cfg.grpo.max_completion_length,
-                          batch_size=cfg.eval.batch_size, progress=False, accelerator=self.accelerator)
+        # Evaluation shards may be uneven: under ZeRO-3 the weights are gathered once for all of it.
+        with whole_weights_for_generation(self.accelerator, self.policy.model):
+            result = evaluate(self.plan, self.registry, self.bundle, self.engine, self.eval_set,
+                              max_new_tokens=cfg.eval.max_new_tokens or cfg.grpo.max_completion_length,
+                              batch_size=cfg.eval.batch_size, progress=False, accelerator=self.accelerator)
         res = training_result(result)
         res["seconds"] = round(time.perf_counter() - t0, 3)
         self.accelerator.print(eval_line(label, res))
@@ -304,14 +335,16 @@ class GRPOTrainer:
                 self.bundle.processor.save_pretrained(folder)
 
         state = {"data_position": step * self.prompts_per_step, "eval": self.eval_result,
-                 "config": self.cfg.model_dump(mode="json"), "num_processes": self.world}
+                 "config": self.cfg.model_dump(mode="json"), "num_processes": self.world,
+                 "backend": self.backend.as_dict()}
         if metrics is not None:
             # The step's metrics line is written after its checkpoint: a crash in between is
             # repaired on resume from this copy, so no step's line is ever lost.
             state["metrics"] = {k: v for k, v in metrics.items() if k != "timing/save_s"}
-        save_checkpoint(self.out_dir, step, save_model=save_model, optimizer=self.policy.optimizer,
+        save_checkpoint(self.out_dir, step, save_model=save_model, optimizer=self.optimizer_state,
                         scheduler=self.policy.scheduler, state=state, keep_last=self.cfg.checkpoint.keep_last,
-                        is_main=acc.is_main_process)
+                        is_main=acc.is_main_process, rank=self.rank, optimizer_per_rank=self.optimizer_per_rank,
+                        barrier=acc.wait_for_everyone)
         acc.wait_for_everyone()
 
     # ---- start and end -------------------------------------------------------------------------
@@ -320,8 +353,10 @@ class GRPOTrainer:
         acc, cfg = self.accelerator, self.cfg
         start = 0
         if self.resume_from is not None:
-            blob, meta = load_trainer_state(self.resume_from, verify=False)  # verified in resolve_resume
-            self.policy.optimizer.load_state_dict(blob["optimizer"])
+            # verified in resolve_resume; a sharded optimizer gives each process its own shard
+            blob, meta = load_trainer_state(self.resume_from, verify=False, rank=self.rank)
+            self._check_optimizer_layout(meta)
+            self.optimizer_state.load_state_dict(blob["optimizer"])
             self.policy.scheduler.load_state_dict(blob["scheduler"])
             set_rng_state(blob["rng"])
             start = int(meta["step"])
@@ -338,7 +373,24 @@ class GRPOTrainer:
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
+            write_backend(self.out_dir, self.backend)
         return start
+
+    def _check_optimizer_layout(self, meta: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose optimizer state cannot fit this run's (also under ``--resume-force``).
+
+        A whole optimizer state (one process, DDP) and ZeRO's per-process shards do not convert
+        into each other, and a shard fits only the same ZeRO stage on the same number of processes.
+        """
+        saved = meta.get("backend") or {"name": "single" if meta.get("num_processes", 1) == 1 else "ddp"}
+        layout = (bool(meta.get("optimizer_per_rank")), saved.get("zero_stage"), meta.get("num_processes"))
+        mine = (self.optimizer_per_rank, self.backend.zero_stage, self.world)
+        if layout[0] != mine[0] or (mine[0] and layout != mine):
+            was = saved.get("description", f"{saved['name']}, {meta.get('num_processes', '?')} processes")
+            raise CheckpointError(
+                f"checkpoint {self.resume_from} was saved under {was}; its optimizer state does not fit "
+                f"{self.backend.describe()}: resume under the backend and number of processes it was saved with, or "
+                f"start a fresh run from its weights (model.path={self.resume_from})")
 
     def finish(self) -> None:
         """Write ``eval.json`` and the reward curve, release rewards and engine, end accelerate."""
@@ -376,8 +428,8 @@ def _splice(batch: StepBatch, idx: list[int], part: Any, part_res: Any) -> None:
             res.metrics[key] = res.metrics.get(key, 0.0) + val
 
 
-def _configure_deepspeed(accelerator: Any, cfg: Any) -> None:
-    """Fill the DeepSpeed config's batch fields from the run config (untested: no GPU here).
+def _configure_deepspeed(accelerator: Any, cfg: Any, model: Any) -> None:
+    """Fill the DeepSpeed config's ``auto`` fields from the run config and the model.
 
     There is no dataloader for accelerate to read ``train_micro_batch_size_per_gpu`` from.
     Every ``accelerator.backward`` steps the DeepSpeed engine, so each optimizer update must be
@@ -390,12 +442,9 @@ def _configure_deepspeed(accelerator: Any, cfg: Any) -> None:
     if cfg.train.gradient_accumulation_steps != 1:
         raise ConfigError("train.gradient_accumulation_steps must be 1 under DeepSpeed (each backward steps the "
                           "DeepSpeed engine); raise train.per_device_batch_size or the number of processes instead")
-    ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    ds["train_micro_batch_size_per_gpu"] = cfg.train.per_device_batch_size
-    ds["gradient_accumulation_steps"] = 1
-    ds["train_batch_size"] = cfg.train.per_device_batch_size * accelerator.num_processes
-    if ds.get("gradient_clipping", "auto") == "auto":
-        ds["gradient_clipping"] = cfg.train.max_grad_norm or 0.0
+    fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, model,
+                          micro_batch_size=cfg.train.per_device_batch_size, num_processes=accelerator.num_processes,
+                          max_grad_norm=cfg.train.max_grad_norm)
 
 
 def _nanmean(x: torch.Tensor) -> float:

@@ -8,6 +8,10 @@ adapter under LoRA) plus the trainer state:
 - ``trainer_state.json``: the step, data position, run config and the non-tensor rest of
   those states (tensors are referenced by key). Loading it is JSON parsing plus safetensors,
   so a planted object cannot execute (the old pickled ``trainer_state.pt`` could);
+- ``optimizer_rank<r>.json`` + ``optimizer_rank<r>.safetensors``, one pair per process, in place of
+  the optimizer entry of the trainer state when the optimizer state is sharded over the processes
+  (DeepSpeed ZeRO): each rank writes and, on resume, reads back its own shard, in the same
+  pickle-free JSON + safetensors form;
 - ``manifest.json`` (written last): the size and SHA-256 of every other file. A checkpoint
   counts as complete only if every listed file exists with its size; resume also checks
   the hashes and refuses a checkpoint whose files do not match.
@@ -42,6 +46,7 @@ CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 ASIDE_RE = re.compile(r"^\.checkpoint-(\d+)\.(tmp|old|del)$")
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+RANK_OPTIMIZER = "optimizer_rank{rank}"  # + .json / .safetensors: one optimizer shard per process
 MANIFEST = "manifest.json"
 LEGACY_PT = "trainer_state.pt"
 FORMAT = 2  # trainer-state format; 1 was the pickled trainer_state.pt
@@ -254,31 +259,45 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int,
     is_main: bool = True,
+    rank: int = 0,
+    optimizer_per_rank: bool = False,
+    barrier: Callable[[], None] | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` crash-safely; prune to the last ``keep_last``.
 
     ``save_model(folder)`` writes the transformers/PEFT files (it may gather sharded
-    weights, so every process calls this function; only the main one writes). A write
-    failure (disk full, quota, I/O error) removes the temporary folder and raises a
-    :class:`CheckpointError` with one line saying what happened.
+    weights, so every process calls this function; only the main one writes). With
+    ``optimizer_per_rank`` (a sharded optimizer: DeepSpeed ZeRO) every process writes its own
+    ``optimizer_rank<rank>`` shard; ``barrier`` (all processes) then orders the folder's creation,
+    the shards and the manifest. A write failure (disk full, quota, I/O error) removes the
+    temporary folder and raises a :class:`CheckpointError` with one line saying what happened.
     """
+    from safetensors.torch import save_file
+
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f".checkpoint-{step}.tmp"
+    wait = barrier or (lambda: None)
     try:
         if is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         save_model(tmp)
+        if optimizer_per_rank:
+            wait()  # the main process has created tmp
+            shard, shard_tensors = flatten_state(optimizer.state_dict())
+            name = RANK_OPTIMIZER.format(rank=rank)
+            save_file(shard_tensors, str(tmp / f"{name}.safetensors"))
+            _write_synced(tmp / f"{name}.json", json.dumps({"format": FORMAT, "rank": rank, "state": shard},
+                                                           indent=1, default=str).encode())
+            wait()  # every shard is written before the manifest lists the folder's files
         if not is_main:
             return final
-        data, tensors = flatten_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                       "rng": rng_state()})
-        from safetensors.torch import save_file
-
+        whole = {} if optimizer_per_rank else {"optimizer": optimizer.state_dict()}
+        data, tensors = flatten_state({**whole, "scheduler": scheduler.state_dict(), "rng": rng_state()})
         save_file(tensors, str(tmp / STATE_TENSORS))
-        meta = {"format": FORMAT, "step": step, **state, "state": data}
+        meta = {"format": FORMAT, "step": step, **state, "optimizer_per_rank": optimizer_per_rank, "state": data}
         _write_synced(tmp / STATE_JSON, json.dumps(meta, indent=1, default=str).encode())
         _fsync_tree(tmp)
         write_manifest(tmp)
@@ -365,11 +384,14 @@ def _fsync_dir(folder: Path) -> None:
 
 
 # ---- load -------------------------------------------------------------------------------
-def load_trainer_state(ckpt: str | Path, *, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_trainer_state(ckpt: str | Path, *, verify: bool = True,
+                       rank: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(state with optimizer/scheduler/rng, metadata with step, data position, config ...)``.
 
     Nothing here unpickles: the state is JSON plus safetensors. With ``verify`` every file is
     checked against the manifest first (sizes and SHA-256); a mismatch is a :class:`CheckpointError`.
+    A checkpoint whose optimizer is sharded (``meta["optimizer_per_rank"]``) gives process
+    ``rank`` its own shard as ``state["optimizer"]``.
     """
     ckpt = Path(ckpt)
     if verify:
@@ -386,9 +408,30 @@ def load_trainer_state(ckpt: str | Path, *, verify: bool = True) -> tuple[dict[s
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "state" not in meta:
         raise CheckpointError(f"checkpoint {ckpt}: {STATE_JSON} is not a vlmr1 trainer state of format {FORMAT}")
     state = unflatten_state(meta.pop("state"), tensors)
+    if isinstance(state, dict) and meta.get("optimizer_per_rank"):
+        state["optimizer"] = _load_rank_optimizer(ckpt, rank, meta.get("num_processes"))
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
         raise CheckpointError(f"checkpoint {ckpt}: the trainer state lacks optimizer/scheduler/rng")
     return state, meta
+
+
+def _load_rank_optimizer(ckpt: Path, rank: int, saved_processes: Any) -> Any:
+    """Process ``rank``'s optimizer shard (JSON + safetensors, like the trainer state)."""
+    from safetensors.torch import load_file
+
+    name = RANK_OPTIMIZER.format(rank=rank)
+    if not (ckpt / f"{name}.json").is_file():
+        raise CheckpointError(f"checkpoint {ckpt}: no optimizer shard for process {rank} ({name}.json); it was saved "
+                              f"by {saved_processes} processes with a sharded optimizer: resume with as many")
+    try:
+        shard = json.loads((ckpt / f"{name}.json").read_text())
+        tensors = load_file(str(ckpt / f"{name}.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: cannot read the optimizer shard {name}: {exc}") from None
+    if not isinstance(shard, dict) or (shard.get("format"), shard.get("rank")) != (FORMAT, rank) \
+            or "state" not in shard:
+        raise CheckpointError(f"checkpoint {ckpt}: {name}.json is not a vlmr1 optimizer shard of process {rank}")
+    return unflatten_state(shard["state"], tensors)
 
 
 # ---- resume -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from core.config import ConfigError, RunConfig
+from core.runtime.distributed import whole_weights_loading
 
 if TYPE_CHECKING:
     import torch
@@ -197,6 +198,7 @@ def load_policy(plan: Plan, registry: Registry, *, phase: Phase, checkpoint: str
     dtype = resolve_dtype(cfg.model.dtype, device_obj, torch.device(device).type)
     attn = resolve_attention(cfg.model.attn_implementation, device_obj, dtype)
     model = family.load_model(weights, dtype=dtype, attn_implementation=attn)
+    _keep_used_conversions(model)
     lora = phase == "train" and cfg.train.mode == "lora"
     ref = None
     if phase == "infer":
@@ -215,7 +217,9 @@ def load_policy(plan: Plan, registry: Registry, *, phase: Phase, checkpoint: str
     else:
         model = apply_training_mode(model, family, cfg)
     if phase == "train" and reference and not lora:
-        ref = family.load_model(base, dtype=dtype, attn_implementation=attn)
+        # Under ZeRO-3 a whole frozen copy per process: DeepSpeed never gets the reference to shard.
+        with whole_weights_loading(accelerator):
+            ref = family.load_model(base, dtype=dtype, attn_implementation=attn)
         ref.requires_grad_(False)
         ref.eval()
         ref.to(device)
@@ -230,6 +234,19 @@ def _build_tiny(plan: Plan, path: str, accelerator: Any) -> None:
     with ctx:
         if not Path(path, "config.json").is_file():
             plan.model_family.cls.build_tiny_checkpoint(path, **plan.config.model.tiny)
+
+
+def _keep_used_conversions(model: Any) -> None:
+    """Keep only the checkpoint-key renamings the load used, as transformers' ordinary load does.
+
+    ``save_pretrained`` reverts them to write the checkpoint's original key names. transformers'
+    ZeRO-3 load keeps every candidate renaming instead (legacy and prefix rules included), and
+    reverting those writes keys such as ``model.model.layers.0...`` that no load finds: a ZeRO-3
+    checkpoint would not reload. Filtering makes both loads save the same names.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if isinstance(conversions, list) and all(hasattr(c, "was_used") for c in conversions):
+        model._weight_conversions = [c for c in conversions if c.was_used()]
 
 
 def _device_type(dev: Any) -> str:
