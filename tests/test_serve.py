@@ -70,14 +70,15 @@ def local(tiny_ckpt):
     """The same checkpoint in process, with the built-in rollout engine, one prompt per call."""
     import torch
 
-    fam = _family_cls()()
-    model = fam.load_model(tiny_ckpt, dtype=torch.float32)
-    model.eval()
-    proc = fam.load_processor(tiny_ckpt)
+    from core.plugins.builtin.cpu import CPUDevice
+    from core.runtime.loader import load_checkpoint
+
+    # Loaded as the server loads it (the one loader), so both sides run the same weights and dtype.
+    b = load_checkpoint(tiny_ckpt, _family_cls()(), CPUDevice())
     eng = TransformersRollout.from_options({"prompt_batch_size": 1})
-    eng.setup(RolloutContext(model=model, processor=proc, family=fam, device=torch.device("cpu"),
-                             suppressed_token_ids=fam.suppressed_token_ids(proc, model)))
-    return fam, proc, eng
+    eng.setup(RolloutContext(model=b.model, processor=b.processor, family=b.family, device=torch.device("cpu"),
+                             suppressed_token_ids=b.suppressed))
+    return b.family, b.processor, eng
 
 
 def _images():

@@ -55,12 +55,14 @@ def builtin(tiny_ckpt):
     """``expected(messages, images, choices)``: the built-in engine's greedy answer, one prompt per call."""
     import torch
 
-    fam = _family_cls()()
-    model = fam.load_model(tiny_ckpt, dtype=torch.float32)
-    model.eval()
-    proc = fam.load_processor(tiny_ckpt)
-    ctx = RolloutContext(model=model, processor=proc, family=fam, device=torch.device("cpu"),
-                         suppressed_token_ids=fam.suppressed_token_ids(proc, model))
+    from core.plugins.builtin.cpu import CPUDevice
+    from core.runtime.loader import load_checkpoint
+
+    # Loaded as the server loads it (the one loader), so both sides run the same weights and dtype.
+    b = load_checkpoint(tiny_ckpt, _family_cls()(), CPUDevice())
+    fam, proc = b.family, b.processor
+    ctx = RolloutContext(model=b.model, processor=proc, family=fam, device=torch.device("cpu"),
+                         suppressed_token_ids=b.suppressed)
 
     def expected(messages, images, choices=None, max_new_tokens=12):
         eng = TransformersRollout.from_options({"prompt_batch_size": 1, "choices": choices})
