@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from core import __version__
+from core.testing.procs import run_command
 
 SITE = Path(__file__).parent / "fixtures" / "site"
 
@@ -21,8 +22,8 @@ SITE = Path(__file__).parent / "fixtures" / "site"
 def run_plugins(*args: str) -> subprocess.CompletedProcess:
     path = [str(SITE), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-    return subprocess.run([sys.executable, "-m", "core.plugins", "list", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return run_command([sys.executable, "-m", "core.plugins", "list", *args], capture_output=True, text=True,
+                       env=env, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,8 @@ def test_list_json_shows_failed_and_refused_plugins(listing):
     assert fx["status"] == "loaded" and fx["error"] is None
     assert fx["components"] == {"rewards": ["dup"], "tasks": ["fixture_colours"]}
     assert fx["hooks"] == ["vlmr1_register_rewards", "vlmr1_register_tasks"]
-    assert plugins["vlmr1"]["components"] == {"rewards": ["accuracy"], "devices": ["cpu"], "rollouts": ["transformers"]}
+    assert plugins["vlmr1"]["components"] == {"rewards": ["accuracy"], "devices": ["cpu"], "rollouts": ["transformers"],
+                                              "tasks": ["mixture"]}
 
 
 def test_list_json_component_index_marks_ambiguous_names(listing):
@@ -110,8 +112,8 @@ def test_list_errors_exit_nonzero(args, message):
 
 
 def run_build_tiny(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "core.plugins", "build-tiny", *args], capture_output=True, text=True,
-                          timeout=300)
+    return run_command([sys.executable, "-m", "core.plugins", "build-tiny", *args], capture_output=True, text=True,
+                       timeout=300)
 
 
 def test_build_tiny_writes_a_family_checkpoint(tmp_path):

@@ -99,7 +99,7 @@ def test_plugin_host_fixture_has_only_builtins(plugin_host):
     assert isinstance(plugin_host, PluginHost)
     assert [i.distribution for i in plugin_host.infos] == ["vlmr1"]
     assert {e.qualified for e in plugin_host.registry.entries()} == {
-        "vlmr1:accuracy", "vlmr1:cpu", "vlmr1:transformers"}
+        "vlmr1:accuracy", "vlmr1:cpu", "vlmr1:transformers", "vlmr1:mixture"}
 
 
 def test_register_plugin_fixture(register_plugin, plugin_host):

@@ -187,8 +187,16 @@ class Registry:
         return self.resolve(kind, ref).cls
 
     def create(self, kind: str, ref: str, options: dict[str, Any] | None = None) -> Any:
-        """Instantiate ``ref`` with its options validated against its ``Options`` model."""
-        return self.get(kind, ref).from_options(options)
+        """Instantiate ``ref`` with its options validated against its ``Options`` model.
+
+        A component that builds other components itself (the ``mixture`` task) defines
+        ``bind_registry(registry)``; it is called here with this registry.
+        """
+        inst = self.get(kind, ref).from_options(options)
+        bind = getattr(inst, "bind_registry", None)
+        if callable(bind):
+            bind(self)
+        return inst
 
 
 def normalize_dist(name: str) -> str:

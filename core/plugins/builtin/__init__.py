@@ -1,4 +1,4 @@
-"""Core's built-in plugin: the CPU device, the transformers rollout engine, the ``accuracy`` router.
+"""Core's built-in plugin: CPU device, transformers rollout engine, ``accuracy`` router, ``mixture`` task.
 
 An ordinary plugin like any ``vlmr1-plugin-*`` (it imports only ``core.hookspecs`` and
 ``core.interfaces``), registered by the plugin host first, as the distribution ``vlmr1``.
@@ -31,3 +31,11 @@ def vlmr1_register_rewards(register) -> None:
     from core.plugins.builtin.accuracy import AccuracyRouter
 
     register(AccuracyRouter)
+
+
+@hookimpl
+def vlmr1_register_tasks(register) -> None:
+    """The ``mixture`` task (several tasks as one)."""
+    from core.plugins.builtin.mixture import TaskMixture
+
+    register(TaskMixture)

@@ -61,6 +61,10 @@ class ShapesImage:
     size: int
     background: tuple[int, int, int]
     objects: tuple[tuple[tuple[int, int, int], str, tuple[int, int, int, int]], ...]
+    #: ``shifted`` domain: diagonal stripes of ``stripe`` over the background every 6 px, and
+    #: objects drawn as outlines ``outline`` px wide (0 = filled). Boxes are unchanged.
+    stripe: tuple[int, int, int] | None = None
+    outline: int = 0
 
     def __call__(self):
         """Render the image (RGB, ``size`` x ``size``)."""
@@ -68,14 +72,38 @@ class ShapesImage:
 
         img = Image.new("RGB", (self.size, self.size), self.background)
         draw = ImageDraw.Draw(img)
+        if self.stripe is not None:
+            for k in range(-self.size, self.size, 6):
+                draw.line((k, 0, k + self.size, self.size), fill=self.stripe, width=2)
         for rgb, shape, (x1, y1, x2, y2) in self.objects:
             # PIL's boxes are inclusive on both ends; ours are exclusive at x2/y2.
             xy = (x1, y1, x2 - 1, y2 - 1)
+            kw = {"outline": rgb, "width": self.outline} if self.outline else {"fill": rgb}
             if shape == "square":
-                draw.rectangle(xy, fill=rgb)
+                draw.rectangle(xy, **kw)
             else:
-                draw.ellipse(xy, fill=rgb)
+                draw.ellipse(xy, **kw)
         return img
+
+
+#: Expression kinds of ``expressions`` (train/eval): the training phrase and the relational ones.
+EXPRESSION_KINDS = ("colour_shape", "only_shape", "left_of", "not_the", "largest")
+#: The ``shifted`` visual domain's background and stripe colours.
+SHIFTED_BACKGROUND, SHIFTED_STRIPE = (40, 44, 60), (70, 76, 96)
+
+
+def shifted_rgb(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The ``shifted`` domain's muted shade of an object colour (same hue family, less saturated)."""
+    return tuple(int(0.7 * c + 50) for c in rgb)  # type: ignore[return-value]
+
+
+def render(size: int, background: str, objects: Sequence[ShapeObject], domain: str) -> ShapesImage:
+    """The image loader of ``objects`` in the ``default`` or ``shifted`` visual domain."""
+    if domain == "shifted":
+        return ShapesImage(size, SHIFTED_BACKGROUND,
+                           tuple((shifted_rgb(colour_rgb(ob.colour)), ob.shape, ob.box) for ob in objects),
+                           stripe=SHIFTED_STRIPE, outline=max(2, (objects[0].box[2] - objects[0].box[0]) // 4))
+    return ShapesImage(size, colour_rgb(background), tuple((colour_rgb(ob.colour), ob.shape, ob.box) for ob in objects))
 
 
 class SyntheticGrounding(TaskFormat):
@@ -115,6 +143,13 @@ class SyntheticGrounding(TaskFormat):
         ood_background: str = Field("#202020", description="ood_visual: the unseen background colour (dark gray; "
                                                            "a mid gray makes a black-trained tiny model write no "
                                                            "box at all)")
+        expressions: list[Literal["colour_shape", "only_shape", "left_of", "not_the", "largest"]] = Field(
+            default_factory=lambda: ["colour_shape"], min_length=1,
+            description="train/eval referring expressions, one drawn per sample: colour_shape 'the green circle', "
+                        "only_shape 'the only circle', left_of, not_the, largest 'the largest object'")
+        domain: Literal["default", "shifted"] = Field(
+            "default", description="shifted: a new visual domain (striped blue-gray background, outlined objects, "
+                                   "muted colours) for every split")
 
         @field_validator("colours")
         @classmethod
@@ -172,6 +207,10 @@ class SyntheticGrounding(TaskFormat):
             return f"<think>I look for the object.</think><answer>{text}</answer>"
         return text
 
+    def splits(self) -> tuple[str, ...]:
+        """``train``, ``eval`` and the held-out ``ood_reasoning`` / ``ood_visual``."""
+        return SPLITS
+
     def load(self, split: str = "train") -> Sequence[Sample]:
         """The samples of ``split`` (see :data:`SPLITS`), generated lazily and deterministically."""
         split = canonical_split(split, SPLITS)
@@ -205,7 +244,8 @@ class SyntheticGrounding(TaskFormat):
         objects = [self._object(rng, *pairs[int(p)], int(c)) for p, c in zip(chosen, cells, strict=True)]
         return objects, int(rng.integers(k))
 
-    def reasoning_layout(self, index: int) -> tuple[list[ShapeObject], int, str, str]:
+    def reasoning_layout(self, index: int, split: str = "ood_reasoning",
+                         kinds: Sequence[str] | None = None) -> tuple[list[ShapeObject], int, str, str]:
         """One ``ood_reasoning`` sample: objects, target index, question and expression kind.
 
         ``only_shape``: exactly one object has the target's shape ("Locate the only circle.").
@@ -216,9 +256,17 @@ class SyntheticGrounding(TaskFormat):
         training images; ``only_shape`` needs two shapes and falls back to ``left_of``.
         """
         o = self.options
-        rng = sample_rng(o.seed, "ood_reasoning", index)
-        kinds = [k for k in REASONING_KINDS if k != "only_shape" or len(o.shapes) > 1]
+        if split == "ood_reasoning":
+            rng = sample_rng(o.seed, "ood_reasoning", index)
+        else:  # train/eval with `expressions`: stream 2, apart from the colour_shape layouts
+            rng = sample_rng(o.seed, split, index, stream=2)
+        kinds = [k for k in (kinds or REASONING_KINDS) if k != "only_shape" or len(o.shapes) > 1] or ["left_of"]
         kind = kinds[int(rng.integers(len(kinds)))]
+        if kind == "colour_shape":
+            objects, t = self.layout(split, index)
+            return objects, t, o.prompt.format(colour=objects[t].colour, shape=objects[t].shape), kind
+        if kind == "largest":
+            return self._largest_layout(rng)
         k = 2 if kind == "not_the" else max(2, o.num_objects)
         k = min(k, o.grid**2, len(o.colours) * len(o.shapes))
         if kind == "only_shape":
@@ -252,11 +300,32 @@ class SyntheticGrounding(TaskFormat):
         order = [int(i) for i in rng.permutation(len(objects))]
         return [objects[i] for i in order], order.index(0), question, kind
 
+    def _largest_layout(self, rng) -> tuple[list[ShapeObject], int, str, str]:
+        """``largest``: the target at full ``object_size``, the others at most 2/3 of it."""
+        o = self.options
+        k = min(max(2, o.num_objects), o.grid**2, len(o.colours) * len(o.shapes))
+        all_pairs = [(c, s) for c in o.colours for s in o.shapes]
+        pairs = [all_pairs[int(i)] for i in rng.choice(len(all_pairs), size=k, replace=False)]
+        cells = [int(c) for c in rng.choice(o.grid**2, size=k, replace=False)]
+        full = self.object_size
+        small = max(1, (2 * full) // 3)
+        objects = []
+        for j, ((c, s), cell) in enumerate(zip(pairs, cells, strict=True)):
+            side = full if j == 0 else int(rng.integers(max(1, small // 2), small + 1))
+            row, col = divmod(cell, o.grid)
+            dx, dy = (int(v) for v in rng.integers(0, self.cell_size - side + 1, size=2))
+            x1, y1 = col * self.cell_size + dx, row * self.cell_size + dy
+            objects.append(ShapeObject(c, s, (x1, y1, x1 + side, y1 + side)))
+        order = [int(i) for i in rng.permutation(k)]
+        return [objects[i] for i in order], order.index(0), "Locate the largest object.", "largest"
+
     def _sample(self, split: str, index: int) -> Sample:
         o = self.options
         kind = "colour_shape"
         if split == "ood_reasoning":
             objects, t, question, kind = self.reasoning_layout(index)
+        elif split in ("train", "eval") and o.expressions != ["colour_shape"]:
+            objects, t, question, kind = self.reasoning_layout(index, split, o.expressions)
         else:
             objects, t = self.layout(split, index)
             question = o.prompt.format(colour=objects[t].colour, shape=objects[t].shape)
@@ -267,8 +336,7 @@ class SyntheticGrounding(TaskFormat):
         text = {"type": "text", "text": question}
         image = {"type": "image"}
         content = [text, image] if o.text_position == "before_image" else [image, text]
-        loader = ShapesImage(o.image_size, colour_rgb(background),
-                             tuple((colour_rgb(ob.colour), ob.shape, ob.box) for ob in objects))
+        loader = render(o.image_size, background, objects, o.domain)
         return Sample(
             id=f"{self.name}/{split}/{index:06d}",
             images=[loader],
@@ -283,6 +351,7 @@ class SyntheticGrounding(TaskFormat):
                 "target_index": t,
                 "expression": kind,
                 "background": background,
+                "domain": o.domain,
                 "box_convention": "pixels, inclusive-exclusive [x1, y1, x2, y2]",
                 "image_sizes": [(o.image_size, o.image_size)],
                 "reference_completion": self.format_answer(target.box),
