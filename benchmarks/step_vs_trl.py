@@ -15,6 +15,13 @@ How the comparison is kept fair:
   and the other side is blocked meanwhile. Load from other users of the machine then hits both
   sides alike; the parent alternates which side goes first. Threads are pinned
   (``--threads``, default all cores) with ``torch.set_num_threads`` and ``OMP_NUM_THREADS``.
+* What is timed is what a user's run costs. vlmr1's side is ``python -m core.train --config
+  FILE`` itself (the CLI entry, logging at its defaults: TensorBoard, ``completions.jsonl``
+  every 10 steps; no eval, no checkpoints); a step's window runs from before its batch is
+  built to after its metrics line is written, so it holds the run's own ``step_time_s`` (data
+  preparation, rollout, reward threads, advantages, update, sync, metrics, RSS probe) plus the
+  logging after it, both reported. TRL's window is the same: from before the Trainer fetches
+  the step's batch to after its ``on_log``.
 * The first ``--warmup`` steps are dropped. Reported: per side the median and minimum of the
   measured steps, the **paired-median ratio** (median over steps of vlmr1_i / trl_i, each
   pair taken back to back) and the **ratio of minima**; below 1 = vlmr1 faster / smaller.
@@ -134,11 +141,21 @@ class Baton:
 
 # ---- the two sides -------------------------------------------------------------------------
 def run_vlmr1(args, cfg: dict[str, Any], ckpt: str, out: str, baton: Baton) -> dict:
-    import core.grpo.trainer as trainer
-    from core.config import build_config
-    from core.plugins.plan import make_plan
-    from core.runtime.runlog import MetricsWriter
+    """A user's ``python -m core.train --config FILE`` run (the CLI entry, default logging), lock-stepped.
 
+    The baton waits for ``GO`` where :meth:`GRPOTrainer.fit` creates the step's batch (before
+    the trainer's own ``step_time_s`` clock starts) and reports after the step's ``phase_log``:
+    the window is the whole loop iteration a user pays for, i.e. ``step_time_s`` (rollout with
+    data preparation, rewards on their threads, advantages, update, sync, metrics gathered, RSS
+    probe) plus the metrics line, TensorBoard scalars and the ``completions.jsonl`` dump every
+    ``logging.log_completions_every`` steps, all at their defaults.
+    """
+    import yaml
+
+    import core.grpo.trainer as trainer
+    from core.train import main as train_main
+
+    run_dir = args.keep_vlmr1_run or str(Path(out, "vlmr1"))
     raw = {
         "model": {"path": ckpt, "family": "qwen2_5_vl"},
         "task": {"name": "synthetic_color", "options": task_options(cfg)},
@@ -149,38 +166,40 @@ def run_vlmr1(args, cfg: dict[str, Any], ckpt: str, out: str, baton: Baton) -> d
         "train": {"learning_rate": args.lr, "per_device_batch_size": args.generations * args.prompts,
                   "max_steps": args.warmup + args.steps, "max_grad_norm": 1.0,
                   "gradient_checkpointing": args.side_ckpt},
-        "logging": {"output_dir": out, "tensorboard": False, "progress_bar": False, "plot": False,
-                    "log_completions_every": 0},
+        # Logging at a user's defaults (TensorBoard on, completions every 10 steps); no evaluation
+        # and no checkpoints, like TRL's side (save_strategy "no", no eval set).
+        "logging": {"output_dir": run_dir},
         "checkpoint": {"save_final": False},
         "eval": {"enabled": False},
     }
-    class Writer(MetricsWriter):
-        def log(self, step: int, metrics: dict[str, Any]) -> None:
-            baton.end({"completion_length": metrics.get("completion_length")})
-            super().log(step, metrics)
+    config = Path(out, "bench_config.yaml")
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
 
-    class Counted(trainer.GRPOTrainer):
-        """The user's trainer, with pass counters on the models and the lock-step baton around each step."""
+    real_batch, load_models, phase_log = trainer.StepBatch, trainer.GRPOTrainer.load_models, \
+        trainer.GRPOTrainer.phase_log
 
-        def load_models(self):
-            bundle = super().load_models()
-            baton.counter.attach(bundle.model, "policy")
-            if bundle.ref_model is not None:
-                baton.counter.attach(bundle.ref_model, "ref")
-            return bundle
+    def step_batch(step: int):
+        baton.begin()  # before fit starts its step_time_s clock
+        return real_batch(step)
 
-        def phase_rollout_and_rewards(self, batch):
-            baton.begin()
-            return super().phase_rollout_and_rewards(batch)
+    def counted_load_models(self):
+        bundle = load_models(self)
+        baton.counter.attach(bundle.model, "policy")
+        if bundle.ref_model is not None:
+            baton.counter.attach(bundle.ref_model, "ref")
+        return bundle
 
-        def make_writer(self):
-            cfg = self.cfg
-            return Writer(self.out_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                          is_main=self.accelerator.is_main_process)
+    def timed_phase_log(self, batch, metrics):
+        phase_log(self, batch, metrics)
+        baton.end({"completion_length": metrics.get("completion_length"), "step_time_s": metrics["step_time_s"],
+                   "timings": {k: v for k, v in metrics.items() if k.startswith("timing/")}})
 
-    h = host()
-    plan = make_plan(build_config(raw), h.registry)
-    Counted(plan, h.registry).fit()
+    trainer.StepBatch = step_batch
+    trainer.GRPOTrainer.load_models = counted_load_models
+    trainer.GRPOTrainer.phase_log = timed_phase_log
+    rc = train_main(["--config", str(config)])
+    if rc:
+        sys.exit(f"vlmr1 side: python -m core.train exited {rc}")
     return {}
 
 
@@ -201,11 +220,25 @@ def run_trl(args, cfg: dict[str, Any], ckpt: str, out: str, baton: Baton) -> dic
         return outs
 
     class Lockstep(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            baton.begin()
+        """The same window as vlmr1's: from before the step's batch is fetched to after its log line.
 
-        def on_step_end(self, *a, **k):
+        The Trainer fetches a step's batch before ``on_step_begin`` and logs after ``on_step_end``,
+        so the baton waits at the start of training and after each step's ``on_log``.
+        """
+
+        open = False
+
+        def on_train_begin(self, *a, **k):
+            baton.begin()
+            self.open = True
+
+        def on_log(self, a, state, control, **k):
+            if not self.open:  # the end-of-training summary line
+                return
             baton.end()
+            self.open = state.global_step < state.max_steps
+            if self.open:
+                baton.begin()
 
     processor = AutoProcessor.from_pretrained(ckpt)
     processor.tokenizer.padding_side = "left"
@@ -263,6 +296,8 @@ def measure(args, ckpt: str, ckpt_on: bool) -> dict:
                str(args.generations), "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
                "--beta", str(args.beta), "--lr", str(args.lr), "--steps", str(args.steps), "--warmup",
                str(args.warmup), "--prefix-sharing", args.prefix_sharing, "--shared-prefill", args.shared_prefill]
+        if side == "vlmr1" and args.keep_vlmr1_run:
+            cmd += ["--keep-vlmr1-run", str(Path(args.keep_vlmr1_run, "ckpt_on" if ckpt_on else "ckpt_off"))]
         procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sys.stderr,
                                        text=True, bufsize=1, env=env)
         _read(procs[side], "READY", side)
@@ -298,6 +333,9 @@ def summarise(args, run: dict) -> dict:
         "trl": statistics.mean(run["results"]["trl"]["completion_length"][w:] or [float("nan")]),
     }
     rss = {s: run["results"][s]["peak_rss_gib"] for s in ("vlmr1", "trl")}
+    ours = run["steps"]["vlmr1"][w:]
+    # What the run's own metrics.jsonl says (step_time_s, timing/<phase>_s) vs the baton's window.
+    phases = sorted({k for x in ours for k in x.get("timings", {})})
     return {
         "median_s": {s: statistics.median(v) for s, v in t.items()},
         "min_s": {s: min(v) for s, v in t.items()},
@@ -309,6 +347,9 @@ def summarise(args, run: dict) -> dict:
         "rss_ratio": rss["vlmr1"] / rss["trl"],
         "completion_length": lens,
         "counts_per_step": counts,
+        "vlmr1_step_time_s_median": statistics.median(x["step_time_s"] for x in ours),
+        "vlmr1_outside_step_time_s_median": statistics.median(x["time"] - x["step_time_s"] for x in ours),
+        "vlmr1_timing_median_s": {k: statistics.median(x["timings"].get(k, 0.0) for x in ours) for k in phases},
         "step_times": t,
         "step_cpu_times": cpu,
     }
@@ -331,6 +372,9 @@ def main() -> None:
     p.add_argument("--shared-prefill", choices=["on", "off"], default="on",
                    help="vlmr1's rollout.options.shared_prefill (off = generate prefills each prompt G times)")
     p.add_argument("--json", help="also write the full results here")
+    p.add_argument("--keep-vlmr1-run", metavar="DIR",
+                   help="keep vlmr1's output folders (DIR/ckpt_off|ckpt_on: metrics.jsonl, config.yaml) and the "
+                        "tiny checkpoint (DIR/tiny-qwen2.5-vl) here instead of in a temporary folder")
     p.add_argument("--side", choices=["vlmr1", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--side-ckpt", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -352,7 +396,8 @@ def main() -> None:
         "runs": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = str(Path(tmp, "tiny-qwen2.5-vl"))
+        # Kept with the vlmr1 run when asked, so its config.yaml can be replayed with core.train.
+        ckpt = str(Path(args.keep_vlmr1_run or tmp, "tiny-qwen2.5-vl").resolve())
         host().registry.get("models", "qwen2_5_vl").build_tiny_checkpoint(ckpt, **CONFIGS[args.config]["tiny"])
         for on in settings:
             report["runs"]["ckpt_on" if on else "ckpt_off"] = summarise(args, measure(args, ckpt, on))
@@ -371,6 +416,10 @@ def main() -> None:
                   f"CPU {r['cpu_median_s'][s]:.2f} s)  "
                   f"peak RSS {r['peak_rss_gib'][s]:.2f} GiB  mean completion {r['completion_length'][s]:.1f} tokens")
             print(f"        per step: {work}")
+        ph = ", ".join(f"{k.removeprefix('timing/').removesuffix('_s')} {v:.3f}"
+                       for k, v in r["vlmr1_timing_median_s"].items())
+        print(f"  vlmr1 metrics.jsonl: step_time_s median {r['vlmr1_step_time_s_median']:.3f} s ({ph}); "
+              f"outside it (log line, TensorBoard, completions dump) {r['vlmr1_outside_step_time_s_median']:.3f} s")
         print(f"  vlmr1/trl: paired-median time ratio {r['paired_median_ratio']:.2f}x, ratio of minima "
               f"{r['ratio_of_minima']:.2f}x, paired-median CPU-time ratio {r['cpu_paired_median_ratio']:.2f}x, "
               f"peak RSS {r['rss_ratio']:.2f}x")
