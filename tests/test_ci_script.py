@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
+
+from core.testing.procs import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ def ci_pytest_flags() -> list[str]:
 
 def test_ci_flags_keep_the_count_line(tmp_path: Path):
     (tmp_path / "test_one.py").write_text("def test_ok():\n    pass\n")
-    proc = subprocess.run([sys.executable, "-m", "pytest", *ci_pytest_flags(), str(tmp_path / "test_one.py")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = run_command([sys.executable, "-m", "pytest", *ci_pytest_flags(), str(tmp_path / "test_one.py")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"^1 passed", proc.stdout, re.MULTILINE), proc.stdout  # -qq printed no such line

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from core.testing.procs import run_command
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^\s*```+\s*(bash|sh|shell)\s*$")
@@ -113,10 +115,28 @@ COMMANDS: dict[tuple[str, str], Run | Skip] = {
                            "--show-targets 1"): Run(expect='"target": "[1, 34, 22, 55]"'),
     ("docs/evaluation.md", ".venv/bin/python -m core.sft --config examples/grounding_cpu/config.yaml "
                            "--show-targets 1 model.tiny.max_pixels=3136"): Run(expect='"target": "[1, 17, 11, 28]"'),
+    # ---- docs/model_family_tutorial.md (tests/test_docs_model_family_tutorial.py runs these four, with the
+    # example installed into a scratch folder instead of the shared venv) ----
+    ("docs/model_family_tutorial.md", ".venv/bin/pip install -e examples/families/mistral3"): Skip(
+        "installs into the shared venv; tests/test_docs_model_family_tutorial.py installs it into a scratch folder"),
+    ("docs/model_family_tutorial.md", ".venv/bin/python -m core.plugins list --kind models"): Skip(
+        "needs the tutorial's plugin installed; tests/test_docs_model_family_tutorial.py runs it"),
+    ("docs/model_family_tutorial.md", ".venv/bin/python -m pytest examples/families/mistral3/tests"): Skip(
+        "needs the tutorial's plugin importable; tests/test_docs_model_family_tutorial.py runs it"),
+    ("docs/model_family_tutorial.md", ".venv/bin/python -m core.train --plugins mistral3,synthetic,text "
+                                      "model.family=mistral3 logging.output_dir=runs/quickstart-mistral3"): Skip(
+        "needs the tutorial's plugin installed; tests/test_docs_model_family_tutorial.py runs it at toy size"),
     # ---- docs/plugins.md ----
-    ("docs/plugins.md", ".venv/bin/pip install --no-build-isolation -e examples/plugin_template"): Skip(
+    ("docs/plugins.md", ".venv/bin/pip install -e examples/plugin_template"): Skip(
         "installs into the shared venv; tests/test_plugins_template.py installs the template into a scratch "
         "folder and runs it"),
+    ("docs/plugins.md", 'pip install "vlmr1 @ git+https://github.com/OWNER/vlmr1@v0.2.0"'): Skip(
+        "needs the network and a published repository; tests/test_install_from_wheels.py installs from wheels"),
+    ("docs/plugins.md", "make dist"): Skip("tests/test_install_from_wheels.py runs it (slow: builds 16 wheels)"),
+    ("docs/plugins.md", "pip install dist/vlmr1-0.2.0-py3-none-any.whl "
+                        "dist/vlmr1_plugin_qwen_vl-0.2.0-py3-none-any.whl"): Skip(
+        "installs into an environment; tests/test_install_from_wheels.py installs the wheels into a fresh venv"),
+    ("docs/plugins.md", "pip install ./vlmr1-plugin-mything"): Skip("a placeholder plugin folder"),
     ("docs/plugins.md", ".venv/bin/python -m core.plugins list"): Run(expect="vlmr1-plugin-text"),
     ("docs/plugins.md", ".venv/bin/python -m pytest examples/plugin_template/tests"): Skip(
         "part of `make test` (pyproject's testpaths include examples/plugin_template/tests)"),
@@ -333,7 +353,7 @@ def test_docs_commands_run_in_order_without_colliding(tmp_path):
         before = snapshot(work)
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(words, cwd=work, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+            proc = run_command(words, cwd=work, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             pytest.fail(f"{cmd.where}: still running after {COMMAND_TIMEOUT_S} s (toy size takes ~10 s on 2 idle "
                         f"cores; the limit allows a heavily shared machine): {shlex.join(words)}")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from core.testing.procs import communicate
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 STEPS = 2
@@ -112,7 +114,7 @@ def start(config: str, *overrides: str) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=300)
+    out, err = communicate(proc, timeout=300)
     return proc.returncode, out, err
 
 

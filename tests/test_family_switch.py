@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from core.testing.procs import communicate
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart" / "config.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -49,7 +51,7 @@ def runs(tmp_path_factory):
                                       text=True)
     results = {}
     for fam, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
+        out, err = communicate(proc, timeout=300)
         results[fam] = (proc.returncode, out, err)
     return tmp, results
 

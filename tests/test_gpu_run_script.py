@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from core.testing.procs import run_command
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks/gpu/run.sh"
 
@@ -47,8 +49,8 @@ def test_run_sh_cpu_tiny_end_to_end(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "PYTHON": sys.executable, "WORK": str(work)}
     env.pop("OUT", None)
-    p = subprocess.run(["bash", str(SCRIPT), "--cpu", "--tiny", str(out)], env=env, capture_output=True, text=True,
-                       timeout=300)  # ~55 s on idle cores, 2+ min beside other jobs
+    p = run_command(["bash", str(SCRIPT), "--cpu", "--tiny", str(out)], env=env, capture_output=True, text=True,
+                    timeout=300)  # ~55 s on idle cores, 2+ min beside other jobs
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
     files = sorted(f.name for f in out.iterdir())
     # The device tool returns at most 8 files from $OUT.

@@ -127,10 +127,11 @@ class Tree:
 
 
 def plugin_dirs(root: Path) -> list[Path]:
-    """``plugins/<kind>/<name>/`` folders, plus the plugin template (it teaches the rules)."""
+    """``plugins/<kind>/<name>/`` folders, plus the plugin template and the model-family tutorial's
+    plugin (they teach the rules)."""
     dirs = sorted(p.parent for p in root.glob("plugins/*/*/pyproject.toml"))
-    template = root / "examples" / "plugin_template"
-    return dirs + ([template] if (template / "pyproject.toml").exists() else [])
+    examples = [root / "examples" / "plugin_template", root / "examples" / "families" / "mistral3"]
+    return dirs + [d for d in examples if (d / "pyproject.toml").exists()]
 
 
 def scan(root: Path) -> Tree:

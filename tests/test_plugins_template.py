@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from core.testing.procs import run_command
+
 ROOT = Path(__file__).parents[1]
 TEMPLATE = ROOT / "examples" / "plugin_template"
 SITE = Path(__file__).parent / "fixtures" / "site"
@@ -26,7 +28,7 @@ def template_env(tmp_path_factory) -> dict[str, str]:
     src = tmp / "src"
     shutil.copytree(TEMPLATE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "tests"))
     target = tmp / "target"
-    proc = subprocess.run(
+    proc = run_command(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-build-isolation", "--no-deps", "--no-index",
          "--disable-pip-version-check", "--target", str(target), str(src)],
         capture_output=True, text=True, timeout=300)
@@ -41,7 +43,7 @@ def template_env(tmp_path_factory) -> dict[str, str]:
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120)
+    return run_command([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 def test_installed_template_is_listed(template_env, tmp_path):

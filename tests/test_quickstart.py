@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from core.testing.procs import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quickstart_learns_from_chance_to_at_least_0_9(tmp_path):
     out = tmp_path / "qs"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "core.train", f"logging.output_dir={out}", "logging.tensorboard=false",
-                           "logging.progress_bar=false"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = run_command([sys.executable, "-m", "core.train", f"logging.output_dir={out}", "logging.tensorboard=false",
+                        "logging.progress_bar=false"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads((out / "eval.json").read_text())
     before, after = result["before"]["accuracy"], result["after"]["accuracy"]

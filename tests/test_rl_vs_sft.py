@@ -6,11 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from core.testing.procs import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "grounding_cpu" / "rl_vs_sft.py"
@@ -50,7 +51,7 @@ def test_reduced_experiment_end_to_end(tmp_path):
     out = tmp_path / "exp"
     toy = f"model.path={tmp_path / 'tiny'} 'model.tiny={{hidden_size: 32, num_layers: 1, seed: 0}}' " \
           "task.options.num_train=32 grpo.max_completion_length=18"
-    proc = subprocess.run(
+    proc = run_command(
         [sys.executable, str(SCRIPT), "--out", str(out), "--seeds", "0", "--sft-steps", "6", "--grpo-steps", "4",
          "--points", "2", "--eval-n", "4", "--eval-batch", "4", "--extra", toy,
          "--grpo-extra", "grpo.num_generations=2 train.per_device_batch_size=4"],

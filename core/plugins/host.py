@@ -8,10 +8,10 @@ Usage::
 
 Loading is deterministic (entry points sorted by distribution then name, so every rank of
 a distributed run registers components in the same order). A plugin that fails to import,
-whose hooks raise, or that requires an incompatible ``vlmr1`` is recorded with its
-distribution, version and traceback and skipped; it breaks only runs that need one of its
-components (``strict=True`` makes any failure fatal). ``list`` exits 0 even then: it is
-the tool for finding out what is broken.
+whose hooks raise (``sys.exit()`` included: never the host's own exit), or that requires an
+incompatible ``vlmr1`` is recorded with its distribution, version and traceback and skipped;
+it breaks only runs that need one of its components (``strict=True`` makes any failure fatal).
+``list`` exits 0 even then: it is the tool for finding out what is broken.
 """
 
 from __future__ import annotations
@@ -155,6 +155,13 @@ class PluginHost:
                                       error=f"importing entry point {ep.name} = {ep.value} failed:\n"
                                             + traceback.format_exc()))
                 continue
+            except SystemExit as exc:
+                # sys.exit() in a plugin's module body must not end the host's process (exit 0
+                # and no output): it is that plugin's failure.
+                self._fail(PluginInfo(dist, version, ep.value, status="failed",
+                                      error=f"importing entry point {ep.name} = {ep.value} failed:\n"
+                                            + traceback.format_exc() + _exit_reason(exc)))
+                continue
             self._register_object(module, dist, version, ep.value)
         if self.selection:
             missing = sorted(self.selection - set(seen))
@@ -188,7 +195,7 @@ class PluginHost:
                         fn = getattr(module, hook_name, None)
                         if callable(fn):
                             fn(register=scratch.registrar(dist, kinds))
-                except Exception:  # noqa: BLE001 - a hint must never turn into a new error
+                except (Exception, SystemExit):  # noqa: BLE001 - a hint must never turn into a new error
                     pass
                 found = self._unselected_components.setdefault(dist, {})
                 for k in KINDS:
@@ -231,13 +238,15 @@ class PluginHost:
                         info.warnings.append(
                             f"plugin {dist} registers {SINGULAR[kind]}(s) {', '.join(added)} through {hook_name}, "
                             f"deprecated since vlmr1 0.2 (removed in 0.3): register them with {instead} instead")
-        except Exception:
+        except (Exception, SystemExit) as exc:  # a hook calling sys.exit() fails its plugin, not the process
             self.pm.unregister(obj)
             # Drop the half-registered components of this plugin: all or nothing.
             for k in KINDS:
                 self.registry._entries[k] = self.registry._entries[k][: before[k]]
             hook = info.hooks[-1] if info.hooks else "registration"
             info.status, info.error = "failed", f"hook {hook} raised:\n" + traceback.format_exc()
+            if isinstance(exc, SystemExit):
+                info.error += _exit_reason(exc)
             return self._fail(info)
         comps = {k: [e.name for e in self.registry.entries(k)[before[k]:]] for k in KINDS}
         info.components = {k: v for k, v in comps.items() if v}
@@ -317,6 +326,13 @@ class PluginHost:
                 for a, e in zip(addressable, self.registry.entries(k), strict=True)
             ]
         return {"vlmr1": __version__, "plugins": plugins, "components": components}
+
+
+def _exit_reason(exc: SystemExit) -> str:
+    """The last line of a failed plugin's error for ``sys.exit()``: the code and where it was called."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return f"SystemExit: the plugin called sys.exit({exc.code!r}){where} while loading"
 
 
 def _incompatibility(dist: md.Distribution | None) -> str | None:

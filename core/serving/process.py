@@ -65,7 +65,11 @@ class ServerProcess:
                 self.stop()
                 if line is None:  # let the stderr pump finish reading what the child wrote
                     time.sleep(0.2)
-                why = "exited" if line is None else f"did not start within {self.startup_timeout:.0f} s"
+                # The same wording as core.testing.procs (not imported: core.serving must not depend on it).
+                why = "exited" if line is None else (
+                    f"did not start within {self.startup_timeout:.0f} s (machine busy? other jobs on these cores "
+                    "slow every step; rerun with VLMR1_TEST_TIMEOUT_SCALE=3 for longer limits in tests, or give "
+                    "a larger startup_timeout)")
                 raise RuntimeError(f"core.serve {why} (command: {' '.join(self.cmd)}); stderr:\n"
                                    + "".join(stderr_tail))
             m = re.search(r"on (http://\S+/v1)$", line.strip())

@@ -21,6 +21,15 @@ paths training uses, on CPU in float32:
                       excludes the token embeddings and the LM head.
 ``box_round_trip``    a known box written in the family's convention maps back to
                       original-image pixels.
+``special_tokens``    a rendered, processed prompt holds exactly one BOS, first (where the
+                      processor's own chat-template output has one, else none) and no
+                      special token twice in a row (image pads excepted).
+``prompt_round_trip`` ``render_prompt`` + ``process`` give the same ``input_ids`` (and other
+                      outputs) as the processor's own ``apply_chat_template(tokenize=True)``.
+``image_resize``      ``resized_image_size`` equals the resize measured from the processor's
+                      output (``image_grid_thw`` or one image's ``pixel_values``) on odd sizes.
+``structure_suppressed`` every special token the processor writes for an image (found from its
+                      output, not from the family) is in ``suppressed_token_ids``.
 ``shared_prefix``     the packed training forward (one prompt per group, block-causal
                       mask; :mod:`core.grpo.prefix`) gives the plain path's log-probs and
                       gradients and encodes each unique image once
@@ -327,6 +336,202 @@ def check_box_round_trip(ctx: ConformanceContext) -> None:
     assert all(abs(a - b) < 1e-6 for a, b in zip(back, box, strict=True)), (conv, written, back, box)
 
 
+# ---- the prompt as the processor itself builds it --------------------------------------------
+#: Image sizes of :func:`check_image_resize`: odd, prime, thin, and larger than any tiny bound.
+RESIZE_PROBE_SIZES: tuple[tuple[int, int], ...] = ((97, 53), (53, 97), (13, 57), (61, 61), (333, 129), (31, 200))
+
+
+def _round_trip_cases() -> list[tuple[str, list[dict[str, Any]], list[Image.Image]]]:
+    """(label, messages, images): 0/1/2 images, and one image after a system turn."""
+    cases = [(f"{k} image(s)", make_messages(k), make_images(k)) for k in (0, 1, 2)]
+    system = [{"role": "system", "content": "You are a helpful assistant."}, *make_messages(1)]
+    cases.append(("a system turn and 1 image", system, make_images(1)))
+    return cases
+
+
+def _family_inputs(ctx: ConformanceContext, messages: list[dict[str, Any]], images: list[Image.Image]) -> Any:
+    """One prompt the engine's way: ``render_prompt`` then ``process`` (no padding: one row)."""
+    return ctx.family.process(ctx.processor, [ctx.family.render_prompt(ctx.processor, messages)], [images])
+
+
+def _reference_inputs(ctx: ConformanceContext, messages: list[dict[str, Any]], images: list[Image.Image]) -> Any:
+    """The same prompt built by the processor's own ``apply_chat_template(tokenize=True)``.
+
+    The images go into the image parts (``{"type": "image", "image": ...}``), the family's
+    ``processor_call_kwargs`` to the processor call, as a user of transformers would write it.
+    """
+    it = iter(images)
+    msgs = [{**m, "content": [{**p, "image": next(it)} if p.get("type") == "image" else p for p in m["content"]]}
+            if isinstance(m.get("content"), list) else m for m in messages]
+    try:
+        return ctx.processor.apply_chat_template(
+            msgs, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            processor_kwargs=dict(ctx.family.processor_call_kwargs()))
+    except Exception as exc:
+        raise ConformanceError(f"{ctx.family_cls.name}: the processor's own apply_chat_template(tokenize=True) "
+                               f"failed on the tiny checkpoint: {type(exc).__name__}: {exc}") from exc
+
+
+def _tokenizer(ctx: ConformanceContext) -> Any:
+    return getattr(ctx.processor, "tokenizer", ctx.processor)
+
+
+def _special_ids(tok: Any) -> set[int]:
+    """Ids of the tokenizer's special and added tokens (chat markers, image tokens ...)."""
+    return set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+
+
+def _row(inputs: Any) -> list[int]:
+    ids = inputs["input_ids"]
+    assert len(ids) == 1, "one prompt, one row"
+    return [int(i) for i in ids[0]]
+
+
+def image_structure_token_ids(ctx: ConformanceContext) -> set[int]:
+    """Special tokens the *processor* writes for images: image pads, breaks, starts, ends.
+
+    Found without asking the family: the special/added token ids of the processor's own 1- and
+    2-image prompts that its 0-image prompt lacks.
+    """
+    special = _special_ids(_tokenizer(ctx))
+    rows = {k: set(_row(_reference_inputs(ctx, make_messages(k), make_images(k)))) for k in (0, 1, 2)}
+    return ((rows[1] | rows[2]) - rows[0]) & special
+
+
+def _describe(tok: Any, ids: Any) -> str:
+    return ", ".join(f"{tok.convert_ids_to_tokens(int(i))!r} ({int(i)})" for i in sorted(ids))
+
+
+def check_special_tokens(ctx: ConformanceContext) -> None:
+    """Exactly one BOS (where the checkpoint uses one) and no doubled special token in a prompt.
+
+    Each 0/1/2-image prompt, rendered and processed by the family, must start with one BOS
+    and hold no other if the processor's own chat-template output holds one, else hold none;
+    and no special token may follow itself, except the processor's image structure tokens
+    (``<|image_pad|>`` x N ...). A template that writes ``<s>`` which the tokenizer then adds
+    again, or a marker written twice, silently shifts every prompt the model was trained on.
+    """
+    tok = _tokenizer(ctx)
+    bos = tok.bos_token_id
+    special = _special_ids(tok) - image_structure_token_ids(ctx)
+    name = ctx.family_cls.name
+    for label, messages, images in _round_trip_cases():
+        row = _row(_family_inputs(ctx, messages, images))
+        if bos is not None:
+            want = min(1, _row(_reference_inputs(ctx, messages, images)).count(bos))
+            got = row.count(bos)
+            if got != want or (want and row[0] != bos):
+                raise ConformanceError(
+                    f"{name}: the prompt with {label} holds BOS {tok.bos_token!r} {got} time(s) "
+                    f"(first token {tok.convert_ids_to_tokens(row[0])!r}); expected exactly {want}, first. "
+                    "A chat template that writes BOS must be tokenised without add_special_tokens "
+                    "(override process())")
+        doubled = {a for a, b in zip(row, row[1:], strict=False) if a == b and a in special}
+        if doubled:
+            raise ConformanceError(f"{name}: the prompt with {label} repeats special token(s) "
+                                   f"{_describe(tok, doubled)} back to back: "
+                                   f"{tok.convert_ids_to_tokens(row)}")
+
+
+def check_prompt_round_trip(ctx: ConformanceContext) -> None:
+    """``render_prompt`` + ``process`` equal the processor's own ``apply_chat_template(tokenize=True)``.
+
+    For 0/1/2-image prompts and one with a system turn: the same ``input_ids`` token for
+    token, and every other output both produce (``pixel_values``, ``image_grid_thw``,
+    ``mm_token_type_ids`` ...) equal. The engine trains on exactly the prompt the checkpoint's
+    own template defines (the one a served model or a peer framework would build).
+    """
+    import torch
+
+    tok = _tokenizer(ctx)
+    name = ctx.family_cls.name
+    for label, messages, images in _round_trip_cases():
+        ours, ref = _family_inputs(ctx, messages, images), _reference_inputs(ctx, messages, images)
+        a, b = _row(ours), _row(ref)
+        if a != b:
+            at = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            raise ConformanceError(
+                f"{name}: the prompt with {label} tokenises differently from the processor's own chat template "
+                f"({len(a)} vs {len(b)} tokens, first difference at token {at}):\n"
+                f"  family:    {tok.convert_ids_to_tokens(a[max(0, at - 3): at + 5])}\n"
+                f"  processor: {tok.convert_ids_to_tokens(b[max(0, at - 3): at + 5])}")
+        for key in sorted(set(ours.keys()) & set(ref.keys()) - {"input_ids"}):
+            x, y = ours[key], ref[key]
+            if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and not (
+                    x.shape == y.shape and torch.equal(x, y)):
+                raise ConformanceError(f"{name}: for the prompt with {label}, processor output {key!r} differs from "
+                                       "the processor's own chat-template call (other processor_call_kwargs?)")
+
+
+def measured_resize(ctx: ConformanceContext, image: Image.Image) -> tuple[int, int] | None:
+    """``(width, height)`` the processor really resized ``image`` to, read from its own output.
+
+    ``image_grid_thw`` (patch grid) times the image processor's ``patch_size``, else the
+    ``pixel_values`` of a single untiled image (``[1, C, H, W]``); ``None`` when neither tells
+    (tiles, crops into several views).
+    """
+    inputs = _family_inputs(ctx, make_messages(1), [image])
+    grid = inputs.get("image_grid_thw")
+    patch = getattr(getattr(ctx.processor, "image_processor", None), "patch_size", None)
+    if grid is not None and len(grid) == 1 and isinstance(patch, int):
+        _, gh, gw = (int(v) for v in grid[0])
+        return gw * patch, gh * patch
+    pixels = inputs.get("pixel_values")
+    if grid is None and pixels is not None and pixels.dim() == 4 and pixels.shape[0] == 1:
+        return int(pixels.shape[-1]), int(pixels.shape[-2])
+    return None
+
+
+def check_image_resize(ctx: ConformanceContext) -> None:
+    """``resized_image_size`` equals the processor's actual resize on odd image sizes.
+
+    The actual size is measured from the processor's output (:func:`measured_resize`), never
+    taken from the family. ``absolute_resized`` families (boxes in pixels of the resized image:
+    every box is scaled by this size) must be measurable and exact; other conventions are
+    compared where measurable; ``unknown`` is skipped (no box is mapped with it).
+    """
+    from PIL import Image
+
+    name, conv = ctx.family_cls.name, ctx.family.box_convention
+    if conv == "unknown":
+        return
+    for size in RESIZE_PROBE_SIZES:
+        image = Image.new("RGB", size, (200, 40, 90))
+        actual = measured_resize(ctx, image)
+        if actual is None:
+            if conv == "absolute_resized":
+                raise ConformanceError(
+                    f"{name}: box convention absolute_resized, but the processor's output for a {size} image "
+                    "tells no resized size (no image_grid_thw, no single [1, C, H, W] pixel_values) to check "
+                    "resized_image_size against")
+            return
+        claimed = tuple(ctx.family.resized_image_size(ctx.processor, image))
+        if claimed != actual:
+            raise ConformanceError(
+                f"{name}: resized_image_size says a {size[0]}x{size[1]} image becomes {claimed[0]}x{claimed[1]}, "
+                f"but the processor resized it to {actual[0]}x{actual[1]}; boxes in the {conv} convention would "
+                "be mapped with the wrong scale")
+
+
+def check_structure_suppressed(ctx: ConformanceContext) -> None:
+    """Every image structure token the processor writes is in ``suppressed_token_ids``.
+
+    The structure tokens are found from the processor's own output
+    (:func:`image_structure_token_ids`): pads, and row breaks, image starts and ends too. A
+    sampled one breaks the next forward (image features and tokens no longer match) or
+    corrupts positions.
+    """
+    structure = image_structure_token_ids(ctx)
+    if not structure:
+        raise ConformanceError(f"{ctx.family_cls.name}: the processor writes no special token for an image; "
+                               "cannot check suppression")
+    missing = structure - set(ctx.family.suppressed_token_ids(ctx.processor, ctx.model))
+    if missing:
+        raise ConformanceError(
+            f"{ctx.family_cls.name}: image structure token(s) {_describe(_tokenizer(ctx), missing)} are written by "
+            "the processor but not in suppressed_token_ids(); add them to the family's suppressed_tokens")
+
+
 def check_grpo_step_changes_weights(ctx: ConformanceContext) -> None:
     """One real GRPO step (``core.grpo.trainer.run``) changes the weights; the result reloads.
 
@@ -617,6 +822,10 @@ CONFORMANCE_CHECKS: dict[str, Callable[[ConformanceContext], None]] = {
     "logprobs": check_logprobs,
     "vision_modules": check_vision_modules,
     "box_round_trip": check_box_round_trip,
+    "special_tokens": check_special_tokens,
+    "prompt_round_trip": check_prompt_round_trip,
+    "image_resize": check_image_resize,
+    "structure_suppressed": check_structure_suppressed,
     "grpo_step": check_grpo_step_changes_weights,
     "shared_prefix": check_shared_prefix,
     "shared_prefill": check_shared_prefill,

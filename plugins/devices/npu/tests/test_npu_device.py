@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 import types
@@ -22,6 +21,7 @@ from vlmr1_npu import NPUDevice
 
 from core.plugins import PluginHost
 from core.plugins.plan import pick_device
+from core.testing.procs import run_command
 
 GIB = 2**30
 TORCH_MM = ".".join(torch.__version__.split("+")[0].split(".")[:2])
@@ -211,7 +211,7 @@ def test_torch_device_with_fake_package_in_subprocess(tmp_path):
     log = tmp_path / "calls.jsonl"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]),
                FAKE_NPU_LOG=str(log))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    proc = run_command([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     first, second = (json.loads(line) for line in proc.stdout.strip().splitlines())
     assert first == {"imported_by_listing": False}

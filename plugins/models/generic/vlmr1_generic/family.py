@@ -72,6 +72,12 @@ GEMMA3_NAMED_TOKENS: dict[str, str] = {
 }
 
 
+#: Processor attributes naming image structure tokens beyond TransformersFamily's list: Pixtral's
+#: (Mistral 3's) row break ``[IMG_BREAK]``, which a random policy would otherwise sample (found by
+#: the ``structure_suppressed`` conformance check on a Mistral 3 checkpoint).
+EXTRA_PROCESSOR_TOKEN_ATTRS: tuple[str, ...] = ("image_break_token",)
+
+
 @functools.lru_cache(maxsize=1)
 def image_text_to_text_model_types() -> frozenset[str]:
     """Every ``model_type`` the installed transformers maps to ``AutoModelForImageTextToText``."""
@@ -149,6 +155,8 @@ class GenericFamily(TransformersFamily):
     come from the processor's and config's image/video token attributes (both
     :class:`~core.interfaces.TransformersFamily`'s defaults). What is left here: the options.
     """
+
+    tiny_options = TinyGenericOptions  # model.tiny is validated against it at plan time
 
     name = "generic"
     description = "any AutoModelForImageTextToText checkpoint (fallback; box convention from options)"
@@ -238,7 +246,8 @@ class GenericFamily(TransformersFamily):
     def suppressed_token_ids(self, processor: Any, model: Any) -> list[int]:
         """Vision placeholder ids from the processor's and config's token attributes.
 
-        Strings (``processor.image_token`` ...) count only when they are one vocabulary entry;
+        Strings (``processor.image_token`` ..., and :data:`EXTRA_PROCESSOR_TOKEN_ATTRS`) count only
+        when they are one vocabulary entry;
         ids (``config.image_token_id`` ...) only when inside the vocabulary. Plus
         ``options.suppress_tokens``, each of which must be one vocabulary entry.
         """
@@ -247,6 +256,8 @@ class GenericFamily(TransformersFamily):
         unknown = [t for t in self.options.suppress_tokens if t not in {tok.convert_ids_to_tokens(i) for i in found}]
         if unknown:
             raise ValueError(f"model.options.suppress_tokens: {unknown} are not single tokens of this tokenizer")
+        extra = [getattr(processor, a, None) for a in EXTRA_PROCESSOR_TOKEN_ATTRS]
+        found |= single_token_ids(tok, [t for t in extra if isinstance(t, str)])
         return sorted(set(super().suppressed_token_ids(processor, model)) | found)
 
     # ---- offline tiny checkpoints ----------------------------------------------------

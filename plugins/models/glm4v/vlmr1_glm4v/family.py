@@ -163,6 +163,8 @@ class GLM4VFamily(TransformersFamily):
     documentation), so ``box_convention`` is ``normalized_1000``.
     """
 
+    tiny_options = TinyGLM4VOptions  # model.tiny is validated against it at plan time
+
     name = "glm4v"
     description = "GLM-4.1V / GLM-4.5V / GLM-4.6V (boxes 0-1000 normalised)"
     model_types = ("glm4v", "glm4v_moe", "glm46v")

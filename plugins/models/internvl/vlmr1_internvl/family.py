@@ -132,6 +132,8 @@ class InternVLFamily(TransformersFamily):
     ``box_convention`` is ``normalized_1000``.
     """
 
+    tiny_options = TinyInternVLOptions  # model.tiny is validated against it at plan time
+
     name = "internvl"
     description = "InternVL3/3.5 *-hf (transformers-native; boxes 0-1000 normalised)"
     model_types = ("internvl",)

@@ -145,6 +145,8 @@ class QwenVLFamily(TransformersFamily):
     :class:`~core.interfaces.TransformersFamily`'s, set by the class attributes below.
     """
 
+    tiny_options = TinyQwenOptions  # model.tiny is validated against it at plan time
+
     Options = QwenVLOptions
     #: Training passes run one prompt per group (core.grpo.prefix); mRoPE from get_rope_index.
     prefix_sharing = True

@@ -16,6 +16,7 @@ from core.interfaces import PromptInput, RolloutContext, SamplingParams
 from core.plugins import PluginHost
 from core.plugins.builtin.rollout import TransformersRollout
 from core.serving import ServerProcess
+from core.testing.procs import scaled
 
 GREEDY = SamplingParams(n=2, max_new_tokens=10, do_sample=False)
 GREEDY1 = SamplingParams(n=1, max_new_tokens=10, do_sample=False)
@@ -36,7 +37,7 @@ def ckpt(family_cls, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    with ServerProcess(ckpt, ["--plugins", "qwen-vl", "--allow-reload"], startup_timeout=120) as srv:
+    with ServerProcess(ckpt, ["--plugins", "qwen-vl", "--allow-reload"], startup_timeout=scaled(300)) as srv:
         yield srv
 
 
