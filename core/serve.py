@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="most pixels per image, checked before decoding (default 4096x4096)")
     g.add_argument("--max-choices", type=int, default=1024,
                    help="most strings in a request's guided choice (structured_outputs.choice / guided_choice)")
+    g.add_argument("--max-request-tokens", type=int, default=16384,
+                   help="most tokens one request may have generated: n x max_tokens (greedy: max_tokens)")
     g.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, help="largest request body")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch-size", type=int, default=8,
@@ -75,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--backlog", type=int, default=128, help="listen backlog (connections the kernel queues)")
     g.add_argument("--idle-timeout", type=float, default=5.0,
                    help="seconds a connection may be idle before or between requests (keep-alive)")
+    g.add_argument("--head-timeout", type=float, default=10.0,
+                   help="seconds the whole request head may take from its first byte (408, connection closed)")
     g.add_argument("--socket-timeout", type=float, default=30.0,
                    help="seconds between two reads of an unfinished request head")
     g.add_argument("--request-timeout", type=float, default=60.0, help="seconds for a request body to arrive (408)")
@@ -82,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-reload", action="store_true",
                    help="enable POST /v1/load_checkpoint (loads any local path: keep the server private)")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines")
+    p.add_argument("--no-verify-hashes", dest="verify_hashes", action="store_false",
+                   help="skip the SHA-256 check of a vlmr1 checkpoint's files (faster start on large ones); files "
+                        "that are missing, resized or not listed in its manifest are still refused")
     return p.parse_args(argv)
 
 
@@ -101,14 +108,16 @@ def run(args: argparse.Namespace) -> int:
         if not api_key:
             raise ConfigError(f"--api-key-env {args.api_key_env}: that variable is not set")
     for name in ("max_prompt_tokens", "max_images", "max_image_pixels", "max_request_bytes", "workers", "backlog",
-                 "max_batch_size", "max_choices"):
+                 "max_batch_size", "max_choices", "max_request_tokens"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("idle_timeout", "socket_timeout", "request_timeout", "queue_timeout"):
+    for name in ("idle_timeout", "socket_timeout", "head_timeout", "request_timeout", "queue_timeout"):
         if not getattr(args, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.batch_wait_ms < 0:
         raise ConfigError(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
+    if not 0 <= args.port <= 65535:  # socket.bind raised OverflowError, a traceback
+        raise ConfigError(f"--port must be 0..65535 (0 = any free port), got {args.port}")
     require(SERVE_MODULES, "serve", "python -m core.serve")
     sock = bind(args.host, args.port)  # before the load: a taken port fails at once
     try:
@@ -116,8 +125,10 @@ def run(args: argparse.Namespace) -> int:
             args.checkpoint, family=args.family, family_options=family_options, plugins=args.plugins,
             device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
             model_id=args.model_name, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
+            verify_hashes=args.verify_hashes,
             limits=ServerLimits(args.default_max_tokens, args.max_tokens_limit, args.max_n, args.max_prompt_tokens,
-                                args.max_images, args.max_image_pixels, args.queue_timeout, args.max_choices))
+                                args.max_images, args.max_image_pixels, args.queue_timeout, args.max_choices,
+                                max_request_tokens=args.max_request_tokens))
     except BaseException:
         sock.close()
         raise
@@ -131,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
               f"on http://{host}:{port}/v1", flush=True)
 
     limits = HTTPLimits(args.max_request_bytes, args.idle_timeout, args.socket_timeout, args.request_timeout,
-                        args.workers, args.backlog, max(0, args.max_queued))
+                        args.workers, args.backlog, max(0, args.max_queued), head_timeout_s=args.head_timeout)
     serve(server, api_key=api_key, allow_reload=args.allow_reload, quiet=args.quiet, on_ready=ready, sock=sock,
           limits=limits)
     return 0

@@ -108,7 +108,9 @@ def test_planted_pickle_is_never_loaded(tmp_path):
     ckpt = save(tmp_path / "out", 2)
     # An attacker (or an older vlmr1) leaves a pickled state beside or instead of the safe one.
     (ckpt / "trainer_state.pt").write_bytes(pickle.dumps({"optimizer": Payload(str(marker))}))
-    state, _ = load_trainer_state(ckpt)  # reads JSON + safetensors only
+    with pytest.raises(CheckpointError, match="trainer_state.pt is not listed in its manifest.json"):
+        load_trainer_state(ckpt)  # a checkpoint is a closed set
+    state, _ = load_trainer_state(ckpt, verify=False)  # and unverified, only JSON + safetensors are read
     assert not marker.exists() and "optimizer" in state
     # A legacy-format checkpoint (pickle only) is refused with a reason, and nothing runs.
     legacy = tmp_path / "legacy" / "checkpoint-3"

@@ -15,6 +15,7 @@ from core.plugins.plan import plan_without_groups
 from core.runtime.evaluator import evaluate
 from core.runtime.loader import load_policy
 from core.testing import ComponentsPlugin
+from core.testing.procs import scaled
 
 PLUGINS = "qwen-vl,synthetic,grounding,text"
 
@@ -134,7 +135,7 @@ def test_server_back_end_matches_the_built_in_one(tmp_path, tiny):
     cfg = str(_config(tmp_path, tiny))
     common = ["--config", cfg, "--limit", "4", "--batch-size", "1", "--quiet"]
     assert main([*common, "--out", str(tmp_path / "local"), "--plugins", PLUGINS]) == 0
-    with ServerProcess(tiny, ["--plugins", "qwen-vl"], startup_timeout=120) as srv:
+    with ServerProcess(tiny, ["--plugins", "qwen-vl"], startup_timeout=scaled(300)) as srv:
         assert main([*common, "--out", str(tmp_path / "server"), "--plugins", PLUGINS + ",xllm",
                      "--rollout", "openai_server", f"rollout.options.base_url={srv.url}",
                      "rollout.options.max_retries=0"]) == 0

@@ -22,6 +22,7 @@ from core.interfaces import PromptInput, RequestError, RolloutContext, SamplingP
 from core.plugins import PluginHost
 from core.plugins.builtin.rollout import TransformersRollout
 from core.serving import ModelServer, ServerLimits
+from core.testing.procs import scaled
 
 #: What the quickstart config needs: the model family, its task and its reward.
 PLUGINS = "qwen-vl,synthetic,text"
@@ -83,9 +84,10 @@ def _body(messages, images, **extra):
 
 
 def _wait_for(cond, what, timeout=120.0):
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, \
+            f"timed out after {scaled(timeout):.0f} s waiting for {what} (machine busy?)"
         time.sleep(0.02)
 
 
@@ -203,7 +205,7 @@ def test_quickstart_checkpoint_served_with_choices_scores_what_the_builtin_engin
     ckpt = run / "checkpoint-60"
     common = ["--config", config, "--checkpoint", str(ckpt), "--quiet"]
     assert evaluate([*common, "--out", str(tmp_path / "local"), "--plugins", plugins]) == 0
-    with ServerProcess(ckpt, ["--plugins", "qwen-vl"], startup_timeout=120) as srv:
+    with ServerProcess(ckpt, ["--plugins", "qwen-vl"], startup_timeout=scaled(300)) as srv:
         assert evaluate([*common, "--out", str(tmp_path / "served"), "--plugins", plugins + ",xllm",
                          "--rollout", "openai_server", f"rollout.options.base_url={srv.url}",
                          "rollout.options.max_retries=0"]) == 0

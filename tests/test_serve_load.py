@@ -15,6 +15,7 @@ import base64
 import functools
 import hmac
 import importlib.util
+import json
 import socket
 import struct
 import time
@@ -27,6 +28,7 @@ from PIL import Image
 
 from core.interfaces.openai_messages import RequestError, data_url_to_image, image_to_data_url, openai_to_chat_messages
 from core.serving import SERVE_MODULES, HTTPLimits, ServerProcess, ThreadedServer
+from core.testing.procs import scaled
 
 KEY = "load-test-key-0123456789"
 
@@ -176,6 +178,88 @@ def test_overflowing_requests_get_503_not_a_reset(stub_server):
         time.sleep(0.05)
 
 
+def _trickle(port: int, head: bytes, drip: bytes, interval: float, give_up_s: float) -> tuple[float | None, bytes]:
+    """Send ``head``, then ``drip`` one byte every ``interval`` s until the server closes the connection.
+
+    Returns the seconds until it closed (None if still open after ``give_up_s``) and what it sent.
+    """
+    import select
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        t0 = time.monotonic()
+        reply = b""
+        try:
+            s.sendall(head)
+            for i in range(10**9):
+                if time.monotonic() - t0 > give_up_s:
+                    return None, reply
+                while select.select([s], [], [], 0)[0]:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        return time.monotonic() - t0, reply
+                    reply += chunk
+                s.sendall(drip[i % len(drip):i % len(drip) + 1])
+                time.sleep(interval)
+        except OSError:  # reset or broken pipe: closed too
+            return time.monotonic() - t0, reply
+    raise AssertionError("unreachable")
+
+
+SLOW_HEAD = b"GET /health HTTP/1.1\r\nHost: x\r\n"
+SLOW_HEAD_DRIP = b"X-Slow: " + b"a" * 4000
+
+
+def test_a_trickling_request_head_gets_408_at_the_head_deadline(stub_server):
+    """One header byte every 0.1 s: per-read timeouts never fire; the whole-head deadline does."""
+    port = stub_server(head_timeout_s=1.0, socket_timeout_s=30.0, idle_timeout_s=30.0)
+    closed_after, reply = _trickle(port, SLOW_HEAD, SLOW_HEAD_DRIP, 0.1, give_up_s=scaled(20))
+    assert closed_after is not None, f"a head trickling for {scaled(20):.0f} s was never cut off: {reply[:200]!r}"
+    assert reply.startswith(b"HTTP/1.1 408") and b"request head not received within 1 s" in reply, reply
+    # 1 s deadline; the rest is slack for a busy machine (the old server kept it open for ever).
+    assert closed_after < scaled(10), f"cut off after {closed_after:.1f} s, deadline 1 s (machine busy?)"
+
+
+def test_a_body_left_unread_after_the_response_is_cut_off(stub_server):
+    """/health answers without reading a body; the rest of a trickling body gets head_timeout_s, not for ever."""
+    port = stub_server(head_timeout_s=1.0, socket_timeout_s=30.0, idle_timeout_s=30.0)
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+    closed_after, reply = _trickle(port, head, b"x", 0.1, give_up_s=scaled(20))
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert closed_after is not None, f"a body trickling for {scaled(20):.0f} s after the response was never cut off"
+    assert closed_after < scaled(10), f"cut off after {closed_after:.1f} s, deadline 1 s (machine busy?)"
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    (b"[" * 100_000 + b"]" * 100_000, "nested more than 32 levels"),
+    (b'{"messages": [' + b"{}," * 200_000 + b"{}]}", "JSON values"),
+    (b'{"messages": [' + b'"",' * 500_000 + b'""]}', "JSON values"),
+    (b'{"a": NaN}', "NaN is not a JSON number"),
+    (b'{"a": 1e400}', "number 1e400 is out of range"),
+    (b'{"a": "\\ud800"}', "lone UTF-16 surrogate"),
+    (b'{"a": "\xff"}', "not valid JSON"),
+])
+def test_bodies_that_would_blow_up_parsing_are_400(stub_server, body, fragment):
+    port = stub_server()
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=body, timeout=scaled(60),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text[:300]
+
+
+def test_json_shape_limits_pass_ordinary_bodies():
+    from core.serving.asgi import check_json_shape, parse_json_body
+
+    image = "data:image/png;base64," + "QUJD" * 100_000  # a long string: no structure inside
+    body = json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "braces {[ and commas, in text " * 2000},
+        {"type": "image_url", "image_url": {"url": image}}]}], "n": 2, "stop": None}).encode()
+    assert parse_json_body(body, max_values=100, max_depth=6)["n"] == 2  # brackets in strings do not count
+    check_json_shape(b"[" * 5 + b"]" * 5, max_values=10, max_depth=5)
+    with pytest.raises(RequestError, match="nested more than 4 levels"):
+        check_json_shape(b"[" * 5 + b"]" * 5, max_values=10, max_depth=4)
+    with pytest.raises(RequestError, match="about 11 JSON values"):
+        check_json_shape(b"[" + b"1," * 10 + b"1]", max_values=10, max_depth=4)
+
+
 # ---- the real server under load ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
@@ -225,7 +309,7 @@ def test_200_requests_at_concurrency_50_with_a_fifth_malformed(tiny_ckpt, monkey
         else:
             jobs.append(("ok", user(img, text) if i % 2 else user(text), auth, 200, ""))
 
-    with ServerProcess(tiny_ckpt, args, startup_timeout=120) as srv:
+    with ServerProcess(tiny_ckpt, args, startup_timeout=scaled(300)) as srv:
         url = srv.url + "/chat/completions"
         with httpx.Client(timeout=httpx.Timeout(120.0, connect=10.0),
                           limits=httpx.Limits(max_connections=50, max_keepalive_connections=50)) as client:
@@ -266,3 +350,87 @@ def test_200_requests_at_concurrency_50_with_a_fifth_malformed(tiny_ckpt, monkey
     assert stats["generate_calls"] < stats["requests"]  # requests that arrived together were batched
     # The bomb alone would add 432 MB decoded (the old server: about 2 GB); bounded by the pixel limit.
     assert rss_after - rss_before < 300, (rss_before, rss_after)
+
+
+# ---- the real server against slow clients and big bodies -------------------------------------------
+@pytest.fixture(scope="module")
+def guarded(tiny_ckpt):
+    """``python -m core.serve`` with 2 workers and short deadlines, as a test can afford to wait for them."""
+    # --request-timeout 10: long enough for three 60 MB bodies on a busy machine, short for a test to wait.
+    args = ["--plugins", "qwen-vl", "--workers", "2", "--head-timeout", "1", "--request-timeout", "10",
+            "--socket-timeout", "30", "--idle-timeout", "30", "--max-tokens-limit", "8"]
+    with ServerProcess(tiny_ckpt, args, startup_timeout=scaled(300)) as srv:
+        yield srv
+
+
+def _reset_peak_rss(pid: int) -> None:
+    """Start VmHWM afresh (Linux: writing 5 to clear_refs), so the peak measured is this test's."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def test_slow_clients_as_many_as_workers_do_not_stall_the_server(guarded):
+    """2 workers; 2 connections trickle a head and 2 a body, one byte every 0.2 s. Meanwhile a health check
+    and a valid request are answered, and every slow connection is cut off near its deadline (408)."""
+    port = int(guarded.url.split(":")[-1].split("/")[0])
+    body_head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100000\r\n\r\n")
+    slow = [(SLOW_HEAD, SLOW_HEAD_DRIP)] * 2 + [(body_head, b'{"messages": ')] * 2
+    give_up = scaled(60)
+    with ThreadPoolExecutor(len(slow)) as pool:
+        futures = [pool.submit(_trickle, port, head, drip, 0.2, give_up) for head, drip in slow]
+        time.sleep(0.5)  # all four are trickling now
+        t0 = time.monotonic()
+        health = httpx.get(guarded.url.removesuffix("/v1") + "/health", timeout=scaled(60))
+        health_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        ok = httpx.post(guarded.url + "/chat/completions", timeout=scaled(60),
+                        json={"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 2})
+        ok_s = time.monotonic() - t0
+        results = [f.result() for f in futures]
+    assert health.status_code == 200 and health_s < scaled(10), (health.status_code, health_s)
+    # Both slots may be held by the trickling bodies until their 10 s deadline: the valid request waits that long.
+    assert ok.status_code == 200 and ok_s < scaled(40), (ok.status_code, ok_s, ok.text[:200])
+    for (closed_after, reply), (head, _) in zip(results, slow, strict=True):
+        what = "head" if head is SLOW_HEAD else "body"
+        assert closed_after is not None, f"a trickling {what} was never cut off in {give_up:.0f} s: {reply[:200]!r}"
+        assert reply.startswith(b"HTTP/1.1 408"), (what, reply[:300])
+        # deadlines: head 1 s, body 10 s; the rest is slack for a busy machine
+        assert closed_after < scaled(30), f"a trickling {what} was cut off after {closed_after:.1f} s (machine busy?)"
+    print(f"\nslow clients: health in {health_s:.2f} s, a valid request in {ok_s:.2f} s; trickling connections cut "
+          f"off after {', '.join(f'{c:.1f}' for c, _ in results)} s (head deadline 1 s, body 10 s)")
+
+
+def test_big_bodies_of_empty_objects_do_not_blow_up_server_memory(guarded):
+    """Three 60 MB bodies of ``{}`` (under the 64 MiB byte limit) at once: 400 each, memory bounded.
+
+    Before the shape limits, one such body raised the server's memory by 1.6 GB while parsing.
+    """
+    body = b'{"messages": [' + b"{}," * 20_000_000 + b"{}]}"
+    assert len(body) < 64 * 2**20
+    pid = guarded.proc.pid
+    rss_before = _rss_mb(pid)
+    _reset_peak_rss(pid)
+    t0 = time.monotonic()
+
+    def post(_):
+        return httpx.post(guarded.url + "/chat/completions", content=body, timeout=scaled(120),
+                          headers={"Content-Type": "application/json"})
+
+    with ThreadPoolExecutor(3) as pool:
+        replies = list(pool.map(post, range(3)))
+    seconds = time.monotonic() - t0
+    peak = _peak_rss_mb(pid)
+    for r in replies:
+        assert r.status_code == 400 and "JSON values" in r.json()["error"]["message"], r.text[:300]
+    print(f"\nbig bodies: 3 x {len(body) / 2**20:.0f} MiB of {{}} at once -> 400 in {seconds:.1f} s; server RSS "
+          f"{rss_before:.0f} MB, peak {peak:.0f} MB (+{peak - rss_before:.0f})")
+    # The three bodies themselves are 180 MB; parsing them was +1.6 GB each before.
+    assert peak - rss_before < 600, (rss_before, peak)
+    health = httpx.get(guarded.url.removesuffix("/v1") + "/health", timeout=scaled(60))
+    assert health.status_code == 200
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024

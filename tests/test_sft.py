@@ -146,3 +146,32 @@ def test_sft_rejects_a_bad_template(tmp_path, capsys):
                                "task": {"name": "synthetic_color"}, "rewards": [{"name": "all_match"}]}))
     assert main(["--config", str(cfg), "--template", "no placeholder", "--plugins", "qwen-vl,synthetic,text"]) == 2
     assert "must contain {answer}" in capsys.readouterr().err
+
+
+def test_intermediate_checkpoints_hold_no_pickle_and_evaluate_verifies_them(tmp_path, registry):
+    """``--save-steps`` checkpoints are closed, hash-listed sets without TRL's pickles, and
+    ``core.evaluate --checkpoint`` accepts them (it refused them as saves that never finished)."""
+    from core.evaluate import main as evaluate
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({
+        "model": {"family": "qwen2_5_vl", "path": str(tmp_path / "base"), "tiny": {"seed": 0}},
+        "task": {"name": "synthetic_color", "options": {"num_train": 16, "num_eval": 4}},
+        "rewards": [{"name": "all_match"}],
+        "grpo": {"num_generations": 4, "max_completion_length": 4},
+        "train": {"learning_rate": 1e-3, "per_device_batch_size": 4, "max_steps": 2, "seed": 0},
+        "logging": {"output_dir": str(tmp_path / "run"), "tensorboard": False, "progress_bar": False},
+    }))
+    out = tmp_path / "sft"
+    plugins = ["--plugins", "qwen-vl,synthetic,text"]
+    assert main(["--config", str(cfg), "--output-dir", str(out), "--save-steps", "1", *plugins]) == 0
+    ckpt = out / "checkpoint-1"
+    names = {p.name for p in ckpt.iterdir()}
+    assert "manifest.json" in names and "model.safetensors" in names, names
+    pickles = [p for p in (*ckpt.iterdir(), *out.iterdir()) if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    assert not pickles, pickles
+    assert evaluate(["--config", str(cfg), "--checkpoint", str(ckpt), "--limit", "2", "--quiet",
+                     "--out", str(tmp_path / "ev"), *plugins]) == 0
+    (ckpt / "planted.txt").write_text("x")  # the set is closed: an unlisted file is refused
+    assert evaluate(["--config", str(cfg), "--checkpoint", str(ckpt), "--limit", "2", "--quiet",
+                     "--out", str(tmp_path / "ev2"), *plugins]) == 2

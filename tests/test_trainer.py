@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.testing.procs import run_command
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -40,8 +42,8 @@ def write_config(tmp: Path, **over) -> Path:
 
 
 def train(config: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "core.train", "--config", str(config), *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_command([sys.executable, "-m", "core.train", "--config", str(config), *args], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
@@ -135,8 +137,8 @@ def test_resume_is_bit_identical(full_run, tmp_path):
 
 def test_dry_run_loads_no_weights(tmp_path):
     cfg = write_config(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "core.train", "--config", str(cfg), "--dry-run"], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_command([sys.executable, "-m", "core.train", "--config", str(cfg), "--dry-run"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "prompts_per_step" in proc.stdout
     assert not (tmp_path / "tiny").exists()  # the tiny checkpoint was not even built

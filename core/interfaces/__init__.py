@@ -10,7 +10,8 @@ What is here: the interface base classes (``ModelFamily``, ``Reward``, ``TaskFor
 convention for rewards and the evaluator); OpenAI message conversion (for engines that talk to
 OpenAI-compatible servers); the helpers transformers-native model families share, including
 the offline tiny-checkpoint builders; the rollout helpers every engine needs (EOS ids,
-cutting completions at EOS). The submodules are implementation detail: import the names from
+cutting completions at EOS); :func:`open_image`, the one way to open an image (allowed
+formats only). The submodules are implementation detail: import the names from
 here. Importing this package loads pydantic and pluggy, never torch or transformers.
 """
 
@@ -29,6 +30,7 @@ from core.interfaces.hf_family import (
     size_value,
     transformers_has,
 )
+from core.interfaces.images import IMAGE_FORMATS, ImageFormatError, open_image
 from core.interfaces.model import BoxConvention, ModelFamily
 from core.interfaces.openai_messages import (
     RequestError,
@@ -51,6 +53,7 @@ from core.interfaces.rollout import (
     RolloutContext,
     RolloutEngine,
     RolloutError,
+    RolloutSetupError,
     SamplingParams,
     eos_token_ids,
     split_completions,
@@ -77,6 +80,7 @@ __all__ = [
     "RolloutContext",
     "RolloutEngine",
     "RolloutError",
+    "RolloutSetupError",
     "Sample",
     "SamplingParams",
     "TaskFormat",
@@ -92,6 +96,10 @@ __all__ = [
     "normalize_label",
     "parse_box",
     "parse_objects",
+    # images (an allow-list of formats)
+    "IMAGE_FORMATS",
+    "ImageFormatError",
+    "open_image",
     # OpenAI messages
     "RequestError",
     "chat_to_openai_messages",

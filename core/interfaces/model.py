@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from pydantic import BaseModel
+
 from core.interfaces.base import Component
 
 if TYPE_CHECKING:
@@ -47,9 +49,13 @@ class ModelFamily(Component):
             prefilling n copies. Opt in once the ``shared_prefill`` conformance check passes:
             it needs a model whose ``generate`` continues from a given cache with the
             positions ``generate`` itself computes for the prompt.
+        tiny_options: the pydantic model of :meth:`build_tiny_checkpoint`'s options (a
+            :class:`~core.interfaces.TinyOptions` subclass). Set, ``model.tiny`` is validated
+            against it when the config is planned (``--dry-run`` included), before anything is built.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    tiny_options: ClassVar[type[BaseModel] | None] = None
     box_convention: ClassVar[BoxConvention] = "unknown"
     fallback: ClassVar[bool] = False
     per_token_keys: ClassVar[tuple[str, ...]] = ("token_type_ids", "mm_token_type_ids")

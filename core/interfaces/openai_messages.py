@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from core.interfaces.images import ImageFormatError, open_image
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -66,7 +68,7 @@ def data_url_to_image(url: str, where: str = "image", max_pixels: int | None = N
         with warnings.catch_warnings():
             if max_pixels is not None:  # our own limit, checked below, replaces PIL's bomb warning
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw))
+            img = open_image(raw)  # allowed formats only: an EPS "PNG" never reaches Ghostscript
         with img:
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
@@ -74,6 +76,8 @@ def data_url_to_image(url: str, where: str = "image", max_pixels: int | None = N
                                    f"of {max_pixels / 1e6:.1f} Mpx per image (--max-image-pixels)", param=where)
             img.load()
             return img.convert("RGB") if img.mode != "RGB" else img.copy()
+    except ImageFormatError as exc:
+        raise RequestError(f"{where}: data URL does not hold an accepted image: {exc}", param=where) from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise RequestError(f"{where}: data URL does not hold a readable image: {exc}", param=where) from None
 

@@ -26,6 +26,14 @@ class RolloutError(RuntimeError):
     """
 
 
+class RolloutSetupError(ValueError):
+    """A rollout engine cannot run as configured on this machine (wrong device for a mode, option it cannot honour).
+
+    Bad input, not a failure while running: the apps end with one ``error: ...`` paragraph and
+    exit code 2. Name the option to change (``rollout.options.mode``) in the message.
+    """
+
+
 @dataclass
 class SamplingParams:
     """Sampling settings, honoured by every engine."""
@@ -57,8 +65,13 @@ class Completion:
 
     ``ids`` excludes padding and everything after the first EOS (the EOS itself is kept so
     the policy learns to stop); ``truncated`` is true when no EOS was produced within
-    ``max_new_tokens``. ``logprobs`` are the sampler's per-token log-probabilities when the
-    engine provides them.
+    ``max_new_tokens``. ``logprobs`` (optional; one per id, NaN for an id the sampler did not
+    score, e.g. an EOS the engine appended) are the log-probabilities of the sampled tokens under
+    the distribution the engine actually sampled from: after temperature, top-k/top-p and any
+    constraint (suppressed ids, guided choice), renormalised. The trainer compares them with its
+    own log-probs (``rollout/logprob_diff_*``, ``rollout/kl_est``) and, with
+    ``grpo.rollout_is_correction``, weights the loss by their ratio; ``None`` = not reported
+    (nothing measured or corrected).
     """
 
     ids: list[int]
@@ -79,7 +92,22 @@ class RolloutContext:
 
 
 class RolloutEngine(Component):
-    """Generates completions. ``setup`` is called once before the first rollout."""
+    """Generates completions. ``setup`` is called once before the first rollout.
+
+    ``samples_from_policy``: true for an engine that samples with the training model itself (the
+    built-in one); ``grpo.rollout_is_correction: null`` then applies no importance-sampling correction.
+    """
+
+    samples_from_policy: bool = False
+
+    def guided(self) -> bool:
+        """True when sampling is constrained beyond the policy (a ``choices`` option is set).
+
+        The engine's log-probs are then of the constrained, renormalised distribution, far from
+        the trainer's, so ``grpo.rollout_is_correction: null`` applies no correction (it would
+        mostly shrink the loss); the mismatch is still measured.
+        """
+        return bool(getattr(getattr(self, "options", None), "choices", None))
 
     def setup(self, ctx: RolloutContext) -> None:
         """Keep what the engine needs from the training context."""

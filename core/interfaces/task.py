@@ -52,6 +52,8 @@ class Sample:
         """Load every image as RGB. Raises :class:`DataError` naming the file if one fails."""
         from PIL import Image
 
+        from core.interfaces.images import open_image
+
         out = []
         for src in self.images:
             if isinstance(src, Image.Image):
@@ -60,7 +62,7 @@ class Sample:
                 img = src()
             else:
                 try:
-                    with Image.open(src) as f:
+                    with open_image(src) as f:  # allowed formats only (core.interfaces.images)
                         img = f.copy()
                 except Exception as exc:  # noqa: BLE001 - PIL's DecompressionBombError is neither OSError nor ValueError
                     raise DataError(

@@ -25,7 +25,7 @@ import json
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -193,18 +193,41 @@ class TinyOptions(BaseModel):
     :meth:`resolve_defaults`; its own checks go in its own ``model_validator`` (run after these).
     """
 
-    model_config = ConfigDict(extra="forbid")
-    hidden_size: int = Field(64, ge=8)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
-    num_kv_heads: int = Field(2, ge=1)
-    intermediate_size: int = Field(128, ge=1)
-    rope_theta: float = Field(3.0, gt=0)
-    vision_hidden_size: int = Field(32, ge=8)
-    vision_heads: int = Field(2, ge=1)
-    vocab_size: int = Field(512, ge=300)
-    extra_corpus: list[str] = Field(default_factory=list)
-    seed: int = 0
+    # Upper bounds keep a "tiny" build tiny: hidden_size=1e9 used to start allocating, then crash.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    hidden_size: int = Field(64, ge=8, le=4096)
+    num_layers: int = Field(2, ge=1, le=64)
+    num_heads: int = Field(4, ge=1, le=256)
+    num_kv_heads: int = Field(2, ge=1, le=256)
+    intermediate_size: int = Field(128, ge=1, le=16384)
+    rope_theta: float = Field(3.0, gt=0, le=1e9)
+    vision_hidden_size: int = Field(32, ge=8, le=4096)
+    vision_heads: int = Field(2, ge=1, le=256)
+    vocab_size: int = Field(512, ge=300, le=65536)
+    extra_corpus: list[str] = Field(default_factory=list, max_length=100_000)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+
+    #: Largest value of any whole-number option of a subclass (vision depth, patch size ...).
+    MAX_INT_OPTION: ClassVar[int] = 1 << 16
+    #: Parameters a tiny build may have (the decoder's embeddings and layers, estimated).
+    MAX_PARAMETERS: ClassVar[int] = 1_000_000_000
+
+    @model_validator(mode="after")
+    def _bounded(self) -> TinyOptions:
+        for name in type(self).model_fields:
+            v = getattr(self, name)
+            items = v if isinstance(v, list) else [v]
+            # Pixel bounds are areas (a real recipe's max_pixels is 12845056); the seed is any 32-bit number.
+            limit = 1 << 28 if name.endswith("pixels") else None if name == "seed" else self.MAX_INT_OPTION
+            if limit is not None and any(isinstance(x, int) and not isinstance(x, bool) and abs(x) > limit
+                                         for x in items):
+                raise ValueError(f"{name}={v} is not a tiny-checkpoint size (at most {limit})")
+        h, inter = self.hidden_size, self.intermediate_size
+        params = 2 * self.vocab_size * h + self.num_layers * (4 * h * h + 3 * h * inter)
+        if params > self.MAX_PARAMETERS:
+            raise ValueError(f"these sizes make a decoder of about {params / 1e9:.1f}B parameters, not a tiny "
+                             f"checkpoint (at most {self.MAX_PARAMETERS / 1e9:g}B)")
+        return self
 
     def resolve_defaults(self) -> None:
         """Fill options whose defaults depend on others (before the shape checks); default none."""

@@ -13,8 +13,13 @@ adapter under LoRA) plus the trainer state:
   (DeepSpeed ZeRO): each rank writes and, on resume, reads back its own shard, in the same
   pickle-free JSON + safetensors form;
 - ``manifest.json`` (written last): the size and SHA-256 of every other file. A checkpoint
-  counts as complete only if every listed file exists with its size; resume also checks
-  the hashes and refuses a checkpoint whose files do not match.
+  counts as complete only if every listed file exists with its size and no unlisted file is in
+  the folder (a closed set); resume, ``core.evaluate`` and ``core.serve`` also check the hashes
+  and refuse a checkpoint whose files do not match.
+
+An output folder belongs to one run (:func:`lock_output_dir`, :func:`claim_output_dir`): a lock
+file naming its pid and host, a refusal of an earlier run's checkpoints (or moving them aside),
+and a ``run_id`` in each ``trainer_state.json`` so pruning deletes only the run's own.
 
 Writes go to ``.checkpoint-<step>.tmp`` and are renamed into place when complete. Re-saving an
 existing step first renames the old folder aside (``.checkpoint-<step>.old``) and deletes it
@@ -26,6 +31,7 @@ arrived.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -157,8 +163,12 @@ def write_manifest(folder: Path) -> None:
     _write_synced(folder / MANIFEST, json.dumps({"format": FORMAT, "files": files}, indent=1).encode())
 
 
-def check_manifest(folder: str | Path, *, hashes: bool) -> str | None:
-    """``None`` if ``folder`` is complete (and, with ``hashes``, unaltered); else what is wrong."""
+def check_manifest(folder: str | Path, *, hashes: bool, require_state: bool = True) -> str | None:
+    """``None`` if ``folder`` is complete (and, with ``hashes``, unaltered); else what is wrong.
+
+    ``require_state``: the manifest must list the trainer state (a checkpoint to resume from);
+    loading weights only (evaluate, serve) needs no trainer state (``core.sft``'s have none).
+    """
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -184,9 +194,15 @@ def check_manifest(folder: str | Path, *, hashes: bool) -> str | None:
             return f"{rel} has {size} bytes, the manifest says {info.get('size')}"
         if hashes and _sha256(p) != info.get("sha256"):
             return f"{rel} does not match its SHA-256 in {MANIFEST} (changed after it was saved)"
-    for rel in (STATE_JSON, STATE_TENSORS):
+    for rel in (STATE_JSON, STATE_TENSORS) if require_state else ():
         if rel not in files:
             return f"its manifest does not list {rel}"
+    # A checkpoint is a closed set: a file added later (a PEFT adapter dropped beside full weights,
+    # a second weights file) would change what loads without changing any listed file.
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if (p.is_file() or p.is_symlink()) and rel != MANIFEST and rel not in files:
+            return f"{rel} is not listed in its {MANIFEST} (added after the save; remove it)"
     return None
 
 
@@ -231,15 +247,32 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _unusable(root: Path) -> str:
-    """``; checkpoint-N is there but ...`` for the newest checkpoint folder that is not complete, else ``""``."""
+def checkpoint_folders(output_dir: str | Path) -> list[Path]:
+    """Every ``checkpoint-N`` folder in ``output_dir``, complete or not, oldest first."""
+    root = Path(output_dir)
     if not root.is_dir():
-        return ""
-    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CKPT_RE.match(p.name)) and p.is_dir())
-    if not found:
-        return ""
-    newest = found[-1][1]
-    return f"; {newest.name} is there but {check_manifest(newest, hashes=False)}"
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def verify_checkpoint(folder: str | Path, *, hashes: bool = True) -> None:
+    """Refuse a vlmr1 checkpoint folder that is incomplete, holds unlisted files, or (``hashes``) was altered.
+
+    For ``core.evaluate --checkpoint`` and ``core.serve``. A folder without ``manifest.json`` and
+    without a trainer state is a plain transformers checkpoint (a ``model.path``, a ``core.sft``
+    output, a download): there is nothing to verify it against, and it passes.
+    """
+    folder = Path(folder)
+    if not (folder / MANIFEST).exists() and not (folder / STATE_JSON).exists() and not (folder / LEGACY_PT).exists():
+        return
+    problem = check_manifest(folder, hashes=hashes, require_state=False)
+    if problem:
+        raise CheckpointError(f"checkpoint {folder} cannot be used: {problem}.")
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -263,7 +296,9 @@ def save_checkpoint(
     optimizer_per_rank: bool = False,
     barrier: Callable[[], None] | None = None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` crash-safely; prune to the last ``keep_last``.
+    """Write ``checkpoint-<step>`` crash-safely; prune to the last ``keep_last`` of this run's.
+
+    With ``state["run_id"]`` only checkpoints saved with the same run id count (and are pruned).
 
     ``save_model(folder)`` writes the transformers/PEFT files (it may gather sharded
     weights, so every process calls this function; only the main one writes). With
@@ -306,7 +341,9 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(_write_failure(exc, final, tmp, root)) from None
     _swap_in(tmp, final)
-    for old in list_checkpoints(root)[:-keep_last]:
+    # Only this run's checkpoints are pruned (``state["run_id"]``): never another run's, whatever their steps.
+    mine = [p for p in list_checkpoints(root) if "run_id" not in state or run_id_of(p) == state["run_id"]]
+    for old in mine[:-keep_last]:
         doomed = root / f".{old.name}.del"  # renamed first: a kill mid-delete leaves no half checkpoint
         os.replace(old, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
@@ -398,21 +435,70 @@ def load_trainer_state(ckpt: str | Path, *, verify: bool = True,
         problem = check_manifest(ckpt, hashes=True)
         if problem:
             raise CheckpointError(f"checkpoint {ckpt} cannot be used: {problem}.")
+    meta = read_trainer_meta(ckpt)
     try:
-        meta = json.loads((ckpt / STATE_JSON).read_text())
         from safetensors.torch import load_file
 
         tensors = load_file(str(ckpt / STATE_TENSORS))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"checkpoint {ckpt}: cannot read the trainer state: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "state" not in meta:
-        raise CheckpointError(f"checkpoint {ckpt}: {STATE_JSON} is not a vlmr1 trainer state of format {FORMAT}")
-    state = unflatten_state(meta.pop("state"), tensors)
+    try:
+        state = unflatten_state(meta.pop("state"), tensors)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # hand-edited nesting
+        raise CheckpointError(f"checkpoint {ckpt}: the \"state\" of its {STATE_JSON} is malformed "
+                              f"({type(exc).__name__}: {exc})") from None
     if isinstance(state, dict) and meta.get("optimizer_per_rank"):
         state["optimizer"] = _load_rank_optimizer(ckpt, rank, meta.get("num_processes"))
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
         raise CheckpointError(f"checkpoint {ckpt}: the trainer state lacks optimizer/scheduler/rng")
     return state, meta
+
+
+#: ``trainer_state.json`` keys: (type check, what it must be); the ones marked required must be there.
+_META_FIELDS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
+    "format": (lambda v: v == FORMAT, f"{FORMAT} (this vlmr1's trainer-state format)", True),
+    "step": (lambda v: _is_int(v) and v >= 0, "a non-negative integer", True),
+    "state": (lambda v: isinstance(v, dict), "an object", True),
+    "config": (lambda v: isinstance(v, dict), "an object (the run config)", False),
+    "num_processes": (lambda v: _is_int(v) and v >= 1, "a positive integer", False),
+    "data_position": (lambda v: _is_int(v) and v >= 0, "a non-negative integer", False),
+    "eval": (lambda v: isinstance(v, dict), "an object", False),
+    "metrics": (lambda v: v is None or isinstance(v, dict), "an object", False),
+    "backend": (lambda v: isinstance(v, dict), "an object", False),
+    "optimizer_per_rank": (lambda v: isinstance(v, bool), "true or false", False),
+    "run_id": (lambda v: isinstance(v, str), "a string", False),
+    "dtype": (lambda v: isinstance(v, str), "a string", False),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_trainer_meta(ckpt: str | Path) -> dict[str, Any]:
+    """``trainer_state.json`` of ``ckpt``, checked key by key: any other content is a :class:`CheckpointError`.
+
+    The file is data a user (or a bad disk) can change; a wrong type must end in one line naming
+    the file and the key, never in a traceback later in the resume.
+    """
+    path = Path(ckpt) / STATE_JSON
+    try:
+        meta = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
+        raise CheckpointError(f"checkpoint {ckpt}: cannot read {STATE_JSON}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a vlmr1 trainer state (a JSON {type(meta).__name__}, not an object)")
+    for key, (ok, what, required) in _META_FIELDS.items():
+        if key not in meta:
+            if required:
+                raise CheckpointError(f"{path}: not a vlmr1 trainer state of format {FORMAT}: it has no {key!r}")
+            continue
+        if not ok(meta[key]):
+            raise CheckpointError(f"{path}: {key!r} must be {what}, not {json.dumps(meta[key])[:60]}")
+    m = CKPT_RE.match(Path(ckpt).name)
+    if m and int(m.group(1)) != meta["step"]:
+        raise CheckpointError(f"{path}: 'step' is {meta['step']} but the folder is {Path(ckpt).name}")
+    return meta
 
 
 def _load_rank_optimizer(ckpt: Path, rank: int, saved_processes: Any) -> Any:
@@ -451,6 +537,10 @@ BREAKING = {
     "train.weight_decay": "nothing: the checkpoint's optimizer state keeps its own weight decay",
     "train.mode": "which weights train (the optimizer state would not fit)",
     "num_processes": "the prompts per step and each rank's share",
+    "model.path": "the model: the checkpoint's weights and the reference model come from the saved one",
+    "model.family": "the model family",
+    "model.tiny": "the model (a tiny build of another size)",
+    "train.lora": "the LoRA adapters (their shape and scale)",
 }
 #: Never compared: where things go, how they are logged, and resume itself.
 IGNORED = ("logging", "checkpoint", "plugins", "eval")
@@ -493,30 +583,53 @@ def resume_problems(changes: list[tuple[str, Any, Any]], current: dict[str, Any]
 
 
 def resolve_resume(cfg: Any, output_dir: str | Path, num_processes: int = 1,
-                   log: Callable[[str], None] = print) -> Path | None:
+                   log: Callable[[str], None] = print, dtype: Any = None) -> Path | None:
     """The checkpoint to resume from per ``checkpoint.resume``, checked for exact continuation.
 
     ``true`` needs a checkpoint in ``output_dir``; ``auto`` takes one if there is one (and says so
     when there is none); a path must be a complete checkpoint. The checkpoint's files are verified
     against its manifest, and its run config is compared with ``cfg``: changes that would break
-    exact continuation are refused unless ``checkpoint.resume_force`` (``--resume-force``).
+    exact continuation (the model included: path, family, size, ``dtype`` = the torch dtype this
+    run trains in, mode) are refused unless ``checkpoint.resume_force`` (``--resume-force``).
+    A newest checkpoint that is damaged is refused too (resuming from an older one would discard
+    every step since); ``--resume-force`` skips it with a warning.
     """
     r = cfg.checkpoint.resume
+    force = cfg.checkpoint.resume_force
     if r is False or r == "false":
         return None
     out = Path(output_dir)
     for note in recover(out):
         log(f"note: {note}")
     if r is True or r in ("auto", "true"):
-        found = latest_checkpoint(out)
+        found, damaged, first = None, [], ""
+        for folder in reversed(checkpoint_folders(out)):  # newest first, until one is intact
+            problem = check_manifest(folder, hashes=True)
+            if problem is None:
+                found = folder
+                break
+            if not damaged and check_manifest(folder, hashes=False) is None:
+                first = f"checkpoint {folder} cannot be used: {problem}"  # complete, but altered since saved
+            damaged.append(f"{folder.name} ({problem})")
+            first = first or f"; {folder.name} is there but {problem}"
         if found is None:
-            if r == "auto":
+            if r == "auto" and not damaged:
                 log(f"note: checkpoint.resume=auto: no checkpoint in {out}; starting fresh")
                 return None
+            if first.startswith("checkpoint "):
+                raise CheckpointError(f"{first}. Delete it to resume from an earlier checkpoint, or start fresh.")
             raise CheckpointError(
-                f"--resume: no complete checkpoint in {out}{_unusable(out)} (a checkpoint is written every "
+                f"--resume: no complete checkpoint in {out}{first} (a checkpoint is written every "
                 "checkpoint.save_every steps and at the end). Run without --resume to start fresh, or set "
                 "checkpoint.resume=auto to resume only when a checkpoint exists.")
+        if damaged:
+            what = f"the newest checkpoint in {out} cannot be used: {'; '.join(damaged)}"
+            if not force:
+                raise CheckpointError(
+                    f"{what}. Resuming from {found.name} instead would discard every step since it: repair or "
+                    "remove the damaged folder, or pass --resume-force (checkpoint.resume_force=true) to resume "
+                    f"from {found.name} anyway.")
+            log(f"warning: --resume-force: {what}; resuming from {found.name}, the steps after it are lost")
     else:
         found = Path(str(r))
         if not found.is_dir():
@@ -529,25 +642,112 @@ def resolve_resume(cfg: Any, output_dir: str | Path, num_processes: int = 1,
     if problem:
         raise CheckpointError(f"checkpoint {found} cannot be used: {problem}. Delete it to resume from an "
                               "earlier checkpoint, or start fresh.")
-    try:
-        meta = json.loads((found / STATE_JSON).read_text())
-        saved = dict(meta.get("config") or {})
-        saved_procs = int(meta.get("num_processes", num_processes))
-    except (OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {found}: unreadable {STATE_JSON}: {exc}") from None
+    meta = read_trainer_meta(found)
+    saved = dict(meta.get("config") or {})
+    saved_procs = meta.get("num_processes", num_processes)
     current = cfg.model_dump(mode="json")
     changes = config_changes({**saved, "num_processes": saved_procs}, {**current, "num_processes": num_processes})
+    moved = next(((old, new) for key, old, new in changes if key == "model.path"), None)
+    if moved and same_model_files(saved_model_path(found), cfg.model.resolved_path()):
+        # The same model at another path (copied or moved): identical files are no different model.
+        changes = [c for c in changes if c[0] != "model.path"]
+        log(f"note: model.path: {moved[0]!r} -> {moved[1]!r} holds the same model files (same SHA-256)")
     refused, noted = resume_problems(changes, current)
+    refused += model_differences(found, cfg, dtype)
     for line in noted:
         log(f"note: changed since {found.name}: {line}")
     if refused:
-        if not cfg.checkpoint.resume_force:
+        if not force:
             raise CheckpointError(
                 f"resuming from {found} with settings that break exact continuation: " + "; ".join(refused)
                 + ". Restore them, or pass --resume-force (checkpoint.resume_force=true) to continue anyway.")
         for line in refused:
             log(f"warning: --resume-force: changed since {found.name}: {line}")
     return found
+
+
+#: ``config.json`` entries that fix a model's shape (at any depth: text and vision configs too).
+_SHAPE_KEY = re.compile(r"(^model_type$|^num_|_size$|_layers$|_heads$|^depth$|_dim$)")
+
+
+def _shape(config: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(config, dict):
+        for k, v in config.items():
+            if isinstance(v, dict):
+                out.update(_shape(v, f"{prefix}{k}."))
+            elif _SHAPE_KEY.search(str(k)) and (_is_int(v) or isinstance(v, str)):
+                out[f"{prefix}{k}"] = v
+    return out
+
+
+def model_differences(ckpt: Path, cfg: Any, dtype: Any = None) -> list[str]:
+    """How the checkpoint's weights differ from the model this run is configured with (empty: none found).
+
+    Compares the checkpoint's ``config.json`` (full and frozen-vision checkpoints; a LoRA checkpoint
+    holds only the adapter) with ``model.path``'s when both are local folders: model type and every
+    size, layer and head count; and its saved dtype with ``dtype``, the one this run trains in. The
+    saved run config's ``model.*`` keys are compared by :func:`resume_problems`.
+    """
+    found: list[str] = []
+    try:
+        mine = json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError):
+        mine = {}  # a LoRA checkpoint: the adapter only
+    if not isinstance(mine, dict):
+        mine = {}
+    try:
+        base = Path(cfg.model.resolved_path(), "config.json")
+        theirs = json.loads(base.read_text()) if base.is_file() else None
+    except (ConfigError, OSError, ValueError):
+        theirs = None
+    if mine and isinstance(theirs, dict):
+        a, b = _shape(mine), _shape(theirs)
+        diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if diff:
+            found.append(f"the model: {ckpt.name} is not a {cfg.model.resolved_path()} model ("
+                         + ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "") + ")")
+    # The dtype the saving run trained in (recorded since LoRA checkpoints have no config.json), else the weights'.
+    saved = read_trainer_meta(ckpt).get("dtype") or mine.get("dtype", mine.get("torch_dtype"))
+    if dtype is not None and isinstance(saved, str):
+        want = str(dtype).removeprefix("torch.")
+        if saved != want:
+            found.append(f"model dtype: {saved!r} -> {want!r} (the weights were trained in {saved})")
+    return found
+
+
+@functools.lru_cache(maxsize=8)  # asked again by the trainer when it picks the reference's source
+def same_model_files(a: str | None, b: str | None) -> bool:
+    """Whether local model folders ``a`` and ``b`` hold the same files (names, sizes, then SHA-256).
+
+    Hashes are read only when every name and size matches (a model moved or copied elsewhere).
+    """
+    if not a or not b:
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if not (pa.is_dir() and pb.is_dir()):
+        return False
+
+    def files(root: Path) -> dict[str, int]:
+        return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*")
+                if p.is_file() and not p.name.startswith(".")}
+
+    try:
+        fa, fb = files(pa), files(pb)
+        return fa == fb and bool(fa) and all(_sha256(pa / rel) == _sha256(pb / rel) for rel in fa)
+    except OSError:
+        return False
+
+
+def saved_model_path(ckpt: str | Path) -> str | None:
+    """The ``model.path`` (resolved: a tiny build's cache folder too) of the run that saved ``ckpt``."""
+    from core.config import ModelConfig
+
+    model = (read_trainer_meta(ckpt).get("config") or {}).get("model")
+    try:
+        return ModelConfig.model_validate(model).resolved_path() if isinstance(model, dict) else None
+    except (ValueError, ConfigError):
+        return None
 
 
 # ---- output folder ------------------------------------------------------------------------
@@ -572,3 +772,193 @@ def check_output_dir(output_dir: str | Path) -> Path:
                           f"{' (a parent is a file)' if isinstance(exc, NotADirectoryError | FileExistsError) else ''}"
                           ". Choose a writable folder.") from None
     return out
+
+
+# ---- ownership: one run per output folder ------------------------------------------------------
+LOCK = ".vlmr1.lock"
+_held: dict[Path, dict[str, Any]] = {}  # the locks this process holds: folder -> what its lock file says
+
+
+class OutputDirBusy(ConfigError):
+    """Another live run holds the output folder's lock."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of ``pid`` (Linux ``/proc``), to tell a live owner from a later process with its pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(info: dict[str, Any]) -> bool:
+    pid = info.get("pid")
+    if not _is_int(pid) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    start = info.get("start")
+    return start is None or _process_start(pid) in (None, start)
+
+
+def lock_output_dir(output_dir: str | Path, app: str, option: str = "logging.output_dir") -> Path:
+    """Take ``output_dir``'s lock file for this process (released by :func:`release_output_dir` or at exit).
+
+    The lock records pid, host and process start time. A lock whose process is gone (same host) is
+    stale and taken over with a note; a live one, or one from another host (which cannot be checked),
+    is an :class:`OutputDirBusy` naming its pid and host: two runs writing one folder interleave their
+    metrics and overwrite each other's checkpoints.
+    """
+    import atexit
+    import socket
+    import sys
+    import time
+
+    out = Path(output_dir).resolve()
+    if out in _held:
+        raise OutputDirBusy(f"{option} {out} is already used by a run in this process")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK
+    host = socket.gethostname()
+    info = {"pid": os.getpid(), "host": host, "start": _process_start(os.getpid()), "app": app,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]}
+    tmp = out / f".vlmr1.lock.{os.getpid()}"
+    tmp.write_text(json.dumps(info))
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, lock)  # atomic, and the lock file is complete the moment it exists
+                break
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links: exclusive create, then write
+                try:
+                    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    pass
+                else:
+                    with os.fdopen(fd, "w") as f:
+                        f.write(json.dumps(info))
+                    break
+            try:
+                other = json.loads(lock.read_text())
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except (OSError, ValueError):
+                other = None
+            if not isinstance(other, dict):
+                raise OutputDirBusy(f"{option} {out}: its lock file {lock} is unreadable; if no other run "
+                                    "uses this folder, delete the file and rerun")
+            who = f"pid {other.get('pid')} on host {other.get('host')}"
+            if other.get("app"):
+                who += f" ({other.get('app')}, since {other.get('since')})"
+            if other.get("host") != host:
+                raise OutputDirBusy(f"{option} {out} is in use by {who}, another machine, so whether that "
+                                    f"run still lives cannot be checked from here; if it has ended, delete {lock}. "
+                                    f"Otherwise choose another {option}.")
+            if _alive(other) and other.get("pid") != os.getpid():
+                raise OutputDirBusy(f"{option} {out} is in use by another run: {who}. Two runs in one "
+                                    "folder overwrite each other's checkpoints and metrics: wait for it to end, "
+                                    f"stop it, or choose another {option}.")
+            # Stale: its process is gone. Rename it away first, so two runs cannot both take it over.
+            aside = out / f".vlmr1.lock.stale.{os.getpid()}"
+            try:
+                os.replace(lock, aside)
+                aside.unlink()
+            except FileNotFoundError:
+                continue
+            print(f"note: took over the stale lock of {who}, which is no longer running", file=sys.stderr)
+        else:
+            raise OutputDirBusy(f"{option} {out}: could not take its lock {lock} (other runs keep taking "
+                                f"it); choose another {option}")
+    finally:
+        tmp.unlink(missing_ok=True)
+    _held[out] = info
+    atexit.register(release_output_dir, out)
+    return lock
+
+
+def release_output_dir(output_dir: str | Path) -> None:
+    """Remove the lock this process holds on ``output_dir`` (nothing if it holds none)."""
+    out = Path(output_dir).resolve()
+    info = _held.pop(out, None)
+    if info is None:
+        return
+    try:
+        if json.loads((out / LOCK).read_text()).get("pid") == info["pid"]:
+            (out / LOCK).unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def run_id_of(ckpt: Path) -> str | None:
+    """The run id a checkpoint was saved with; ``""`` for one from before run ids, ``None`` if unreadable."""
+    try:
+        meta = json.loads((Path(ckpt) / STATE_JSON).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    rid = meta.get("run_id", "")
+    return rid if isinstance(rid, str) else None
+
+
+#: Files a finished ``core.sft`` run leaves at the top of its output folder (besides checkpoint-N folders).
+_EARLIER_OUTPUTS = ("config.json", "adapter_config.json", "model.safetensors", "model.safetensors.index.json",
+                    "sft_state.json")
+
+
+def claim_output_dir(output_dir: str | Path, *, resume_from: Path | None, start_over: bool,
+                     log: Callable[[str], None] = print, option: str = "logging.output_dir",
+                     resumable: bool = True) -> str:
+    """Make ``output_dir`` this run's; returns the run id to save in every checkpoint.
+
+    A fresh run refuses a folder holding an earlier run's checkpoints (or a finished ``core.sft``
+    model): its pruning, ``--resume`` and ``core.evaluate --checkpoint DIR`` would mix the two
+    runs. A resumed run continues the checkpoint's run id and refuses checkpoints of other runs
+    likewise. ``start_over`` (``--start-over``) moves everything in the folder to a sibling
+    ``<folder>.previous-<time>`` instead: nothing is deleted.
+    """
+    import time
+    import uuid
+
+    out = Path(output_dir)
+    run_id = run_id_of(resume_from) if resume_from is not None else None
+    inside = resume_from is not None and Path(resume_from).resolve().parent == out.resolve()
+    ckpts = checkpoint_folders(out)
+    if resume_from is None:
+        earlier = [p.name for p in ckpts] + [n for n in _EARLIER_OUTPUTS if (out / n).exists()]
+    else:  # unreadable ones (None) are damaged folders of this run that resume already reported
+        earlier = [p.name for p in ckpts if (rid := run_id_of(p)) is not None and rid != run_id]
+    if start_over:
+        if inside:
+            raise ConfigError(f"--start-over (logging.start_over) moves the contents of {out} aside, but the run "
+                              f"resumes from {resume_from}, which is inside it: drop one of the two")
+        rest = [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
+        if rest:
+            dest = out.parent / f"{out.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}"
+            n = 1
+            while dest.exists():
+                n += 1
+                dest = dest.with_name(f"{out.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+            try:
+                dest.mkdir()
+                for p in rest:
+                    os.replace(p, dest / p.name)
+            except OSError as exc:
+                raise ConfigError(f"--start-over: cannot move the contents of {out} to {dest}: "
+                                  f"{exc.strerror or exc}; move them yourself") from None
+            log(f"note: --start-over: moved the earlier contents of {out} ({len(rest)} entries) to {dest}")
+    elif earlier:
+        shown = ", ".join(earlier[:6]) + (", ..." if len(earlier) > 6 else "")
+        how = ("Pass --resume to continue that run, " if resume_from is None and resumable else "Pass ")
+        raise ConfigError(
+            f"{option} {out} holds the outputs of {'an earlier' if resume_from is None else 'another'} "
+            f"run ({shown}); this run would mix with them (pruning, --resume and core.evaluate --checkpoint "
+            f"{out} would take the other run's). {how}--start-over (logging.start_over=true) to move them aside "
+            f"to {out.name}.previous-<time>, or choose another output folder.")
+    return run_id if run_id is not None else uuid.uuid4().hex[:16]

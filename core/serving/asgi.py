@@ -8,10 +8,13 @@ and, with ``allow_reload``, ``POST /v1/load_checkpoint``. Every error is an Open
 Connection handling is uvicorn's (asyncio: an idle or slow client costs a socket, not a
 thread), bounded by :class:`HTTPLimits`: ``workers`` requests are worked on at once (body read,
 validation, generation), ``max_queued`` more wait for a slot and beyond that a request gets 503
-with ``Retry-After`` at once; the body must arrive within ``request_timeout_s`` (408) and be at
-most ``max_request_bytes`` (413, from ``Content-Length`` before reading); a connection that
-sends no request within ``idle_timeout_s`` is closed (uvicorn's keep-alive timeout, here also
-for fresh connections). The API key is checked, in constant time, before the body is read.
+with ``Retry-After`` at once; the whole request head must arrive within ``head_timeout_s`` of
+its first byte and the body within ``request_timeout_s`` (408 each) and be at most
+``max_request_bytes`` (413, from ``Content-Length`` before reading); a connection that sends no
+request within ``idle_timeout_s`` is closed (uvicorn's keep-alive timeout, here also for fresh
+connections). A body is checked for its JSON shape before it is parsed (``max_json_values``,
+``max_json_depth``) and at most ``parse_concurrency`` are parsed at once, so parsing cannot
+take the server's memory. The API key is checked, in constant time, before the body is read.
 FastAPI and uvicorn are the ``vlmr1[serve]`` extra: they are imported when an app is built.
 """
 
@@ -20,6 +23,8 @@ FastAPI and uvicorn are the ``vlmr1[serve]`` extra: they are imported when an ap
 import asyncio
 import hmac
 import json
+import math
+import re
 import socket
 import threading
 import traceback
@@ -53,6 +58,15 @@ class HTTPLimits:
     backlog: int = 128
     #: Requests waiting for a worker slot beyond which a new one gets 503 at once.
     max_queued: int = 512
+    #: Seconds the whole request head may take from its first byte (then 408 and the connection
+    #: closes); also the time the rest of a body the app did not read gets after the response.
+    head_timeout_s: float = 10.0
+    #: Most JSON values (objects, arrays, items, keys) in a request body, counted before parsing (400).
+    max_json_values: int = 100_000
+    #: Deepest nesting of JSON objects and arrays in a request body, checked before parsing (400).
+    max_json_depth: int = 32
+    #: Request bodies parsed at once; others wait (parsing is where a body becomes objects in memory).
+    parse_concurrency: int = 2
 
 
 def _error(exc: RequestError, *, close: bool = False, headers: dict[str, str] | None = None) -> Any:
@@ -62,6 +76,86 @@ def _error(exc: RequestError, *, close: bool = False, headers: dict[str, str] | 
     if close:  # an unread body must not be parsed as the next request, nor read at all
         headers["Connection"] = "close"
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+# ---- request bodies: shape limits before parsing ---------------------------------------------------
+#: A JSON string, escapes included (possessive: no backtracking on a 60 MB base64 image).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+#: ``bytes.translate`` deletes every byte but the four brackets.
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+#: A ``\\uD800``-``\\uDFFF`` escape: only these can make a string that is not valid Unicode.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def check_json_shape(body: bytes | bytearray, *, max_values: int, max_depth: int) -> None:
+    """Refuse (400) a JSON body with more than ``max_values`` values or nesting deeper than ``max_depth``.
+
+    Runs on the raw bytes before ``json.loads``, which would otherwise build every object first:
+    60 MB of ``[{},{},...]`` is 20 M dicts, about 1.6 GB, and deep nesting a ``RecursionError``.
+    Values are counted as the ``{``, ``[`` and ``,`` outside strings: each container, and each
+    item or key/value pair after a container's first, needs one. The common body (a few
+    structures, long base64 strings) passes on that count over the raw bytes; only a body over a
+    limit there pays for stripping its strings and counting exactly.
+    """
+    def structural(b: bytes | bytearray) -> int:
+        return b.count(b"{") + b.count(b"[") + b.count(b",")
+
+    def too_many(n: int) -> RequestError:
+        return RequestError(f"request body: about {n:,} JSON values (objects, arrays, items), more than this "
+                            f"server's limit of {max_values:,}")
+
+    openers = body.count(b"{") + body.count(b"[")
+    if structural(body) <= max_values and openers <= max_depth:
+        return
+    # Every string is a key or an item, so there are at least half as many values as strings; the
+    # quote count (less the quotes after a backslash) refuses a body of millions of short strings
+    # before the regular expression below visits them one by one (13 s for 60 MB of ``"",``).
+    strings = (body.count(b'"') - body.count(b'\\"')) // 2
+    if strings > 2 * max_values:
+        raise too_many(strings // 2)
+    bare = _JSON_STRING.sub(b'""', body)
+    values = structural(bare)
+    if values > max_values:
+        raise too_many(values)
+    depth = 0
+    for c in bare.translate(None, _NOT_BRACKETS):
+        depth += 1 if c in b"[{" else -1
+        if depth > max_depth:
+            raise RequestError(f"request body: JSON nested more than {max_depth} levels deep (this server's limit)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json_body(body: bytes | bytearray, *, max_values: int = 100_000, max_depth: int = 32) -> Any:
+    r"""A request body as JSON, with every malformed body a 400 :class:`~core.interfaces.RequestError`.
+
+    Checks the shape first (:func:`check_json_shape`); refuses ``NaN``/``Infinity`` and numbers
+    beyond float range (``1e400``), which Python's parser accepts but JSON does not, and strings
+    holding a lone UTF-16 surrogate (a ``\ud800`` escape), which no tokenizer can encode.
+    """
+    check_json_shape(body, max_values=max_values, max_depth=max_depth)
+    try:
+        obj = json.loads(body, parse_float=_finite_float, parse_constant=_no_constant)
+    except RecursionError:  # the shape check makes this unreachable; kept so it can never be a 500
+        raise RequestError("request body: JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, the two refusals above, too many digits
+        raise RequestError(f"request body is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(body):
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError("request body: a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), "
+                               "which is not valid Unicode") from None
+    return obj
 
 
 def _unread_body(request: "Request") -> bool:
@@ -92,6 +186,11 @@ def create_app(server: Any, *, api_key: str | None = None, allow_reload: bool = 
             state["slots"] = asyncio.Semaphore(lim.workers)
         return state["slots"]
 
+    def parsers() -> asyncio.Semaphore:
+        if "parsers" not in state:
+            state["parsers"] = asyncio.Semaphore(max(1, lim.parse_concurrency))
+        return state["parsers"]
+
     expected = f"Bearer {api_key}".encode() if api_key is not None else None
 
     def authorize(request: Request) -> None:
@@ -107,7 +206,7 @@ def create_app(server: Any, *, api_key: str | None = None, allow_reload: bool = 
         if length is not None and length.isdigit() and int(length) > lim.max_request_bytes:
             raise RequestError(f"request body of {length} bytes exceeds the limit of {lim.max_request_bytes}",
                                status=413)
-        chunks: list[bytes] = []
+        body = bytearray()  # not a list of chunks and a join: one copy of the body, not two
         got = 0
 
         async def receive_all() -> None:
@@ -117,7 +216,7 @@ def create_app(server: Any, *, api_key: str | None = None, allow_reload: bool = 
                 if got > lim.max_request_bytes:
                     raise RequestError(f"request body exceeds the limit of {lim.max_request_bytes} bytes",
                                        status=413)
-                chunks.append(chunk)
+                body.extend(chunk)
 
         try:
             await asyncio.wait_for(receive_all(), lim.request_timeout_s)
@@ -127,10 +226,13 @@ def create_app(server: Any, *, api_key: str | None = None, allow_reload: bool = 
             raise RequestError(f"request body not received within {lim.request_timeout_s:g} s "
                                f"({got} of {length or '?'} bytes)", status=408) from None
         request.state.body_read = True
-        try:
-            return json.loads(b"".join(chunks))
-        except ValueError as exc:
-            raise RequestError(f"request body is not valid JSON: {exc}") from None
+        # Off the event loop (a large body takes a second to parse, and connections keep being
+        # served meanwhile), and at most parse_concurrency at once: the shape limits bound what
+        # one parse builds, this bounds how many build at the same time.
+        async with parsers():
+            return await anyio.to_thread.run_sync(
+                lambda: parse_json_body(body, max_values=lim.max_json_values, max_depth=lim.max_json_depth),
+                limiter=threads)
 
     async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on a worker thread; an unexpected exception is a 500 naming it (trace on stderr)."""
@@ -250,26 +352,79 @@ class _Admission:
 
 # ---- running it ------------------------------------------------------------------------------------
 def _protocol_class() -> type:
-    """The h11 protocol of uvicorn, also closing connections that send no complete request head in time.
+    """The h11 protocol of uvicorn, with a deadline on every phase of a connection in which the client sends.
 
-    uvicorn starts its keep-alive timer only after a first response, so a connection that never
-    sends a request would stay open for ever: here it gets ``idle_timeout_s`` too, and a
-    request head that stops arriving gets ``socket_timeout_s`` between reads.
+    - Before the first request and between requests: ``idle_timeout_s`` (uvicorn's keep-alive
+      timer, which uvicorn itself starts only after a first response).
+    - The request head: ``head_timeout_s`` from its first byte, whatever the pace of the bytes,
+      and ``socket_timeout_s`` at most between two reads; then a 408 and the connection closes.
+      uvicorn's timers are per read (each read cancels the keep-alive timer), so a client sending
+      one header byte every few seconds held its connection for ever. The head's size is bounded
+      by uvicorn's ``h11_max_incomplete_event_size`` (16 KiB).
+    - The body while the app reads it: the app's ``request_timeout_s`` (408 from :func:`create_app`).
+    - The rest of a body the app answered without reading (``/health`` or a 401 with a trickling
+      body): ``head_timeout_s`` after the response, then the connection closes.
+
+    Why a protocol subclass: the protocol is the one place that sees a partial head (h11's state
+    and buffer) and every read; an ASGI middleware runs only once the head is complete, and a
+    deadline at the asyncio level would have to wrap uvicorn's transport and re-derive the
+    HTTP state this class reads from h11.
     """
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
         socket_timeout_s = 30.0
+        head_timeout_s = 10.0
+        #: The head or unread-body deadline (never reset by a read, unlike the keep-alive timer).
+        _deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._close_after(self.timeout_keep_alive)
 
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_deadline()
+            super().connection_lost(exc)
+
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self._close_after(self.socket_timeout_s)  # a partial head: wait for the rest
+            if self.transport.is_closing():
+                return
+            state = self.conn.their_state
+            if state is h11.IDLE and self.conn.trailing_data[0]:  # a partial head: wait for the rest, bounded
+                if self._deadline is None:
+                    self._deadline = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+                self._close_after(self.socket_timeout_s)
+            elif not (state is h11.SEND_BODY and self.cycle is not None and self.cycle.response_complete):
+                self._cancel_deadline()  # the head is complete (or nothing is pending)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
+                self._cancel_deadline()  # the app answered without reading the body: bound the rest
+                self._deadline = self.loop.call_later(self.head_timeout_s, self._close)
+
+        def _head_timed_out(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            body = json.dumps(RequestError(f"request head not received within {self.head_timeout_s:g} s",
+                                           status=408).body()).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            self._close()
+
+        def _close(self) -> None:
+            self._deadline = None
+            self._unset_keepalive_if_required()
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def _cancel_deadline(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
 
         def _close_after(self, seconds: float) -> None:
             self._unset_keepalive_if_required()
@@ -305,6 +460,7 @@ def _uvicorn_server(app: Any, limits: HTTPLimits, quiet: bool, on_ready: Callabl
 
     protocol = _protocol_class()
     protocol.socket_timeout_s = limits.socket_timeout_s
+    protocol.head_timeout_s = limits.head_timeout_s
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator
 
 from core.interfaces import RequestError, SamplingParams, openai_to_chat_messages
+from core.runtime.data_limits import special_tokens_pattern
 from core.serving.batching import Batcher, Generated, Job, TokenStreamer
 
 if TYPE_CHECKING:
@@ -32,27 +33,46 @@ if TYPE_CHECKING:
     from core.runtime.loader import ModelBundle
 
 
-class ChatRequest(BaseModel):
-    """The fields of an OpenAI chat-completions request this server honours (others are ignored)."""
+class StreamOptions(BaseModel):
+    """``stream_options`` of a request (OpenAI's; other keys are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
+    include_usage: StrictBool = False
+
+
+#: Smallest non-zero temperature: below it the logits divided by it overflow to inf and sampling
+#: fails (vLLM clamps to the same value; here it is a 400, never a silent change).
+MIN_TEMPERATURE = 0.01
+
+
+class ChatRequest(BaseModel):
+    """The fields of an OpenAI chat-completions request this server honours (others are ignored).
+
+    Every value a generation cannot take safely is refused here (400 naming the field), never
+    found by ``generate``: integers are strict (``true`` is not ``1``), floats finite, the
+    seed fits torch's 64 bits, and temperature and repetition penalty stay where the scaled
+    logits cannot overflow.
+    """
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: str | None = None
     messages: list[Any]
+    #: 0 = greedy; otherwise at least :data:`MIN_TEMPERATURE`.
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1)
-    seed: int | None = None
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    top_k: StrictInt | None = Field(None, ge=0)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    n: StrictInt = Field(1, ge=1)
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0)
     #: Strict: the HTTP layer picks the streamed answer by ``stream is True``.
     stream: StrictBool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    logprobs: bool | None = None
+    logprobs: StrictBool | None = None
     #: vLLM's extension: each choice carries the generated ``token_ids`` (EOS included).
-    return_token_ids: bool = False
+    return_token_ids: StrictBool = False
     #: Guided choice, as vLLM >= 0.10.2 takes it: ``{"choice": [...]}`` (other kinds are refused).
     structured_outputs: dict[str, Any] | None = None
     #: Guided choice, as vLLM before 0.12 takes it (the same constraint).
@@ -62,6 +82,13 @@ class ChatRequest(BaseModel):
     guided_regex: Any = None
     guided_grammar: Any = None
     response_format: dict[str, Any] | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if 0.0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {value}")
+        return value
 
 
 @dataclass
@@ -80,12 +107,19 @@ class ServerLimits:
     queue_timeout_s: float = 300.0
     #: Strings in a request's guided choice (``structured_outputs.choice`` / ``guided_choice``).
     max_choices: int = 1024
+    #: Tokens one request may have generated: ``n`` x ``max_tokens`` when sampling, ``max_tokens``
+    #: when greedy (one completion, repeated ``n`` times). Bounds how long one request holds the model.
+    max_request_tokens: int = 16384
 
 
 def load_for_serving(path: str | Path, *, family: str | None = None, family_options: dict | None = None,
                      plugins: str | None = None, device: str = "auto", dtype: str = "auto",
-                     attn_implementation: str | None = None) -> tuple[ModelBundle, Device, Any]:
+                     attn_implementation: str | None = None,
+                     verify_hashes: bool = True) -> tuple[ModelBundle, Device, Any]:
     """Resolve the family (``family`` or ``config.model_type``) and the device, then load through the one loader.
+
+    A vlmr1 checkpoint is verified against its manifest before anything else (hashes unless ``verify_hashes``
+    is false).
 
     Returns the loader's :class:`~core.runtime.loader.ModelBundle`, the device and its torch device.
     Dtype and attention kernel follow :func:`core.runtime.loader.resolve_dtype` (the rule training uses).
@@ -93,11 +127,13 @@ def load_for_serving(path: str | Path, *, family: str | None = None, family_opti
     from core.config import ConfigError, format_validation_error
     from core.plugins import PluginHost
     from core.plugins.plan import pick_device, registry_family_for
+    from core.runtime.checkpoint import verify_checkpoint
     from core.runtime.loader import load_checkpoint
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"checkpoint {path}: no config.json there (is it a transformers checkpoint folder?)")
+    verify_checkpoint(path, hashes=verify_hashes)
     host = PluginHost(plugins)
     host.warn_failures()
     registry = host.registry
@@ -114,7 +150,7 @@ def load_for_serving(path: str | Path, *, family: str | None = None, family_opti
     dev = dev_entry.cls()
     torch_device = dev.torch_device(0)
     bundle = load_checkpoint(path, fam, dev, dtype=dtype, attn_implementation=attn_implementation,
-                             torch_device=torch_device)
+                             torch_device=torch_device, verify_hashes=False)  # verified above
     return bundle, dev, torch_device
 
 
@@ -141,6 +177,7 @@ class ModelServer:
                                max_batch_size=max_batch_size, max_wait_s=batch_wait_s)
         self._count_tok_lock = threading.Lock()
         self._count_tok = self._counting_tokenizer(processor)
+        self._special_tokens = special_tokens_pattern(processor)
 
     @staticmethod
     def _counting_tokenizer(processor: Any) -> Any:
@@ -156,11 +193,12 @@ class ModelServer:
                         plugins: str | None = None, device: str = "auto", dtype: str = "auto",
                         attn_implementation: str | None = None, model_id: str | None = None,
                         limits: ServerLimits | None = None, max_batch_size: int = 8,
-                        batch_wait_s: float = 0.005) -> ModelServer:
+                        batch_wait_s: float = 0.005, verify_hashes: bool = True) -> ModelServer:
         """Load ``path`` (see :func:`load_for_serving`) and serve it as ``model_id`` (default: the folder name)."""
         bundle, dev, torch_device = load_for_serving(path, family=family, family_options=family_options,
                                                      plugins=plugins, device=device, dtype=dtype,
-                                                     attn_implementation=attn_implementation)
+                                                     attn_implementation=attn_implementation,
+                                                     verify_hashes=verify_hashes)
         return cls(bundle.model, bundle.processor, bundle.family, torch_device, model_id or Path(path).resolve().name,
                    limits, suppressed=bundle.suppressed, max_batch_size=max_batch_size, batch_wait_s=batch_wait_s,
                    device_spec=dev)
@@ -211,9 +249,13 @@ class ModelServer:
         first = next(iter(current.parameters()), None)
         dtype = str(first.dtype if first is not None else torch.float32).removeprefix("torch.")
         attn = getattr(getattr(current, "config", None), "_attn_implementation", None)
+        from core.runtime.checkpoint import CheckpointError
+
         try:
             bundle = load_checkpoint(path, self.family, self.device_spec, dtype=dtype, attn_implementation=attn,
                                      torch_device=self.device)
+        except CheckpointError as exc:  # incomplete, altered or with unlisted files: the caller's input
+            raise RequestError(f"checkpoint: {exc}", param="checkpoint") from None
         except Exception as exc:
             raise RequestError(f"checkpoint: cannot load {path}: {type(exc).__name__}: {exc}", status=500,
                                param="checkpoint", err_type="server_error") from exc
@@ -221,6 +263,7 @@ class ModelServer:
         self.batcher.swap(bundle.model, bundle.processor, bundle.suppressed)
         with self._count_tok_lock:
             self._count_tok = count_tok
+        self._special_tokens = special_tokens_pattern(bundle.processor)
         self.loaded_checkpoint = path
         return {"status": "ok", "checkpoint": path, "model": self.model_id}
 
@@ -273,7 +316,7 @@ class ModelServer:
         job.streamer = TokenStreamer(getattr(self.processor, "tokenizer", self.processor))
         self.batcher.submit(job)
         self.batcher.wait_started(job, self.limits.queue_timeout_s)
-        usage = bool((req.stream_options or {}).get("include_usage"))
+        usage = req.stream_options is not None and req.stream_options.include_usage
         return self._chunks(job, usage)
 
     def _chunks(self, job: Job, include_usage: bool) -> Iterator[dict[str, Any]]:
@@ -313,7 +356,8 @@ class ModelServer:
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"])
-            raise RequestError(f"{loc}: {first['msg']}", param=loc) from None
+            msg = first["msg"].removeprefix("Value error, ")  # a validator's own message
+            raise RequestError(f"{loc}: {msg}", param=loc) from None
         if req.model is not None and req.model != self.model_id:
             raise RequestError(f"The model `{req.model}` does not exist; this server serves `{self.model_id}`.",
                                status=404, param="model", err_type="NotFoundError")
@@ -329,11 +373,17 @@ class ModelServer:
                                param="max_tokens")
         if req.n > lim.max_n:
             raise RequestError(f"n: {req.n} exceeds this server's limit {lim.max_n}", param="n")
+        greedy = req.temperature == 0.0
+        generated = max_tokens if greedy else req.n * max_tokens  # greedy: one completion, repeated n times
+        if generated > lim.max_request_tokens:
+            raise RequestError(f"n x max_tokens: {req.n} x {max_tokens} = {generated} tokens to generate exceeds "
+                               f"this server's per-request budget of {lim.max_request_tokens} "
+                               "(--max-request-tokens)", param="max_tokens")
         choices = self._choices(req, max_tokens)
         messages, images = openai_to_chat_messages(req.messages, max_images=lim.max_images,
                                                    max_pixels=lim.max_image_pixels)
+        self._check_text(messages)
         self._check_prompt_length(messages)
-        greedy = req.temperature == 0.0
         # Greedy decoding gives n identical answers: generate one and repeat it.
         sampling = SamplingParams(
             n=1 if greedy else req.n, max_new_tokens=max_tokens, temperature=req.temperature or 1.0,
@@ -381,6 +431,29 @@ class ModelServer:
             raise RequestError(f"{param}: {choice!r} is {n} tokens with its EOS, more than max_tokens={max_tokens}",
                                param=param)
         return tuple(choices)
+
+    def _check_text(self, messages: list[dict[str, Any]]) -> None:
+        """400 for text the tokenizer would not read as text: the model's special tokens, lone surrogates.
+
+        A special token typed in a message (``<|image_pad|>``, ``<|im_start|>``) would be read
+        as that token: an image placeholder without its image fails the generation, a turn
+        marker rewrites the conversation's structure.
+        """
+        special = self._special_tokens
+        for i, m in enumerate(messages):
+            for p in m["content"]:
+                text = p.get("text") if p.get("type") == "text" else None
+                if not text:
+                    continue
+                found = special.search(text) if special is not None else None
+                if found:
+                    raise RequestError(f"messages[{i}]: the text holds {found.group()!r}, a special token of this "
+                                       "model; special tokens are not accepted in message text", param=f"messages[{i}]")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise RequestError(f"messages[{i}]: the text holds a lone UTF-16 surrogate, which is not valid "
+                                       "Unicode", param=f"messages[{i}]") from None
 
     def _check_prompt_length(self, messages: list[dict[str, Any]]) -> None:
         """400 when the prompt text has more than ``max_prompt_tokens`` tokens, before the model is touched.

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import stat
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.interfaces import DataError, Sample
+from core.interfaces import DataError, ImageFormatError, Sample
+from core.interfaces import open_image as open_allowed_image
 from vlmr1_jsonl.templates import resolve_template
 
 logger = logging.getLogger("vlmr1.tasks.jsonl")
@@ -256,7 +258,9 @@ class ImageLimits:
 def open_image(path: str, limits: ImageLimits | None = None):
     """Open ``path`` lazily (header only) and check it against ``limits``; raise :class:`BadRow` if unusable.
 
-    PIL's own decompression-bomb guard (an error from ~179 Mpx) still applies on top.
+    Only the formats of :data:`core.interfaces.IMAGE_FORMATS` are tried (an EPS named ``.png``
+    is refused, never handed to Ghostscript). PIL's own decompression-bomb guard (an error from
+    ~179 Mpx) still applies on top.
     """
     import warnings
 
@@ -265,7 +269,9 @@ def open_image(path: str, limits: ImageLimits | None = None):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget below decides
-            img = Image.open(path)
+            img = open_allowed_image(path)
+    except ImageFormatError as exc:
+        raise BadRow("unreadable_image", f"cannot read image {path}: it {exc.detail}") from exc
     except Image.DecompressionBombError as exc:  # PIL refuses past ~179 Mpx while reading the header
         budget = (limits or ImageLimits()).max_pixels
         raise BadRow("image_too_large", f"image {path} is over the pixel budget max_image_pixels={budget} (a "
@@ -302,6 +308,8 @@ def resolve_image(name: Any, folder: str, allow_outside: bool, check: str, limit
                          "(set allow_outside_image_folder: true to allow it)")
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
+        if os.path.exists(path):  # a folder, FIFO or device: opening it could block or never end
+            raise BadRow("missing_image", f"image {path} is not a regular file (a folder, FIFO or device?)")
         raise BadRow("missing_image", f"image {path} does not exist")
     if check == "header":
         open_image(path, limits).close()
@@ -317,8 +325,18 @@ def resolve_image(name: Any, folder: str, allow_outside: bool, check: str, limit
 
 # ---- readers ----------------------------------------------------------------------------------
 def read_bytes(path: str) -> bytes:
-    """The file's bytes; a missing or unreadable data file is a configuration error."""
+    """The file's bytes; a missing, unreadable or non-regular data file is a configuration error.
+
+    The file type is checked before opening: reading a FIFO blocks until a writer comes, and a
+    device such as ``/dev/zero`` never ends (it filled memory).
+    """
     try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise DataError("the data file is a folder; give the .jsonl/.json file(s) in it", file=path)
+        if not stat.S_ISREG(mode):
+            raise DataError("the data file is not a regular file (a FIFO, socket or device?); give a "
+                            ".jsonl/.json file", file=path)
         with open(path, "rb") as f:
             return f.read()
     except OSError as exc:
