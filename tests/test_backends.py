@@ -6,7 +6,7 @@ What ``accelerate launch`` asks for is read from the variables its launcher sets
 launch file in ``examples/multinode/`` is run through accelerate's own launch-argument parsing and
 ``DeepSpeedPlugin`` (where accelerate raised its ``ValueError`` for ``mixed_precision`` beside
 ``deepspeed_config_file``). Launches the trainer cannot serve stop with a ``ConfigError`` (exit 2):
-FSDP1, FSDP on the CPU (accelerate would quietly set up DDP), Megatron-LM, DeepSpeed when the
+FSDP1, FSDP with one process (nothing to shard over), Megatron-LM, DeepSpeed when the
 package is missing, and a DeepSpeed precision that disagrees with the model's dtype. The real
 2-process DeepSpeed runs are in ``tests/test_multiprocess.py``.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,10 +31,12 @@ from core.runtime.distributed import (
     build_accelerator,
     check_backend,
     check_request,
+    check_sharded_generation,
     deepspeed_plugin,
     fill_deepspeed_config,
     launch_request,
 )
+from core.testing.procs import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 MULTINODE = ROOT / "examples" / "multinode"
@@ -59,7 +60,6 @@ def test_launch_request_reads_the_launcher_variables(env, want):
 @pytest.mark.parametrize(("request_", "device", "message"), [
     (LaunchRequest("fsdp", fsdp_version=1), "cuda", "supports FSDP2 only"),
     (LaunchRequest("fsdp", fsdp_version=1), "cpu", "supports FSDP2 only"),
-    (LaunchRequest("fsdp", fsdp_version=2), "cpu", "FSDP on the CPU, which accelerate does not enable"),
     (LaunchRequest("megatron"), "cuda", "Megatron-LM"),
 ])
 def test_launches_the_trainer_cannot_serve_are_refused(request_, device, message):
@@ -70,6 +70,7 @@ def test_launches_the_trainer_cannot_serve_are_refused(request_, device, message
 def test_launches_the_trainer_serves_pass():
     check_request(LaunchRequest("plain"), "cpu")
     check_request(LaunchRequest("fsdp", fsdp_version=2), "cuda")
+    check_request(LaunchRequest("fsdp", fsdp_version=2), "cpu")  # forced on (tests/test_fsdp2.py runs it)
 
 
 def test_deepspeed_missing_is_a_one_line_install_hint(monkeypatch):
@@ -80,14 +81,16 @@ def test_deepspeed_missing_is_a_one_line_install_hint(monkeypatch):
     assert "pip install 'vlmr1[deepspeed]'" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_fsdp_launch_on_the_cpu_exits_2_with_one_error_line(tmp_path):
-    # What each process of `accelerate launch --config_file accelerate_fsdp.yaml` gets on a CPU machine.
+def test_fsdp_launch_of_one_cpu_process_exits_2_with_one_error_line(tmp_path):
+    # What `accelerate launch --config_file accelerate_fsdp.yaml --num_processes 1` gives the process:
+    # nothing to shard over, accelerate sets up no backend, and the run is refused rather than unsharded.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
-    proc = subprocess.run([sys.executable, "-m", "core.train", "--config", str(QUICKSTART), "device.name=cpu",
-                           f"logging.output_dir={tmp_path / 'out'}", f"model.path={tmp_path / 'tiny'}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_command([sys.executable, "-m", "core.train", "--config", str(QUICKSTART), "device.name=cpu",
+                        f"logging.output_dir={tmp_path / 'out'}", f"model.path={tmp_path / 'tiny'}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "error: accelerate launch asked for FSDP on the CPU" in proc.stderr and "Traceback" not in proc.stderr
+    assert "error: accelerate launch asked for FSDP with one process: FSDP shards over processes, launch with " \
+           "--num_processes 2 or more" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "tiny").exists(), "refused before any model was built or loaded"
 
 
@@ -271,3 +274,32 @@ def test_resume_refuses_an_optimizer_state_of_another_layout(saved, now, ok):
     else:
         with pytest.raises(CheckpointError, match="its optimizer state does not fit"):
             GRPOTrainer._check_optimizer_layout(trainer, saved)
+
+
+# ---- ZeRO-3 with train.gather_for_generation=false: only settings where every rank generates alike ---------
+ZERO3_2 = Backend("deepspeed", 2, "cpu", "gloo", zero_stage=3)
+EVEN = {"per_rank": 8, "group_size": 4, "resample": False, "eval_samples": 4}
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"per_rank": 6}, "not a multiple of grpo.num_generations=4"),  # a group split over two ranks
+    ({"resample": True}, "grpo.zero_variance_groups=resample"),
+    ({"eval_samples": 3}, "3 evaluation samples do not split evenly over 2 processes"),
+])
+def test_sharded_generation_refuses_uneven_settings(change, named):
+    check_sharded_generation(ZERO3_2, gather=False, **EVEN)  # even: accepted
+    with pytest.raises(ConfigError, match="train.gather_for_generation=false under DeepSpeed ZeRO-3") as err:
+        check_sharded_generation(ZERO3_2, gather=False, **{**EVEN, **change})
+    assert named in str(err.value)
+    # gathering (the default), ZeRO-2 and DDP never collect during generation: nothing to refuse
+    check_sharded_generation(ZERO3_2, gather=True, **{**EVEN, **change})
+    for other in (Backend("deepspeed", 2, "cpu", "gloo", zero_stage=2), Backend("ddp", 2, "cpu", "gloo")):
+        check_sharded_generation(other, gather=False, **{**EVEN, **change})
+
+
+def test_fsdp2_refuses_generation_without_the_gather():
+    # FSDP2 gathers only inside a wrapped forward: greedy eval's vision encoder would see shards.
+    fsdp2 = Backend("fsdp", 2, "cpu", "gloo", fsdp_version=2)
+    with pytest.raises(ConfigError, match="train.gather_for_generation=false is not supported under FSDP2"):
+        check_sharded_generation(fsdp2, gather=False, **EVEN)
+    check_sharded_generation(fsdp2, gather=True, **{**EVEN, "eval_samples": 3})

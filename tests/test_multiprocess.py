@@ -21,7 +21,16 @@ print its backend, take the same steps as the one process (see ``ZERO_TOL`` for 
 and why) and resume from its per-rank optimizer shards to the same weights as the uninterrupted
 run. The ZeRO-3 run (beta > 0: a whole reference copy; prefix sharing on) also evaluates 3
 samples on 2 ranks before and after training: uneven shards, which deadlock without gathering
-the weights once per rollout.
+the weights once per rollout (every uneven case, forced: tests/test_distributed_uneven.py).
+
+Memory: every run records in ``backend.json`` the bytes each process holds of parameters, gradients
+and optimizer state after its first update (``memory_per_rank``); DDP's are the whole model's on every
+rank, and per rank params + optimizer state order ZeRO-3 < ZeRO-2 < DDP (read off the runs above).
+
+Two machines on one host (``distributed``): two ``accelerate launch --num_machines 2 --machine_rank
+0|1`` commands (DDP), and ``examples/multinode/launch.sh`` twice with only ``SLURM_NODEID`` changed
+(ZeRO-3), one process each, take the one-process steps. The DeepSpeed and two-machine tests are
+marked ``distributed``: ``make test-distributed`` runs them, ``make test`` leaves them out.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from core.testing.procs import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart" / "config.yaml"
@@ -65,7 +76,7 @@ def _overrides(tmp: Path, out: str, per_device: int) -> list[str]:
 
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=300)
+    proc = run_command(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -206,12 +217,14 @@ def _assert_zero_run(tmp: Path, stdout: str, stage: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @needs_deepspeed
 def test_zero2_launch_is_zero2_and_takes_the_same_steps_as_one_process(zero2_run):
     _assert_zero_run(*zero2_run, stage=2)
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @needs_deepspeed
 def test_zero3_launch_is_zero3_and_takes_the_same_steps_as_one_process(zero3_run):
     tmp, stdout = zero3_run
@@ -223,6 +236,7 @@ def test_zero3_launch_is_zero3_and_takes_the_same_steps_as_one_process(zero3_run
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_resume_restores_every_ranks_optimizer_shard(stage, request):
@@ -249,17 +263,135 @@ def test_zero_resume_restores_every_ranks_optimizer_shard(stage, request):
     assert diff == 0.0, f"resumed step 2 differs by {diff:.3g}"
 
 
+def _memory(out: Path) -> list[dict[str, int]]:
+    """``backend.json``'s per-process accounting (bytes), one entry per rank."""
+    return json.loads((out / "backend.json").read_text())["memory_per_rank"]
+
+
+def test_ddp_records_whole_model_and_adam_state_on_every_rank(two_runs):
+    tmp = two_runs
+    weights = load_file(str(tmp / "tiny" / "model.safetensors"))
+    whole = sum(t.numel() * t.element_size() for t in weights.values())  # the tiny model: all fp32, all trained
+    ranks = _memory(tmp / "two")
+    assert len(ranks) == 2
+    for r in ranks:  # DDP: every process holds the whole model, its whole gradient and both Adam moments
+        assert r["params_bytes"] == whole and r["grads_bytes"] == whole
+        assert 2 * whole <= r["optimizer_state_bytes"] <= 2 * whole + 8 * len(weights)  # + one step count each
+    assert _memory(tmp / "one") == ranks[:1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@needs_deepspeed
+def test_zero_stages_hold_less_model_and_optimizer_state_per_rank(two_runs, zero2_run, zero3_run):
+    """Per-rank params + optimizer state after the first step: ZeRO-3 < ZeRO-2 < DDP (accounted, not RSS)."""
+    tmp = two_runs
+    held = {name: [r["params_bytes"] + r["optimizer_state_bytes"] for r in _memory(tmp / name)]
+            for name in ("two", "zero2", "zero3")}
+    grads = {name: [r["grads_bytes"] for r in _memory(tmp / name)] for name in ("two", "zero2", "zero3")}
+    for rank in (0, 1):
+        assert held["zero3"][rank] < held["zero2"][rank] < held["two"][rank], held
+        # ZeRO-2 and -3 keep only their half of the reduced gradient (plus alignment padding)
+        assert grads["zero2"][rank] < 0.6 * grads["two"][rank] and grads["zero3"][rank] < 0.6 * grads["two"][rank]
+    ddp, z2, z3 = (_memory(tmp / n)[0] for n in ("two", "zero2", "zero3"))
+    assert z2["params_bytes"] == ddp["params_bytes"]  # ZeRO-2 does not partition the weights
+    assert z3["params_bytes"] < 0.6 * ddp["params_bytes"]  # ZeRO-3 does (small ones stay whole: persistence)
+
+
 # ---- examples/multinode: the launcher (the accelerate configs: tests/test_backends.py) -------
 def test_launch_script_maps_scheduler_variables():
     env = {k: v for k, v in ENV.items() if not k.startswith(("SLURM_", "MASTER_", "NNODES", "NODE_RANK", "GPUS_"))}
     env.update(SLURM_NNODES="2", SLURM_NODEID="1", SLURM_GPUS_ON_NODE="4", MASTER_ADDR="node-a",
                LAUNCH_DRY_RUN="1")
-    proc = subprocess.run(["bash", str(MULTINODE / "launch.sh"), str(MULTINODE / "accelerate_zero3.yaml"),
-                           "run.yaml", "train.max_steps=5"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=30)
+    proc = run_command(["bash", str(MULTINODE / "launch.sh"), str(MULTINODE / "accelerate_zero3.yaml"),
+                        "run.yaml", "train.max_steps=5"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
     assert proc.returncode == 0, proc.stderr
     args = proc.stdout.split()
     opt = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
     assert opt["--num_machines"] == "2" and opt["--machine_rank"] == "1" and opt["--num_processes"] == "8"
     assert opt["--main_process_ip"] == "node-a" and opt["--main_process_port"] == "29500"
     assert args[-1] == "train.max_steps=5" and opt["--config"].endswith("run.yaml")
+
+
+# ---- two machines on one host: one process per "machine", rendezvous on 127.0.0.1 -------------
+def _two_machines(cmd_of_rank, env: dict[str, str], logs: Path) -> list[str]:
+    """Start machine 0 and machine 1 (``cmd_of_rank(r)``) together; both must exit 0; their stdouts.
+
+    Output goes to files (a full pipe would block a machine while the test waits on the other).
+    """
+    from core.testing.procs import scaled
+
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for r in (0, 1):
+        with open(logs / f"out{r}", "w") as out, open(logs / f"err{r}", "w") as err:
+            procs.append(subprocess.Popen(cmd_of_rank(r), cwd=ROOT, env=env, stdout=out, stderr=err, text=True))
+    try:
+        for p in procs:
+            p.wait(timeout=scaled(400))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"two machines still running after {scaled(400):.0f} s (a hang, or a very busy machine; "
+                    f"VLMR1_TEST_TIMEOUT_SCALE raises the limit); logs in {logs}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, (f"machine {r}: exit {p.returncode}\n{(logs / f'out{r}').read_text()[-3000:]}\n"
+                                   f"{(logs / f'err{r}').read_text()[-5000:]}")
+    return [(logs / f"out{r}").read_text() for r in (0, 1)]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_machines_ddp_take_the_same_steps_as_one_process(one_run):
+    """``accelerate launch --num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1``, 1 process each."""
+    tmp, port = one_run, str(_free_port())
+
+    def cmd(rank: int) -> list[str]:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+                "--main_process_port", port, "--rdzv_backend", "static", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "-m", "core.train", "--config", str(QUICKSTART),
+                *_overrides(tmp, "machines_ddp", 6), *ZERO_OVERRIDES]
+
+    outs = _two_machines(cmd, ENV, tmp / "machines_ddp_logs")
+    assert "backend: DDP (gloo), 2 processes" in outs[0].splitlines()
+    for step in (1, 2):
+        one = load_file(str(tmp / "one" / f"checkpoint-{step}" / "model.safetensors"))
+        two = load_file(str(tmp / "machines_ddp" / f"checkpoint-{step}" / "model.safetensors"))
+        diff = max(float((one[k] - two[k]).abs().max()) for k in one)
+        assert diff < TOL, f"step {step}: max abs diff {diff:.3g} (tolerance {TOL})"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@needs_deepspeed
+def test_launch_script_runs_two_zero3_machines_that_take_the_same_steps_as_one_process(one_run, tmp_path):
+    """``examples/multinode/launch.sh`` as SLURM runs it on each node, only the rank variables changed."""
+    tmp, port = one_run, str(_free_port())
+    env = {k: v for k, v in ZERO_ENV.items() if not k.startswith(("SLURM_", "MASTER_", "NNODES", "NODE_RANK"))}
+    # launch.sh calls the `accelerate` command: the venv's
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", SLURM_NNODES="2",
+               SLURM_GPUS_ON_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    (tmp_path / "run.yaml").write_text(QUICKSTART.read_text())
+
+    def cmd(rank: int) -> list[str]:
+        env_r = f"SLURM_NODEID={rank}"
+        return ["env", env_r, "bash", str(MULTINODE / "launch.sh"), str(MULTINODE / "accelerate_zero3.yaml"),
+                str(tmp_path / "run.yaml"), *_overrides(tmp, "machines_zero3", 6), *ZERO_OVERRIDES]
+
+    outs = _two_machines(cmd, env, tmp_path / "logs")
+    assert "backend: DeepSpeed ZeRO-3 (gloo), 2 processes" in outs[0].splitlines()
+    m1, m2 = _jsonl(tmp / "one" / "metrics.jsonl"), _jsonl(tmp / "machines_zero3" / "metrics.jsonl")
+    for a, b in zip(m1, m2, strict=True):
+        assert a["reward"] == b["reward"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=ZERO_TOL["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=ZERO_TOL["grad_norm_rel"])
+    for step in (1, 2):
+        one = load_file(str(tmp / "one" / f"checkpoint-{step}" / "model.safetensors"))
+        two = load_file(str(tmp / "machines_zero3" / f"checkpoint-{step}" / "model.safetensors"))
+        diff = max(float((one[k] - two[k]).abs().max()) for k in one)
+        assert diff < ZERO_TOL["weights"], f"step {step}: max abs diff {diff:.3g} (tolerance {ZERO_TOL['weights']})"

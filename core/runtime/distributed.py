@@ -15,8 +15,9 @@ FSDP altogether (it then sets up multi-CPU DDP). DeepSpeed runs on the CPU (its 
 ``DS_ACCELERATOR=cpu``, communicates over gloo when oneCCL is absent) only when the
 ``Accelerator`` is built with ``cpu=False`` and the process group's backend named (gloo) —
 accelerate would otherwise ask the (absent) GPU for one. FSDP is enabled by accelerate only on
-accelerator devices (multi-GPU/NPU/XPU ...), so FSDP on the CPU is refused here; FSDP1 is refused
-on every device (rollouts call ``generate`` on the unwrapped module, which FSDP1 does not gather).
+accelerator devices (multi-GPU/NPU/XPU ...), so on the CPU its FSDP2 state is set here after the
+fact (:func:`_force_fsdp2`); FSDP1 is refused on every device (rollouts call ``generate`` on the
+unwrapped module, which FSDP1 does not gather).
 """
 
 from __future__ import annotations
@@ -55,6 +56,40 @@ class LaunchRequest:
     fsdp_version: int | None = None
     deepspeed_config_file: str | None = None
     mixed_precision: str = "no"
+
+
+#: The launcher's process-layout variables (torchrun, accelerate launch, SLURM wrappers set them).
+LAUNCH_INT_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def launch_world_size(environ: Mapping[str, str] | None = None) -> int:
+    """``WORLD_SIZE`` (1 when unset), after checking every launch variable is a sane integer.
+
+    A non-numeric or out-of-range ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` ended in a ``ValueError``
+    traceback (or a confusing refusal from accelerate); it is a :class:`ConfigError` naming the variable.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, int] = {}
+    for name in LAUNCH_INT_VARS:
+        raw = env.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            values[name] = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"environment variable {name}={raw[:40]!r} is not a whole number; it is set by the "
+                              "launcher (torchrun / accelerate launch): unset it for a single-process run") from None
+    world = values.get("WORLD_SIZE", 1)
+    if not 1 <= world <= 1 << 20:
+        raise ConfigError(f"environment variable WORLD_SIZE={world} must be between 1 and {1 << 20}")
+    for name in ("RANK", "LOCAL_RANK"):
+        if name in values and not 0 <= values[name] < world:
+            raise ConfigError(f"environment variable {name}={values[name]} must be in 0..{world - 1} "
+                              f"(WORLD_SIZE={world})")
+    if "LOCAL_WORLD_SIZE" in values and not 1 <= values["LOCAL_WORLD_SIZE"] <= world:
+        raise ConfigError(f"environment variable LOCAL_WORLD_SIZE={values['LOCAL_WORLD_SIZE']} must be in "
+                          f"1..{world} (WORLD_SIZE={world})")
+    return world
 
 
 def launch_request(environ: Mapping[str, str] | None = None) -> LaunchRequest:
@@ -150,8 +185,7 @@ def backend_of(accelerator: Any) -> Backend:
 def check_request(request: LaunchRequest, device_type: str) -> None:
     """Refuse, before anything is built, a launch the trainer cannot serve (a :class:`ConfigError`).
 
-    FSDP1 (any device), FSDP on the CPU (accelerate enables FSDP only on accelerator devices, so
-    it would quietly run DDP), Megatron-LM (not wired), and DeepSpeed without the package.
+    FSDP1 (any device), Megatron-LM (not wired), and DeepSpeed without the package.
     """
     if request.kind == "megatron":
         raise ConfigError("accelerate launch asked for Megatron-LM, which vlmr1 does not support; use DeepSpeed "
@@ -162,11 +196,6 @@ def check_request(request: LaunchRequest, device_type: str) -> None:
                 f"accelerate launch asked for FSDP{request.fsdp_version or 1}; vlmr1 supports FSDP2 only (rollouts "
                 "call generate on the unwrapped model, which FSDP1 does not gather): set fsdp_version: 2 in the "
                 "accelerate config (examples/multinode/accelerate_fsdp.yaml)")
-        if device_type == "cpu":
-            raise ConfigError(
-                "accelerate launch asked for FSDP on the CPU, which accelerate does not enable there (the run would "
-                "quietly be DDP); on the CPU use DeepSpeed (examples/multinode/accelerate_zero2.yaml or "
-                "accelerate_zero3.yaml with --mixed_precision no) or plain DDP (--multi_gpu)")
     if request.kind == "deepspeed":
         require("deepspeed", "deepspeed", "accelerate launch with DeepSpeed")  # one line: the pip command
 
@@ -185,15 +214,22 @@ def build_accelerator(device: Device, *, dtype: torch.dtype | None = None, timeo
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+    world = launch_world_size(environ)  # a non-numeric WORLD_SIZE/RANK is named before accelerate reads it
     request = launch_request(environ)
     device_type = device.torch_device().type
     check_request(request, device_type)
+    if request.kind == "fsdp" and world < 2:  # accelerate would set up no backend (an unsharded run)
+        raise ConfigError("accelerate launch asked for FSDP with one process: FSDP shards over processes, launch "
+                          "with --num_processes 2 or more (or drop the FSDP config for a one-process run)")
     handlers: list[Any] = []
     pg: dict[str, Any] = {}
     if timeout_s is not None:
         pg["timeout"] = timedelta(seconds=timeout_s)
     plugin = None
     cpu = device_type == "cpu"
+    fsdp_on_cpu = request.kind == "fsdp" and cpu
+    if fsdp_on_cpu:
+        pg["backend"] = device.distributed_backend  # gloo: FSDP2's collectives on CPU tensors
     if request.kind == "deepspeed":
         if cpu:
             # DeepSpeed picks its accelerator at import: the CPU one, whose collectives are gloo
@@ -211,11 +247,39 @@ def build_accelerator(device: Device, *, dtype: torch.dtype | None = None, timeo
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"accelerate refused the launch ({request.kind}): {exc}") from None
+    if fsdp_on_cpu:
+        _force_fsdp2(acc)
     want = {"deepspeed": DistributedType.DEEPSPEED, "fsdp": DistributedType.FSDP}.get(request.kind)
     if want is not None and acc.distributed_type != want:
         raise ConfigError(f"accelerate launch asked for {request.kind} but accelerate set up "
                           f"{acc.distributed_type.value} on {device_type}; refusing to train with another backend")
     return acc
+
+
+def _force_fsdp2(acc: Any) -> None:
+    """Turn a multi-CPU ``Accelerator`` into an FSDP2 one (accelerate enables FSDP only on accelerator devices).
+
+    Why this and not torch's ``fully_shard`` by hand: accelerate's FSDP2 path (``prepare``'s
+    wrapping policy, the optimizer's switch to the sharded parameters, ``get_state_dict``'s full
+    gather, ``clip_grad_norm_`` over DTensors) is what runs on GPUs; forcing the two fields its
+    ``AcceleratorState`` would have set (``distributed_type``, ``fsdp_plugin``) makes the CPU run
+    the same code instead of a second wrapping of ours. Torch's FSDP2 itself runs on CPU tensors
+    over gloo. The plugin is read from the launch variables, as accelerate does.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = acc.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return  # one process (nothing to shard), or accelerate did set something else: build_accelerator refuses
+    plugin = FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    # Also in the process-wide state: every later AcceleratorState() (accelerate's and
+    # transformers' helpers make them) copies distributed_type back from it.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def check_backend(backend: Backend) -> None:
@@ -360,6 +424,41 @@ class ZeroOptimizerState:
         zero.load_state_dict(shards, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
+class Fsdp2OptimizerState:
+    """An FSDP2 optimizer's state as this process's shard, for the per-process pickle-free checkpoint.
+
+    Under FSDP2 the parameters, and so AdamW's moments, are ``DTensor``s sharded over the
+    processes; a ``DTensor`` cannot be written to safetensors (its storage is not the shard's).
+    ``state_dict()`` keeps each one's local shard (written as ``optimizer_rank<r>``, as under
+    ZeRO; the same sharding on the same number of processes is checked at resume), and
+    ``load_state_dict`` rebuilds the ``DTensor``s on the live parameters' mesh and placements.
+    Nothing is gathered: each process saves and restores only what it holds.
+    """
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = self.optimizer.state_dict()
+        state = {i: {k: _local(v) if hasattr(v, "to_local") else v for k, v in st.items()}
+                 for i, st in sd["state"].items()}
+        return {**sd, "state": state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.tensor import DTensor
+
+        # torch numbers the parameters over the param groups in order (what state_dict's keys are).
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        restored: dict[Any, Any] = {}
+        for key, st in state["state"].items():
+            p = params[int(key)]
+            restored[key] = {k: DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                                   stride=p.stride())
+                             if isinstance(p, DTensor) and hasattr(v, "shape") and v.dim() == p.dim() else v
+                             for k, v in st.items()}
+        self.optimizer.load_state_dict({**state, "state": restored})
+
+
 def zero3_plugin(accelerator: Any) -> Any:
     """The ``DeepSpeedPlugin`` (accelerate's) when ``accelerator`` runs DeepSpeed ZeRO-3, else ``None``."""
     plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
@@ -388,8 +487,45 @@ def whole_weights_loading(accelerator: Any) -> Iterator[None]:
         plugin.set_deepspeed_weakref()
 
 
+def check_sharded_generation(backend: Backend, *, gather: bool, per_rank: int, group_size: int, resample: bool,
+                             eval_samples: int) -> None:
+    """Refuse, under ZeRO-3 with ``train.gather_for_generation: false``, settings that make ranks generate unevenly.
+
+    Without the gather every generated token all-gathers each layer: a collective all processes
+    must join. transformers keeps the decoding loops of one ``generate`` call in step
+    (``synced_gpus``), so completions may end at different lengths, but every process must make
+    the same number of calls. That fails when a group straddles two ranks (rank-dependent calls),
+    with dynamic sampling (only the ranks holding a zero-variance group regenerate) and with
+    evaluation shards of unequal size; each would deadlock (NCCL) or abort (gloo) mid-run.
+    """
+    if not gather and backend.name == "fsdp" and backend.num_processes > 1:
+        # Unlike ZeRO-3's hooks, FSDP2's gather only inside a wrapped module's forward: greedy
+        # evaluation runs the vision encoder outside it (mixed Tensor/DTensor error), and no
+        # synced_gpus keeps the ranks' decoding loops (each a round of all-gathers) in step.
+        raise ConfigError("train.gather_for_generation=false is not supported under FSDP2 (generation outside the "
+                          "wrapped forward would see sharded weights, and ranks generating unequal amounts would "
+                          "stop matching collectives): set train.gather_for_generation=true (the default: the whole "
+                          "model on every process while generating)")
+    if gather or backend.name != "deepspeed" or backend.zero_stage != 3 or backend.num_processes < 2:
+        return
+    world = backend.num_processes
+    why = []
+    if per_rank % group_size:
+        why.append(f"each process holds {per_rank} completions, not a multiple of grpo.num_generations={group_size} "
+                   "(a group split over two processes makes their generate calls differ)")
+    if resample:
+        why.append("grpo.zero_variance_groups=resample (only the processes holding a resampled group generate again)")
+    if eval_samples % world:
+        why.append(f"{eval_samples} evaluation samples do not split evenly over {world} processes (set "
+                   f"eval.num_samples to a multiple of {world})")
+    if why:
+        raise ConfigError("train.gather_for_generation=false under DeepSpeed ZeRO-3 needs every process to make the "
+                          "same generate calls, but " + "; and ".join(why) + ". Set train.gather_for_generation=true "
+                          "(the default: the whole model on every process while generating) or change these settings")
+
+
 @contextlib.contextmanager
-def whole_weights_for_generation(accelerator: Any, model: Any) -> Iterator[None]:
+def whole_weights_for_generation(accelerator: Any, model: Any, *, gather: bool = True) -> Iterator[None]:
     """Under DeepSpeed ZeRO-3, gather the policy's weights once for a whole rollout (or evaluation).
 
     ZeRO-3 keeps each weight split over the processes and all-gathers a layer's shards in the
@@ -400,11 +536,16 @@ def whole_weights_for_generation(accelerator: Any, model: Any) -> Iterator[None]
     model is on every process and DeepSpeed's hooks are off, so generation runs no collective at
     all (transformers is told too: under ZeRO-3 its ``generate`` would otherwise keep the ranks'
     decoding loops in step with an all-reduce per token, ``synced_gpus``); the cost is the full
-    model's memory on every process while it lasts. Elsewhere (ZeRO-2, DDP, one process) it does
-    nothing.
+    model's memory on every process while it lasts. Elsewhere (ZeRO-2, DDP, one process), and with
+    ``gather=False`` (``train.gather_for_generation``; see :func:`check_sharded_generation`), it
+    does nothing.
     """
+    if gather and getattr(accelerator, "is_fsdp2", False):
+        with _fsdp2_unsharded(model):
+            yield
+        return
     plugin = zero3_plugin(accelerator)
-    if plugin is None:
+    if plugin is None or not gather:
         yield
         return
     import deepspeed
@@ -413,10 +554,14 @@ def whole_weights_for_generation(accelerator: Any, model: Any) -> Iterator[None]
     zero = model.optimizer
     offload = getattr(zero, "parameter_offload", zero)  # DeepSpeed's ZeRO-3 hook owner
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        for hook in [*offload.forward_hooks, *offload.backward_hooks]:
+        # Also the root module's start-of-forward hook: until DeepSpeed has recorded a complete
+        # fetch trace it checks the trace against the other ranks (a broadcast) at every forward.
+        root = offload.module
+        start_hook = root._forward_pre_hooks.get(offload.fwd_pre_hook.id)
+        for hook in [offload.fwd_pre_hook, *offload.forward_hooks, *offload.backward_hooks]:
             hook.remove()
         offload.forward_hooks, offload.backward_hooks = [], []
-        for p in offload.module.parameters():
+        for p in root.parameters():
             p.ds_active_sub_modules.clear()  # no sub-module holds a gathered parameter any more
         unset_hf_deepspeed_config()
         try:
@@ -426,17 +571,138 @@ def whole_weights_for_generation(accelerator: Any, model: Any) -> Iterator[None]
             coordinator = getattr(offload, "param_coordinator", None)
             if coordinator is not None and not coordinator.is_invalid_trace():
                 coordinator._invalidate_trace()  # the recorded fetch order no longer holds
-            offload._register_deepspeed_module(offload.module)
+            if start_hook is not None:  # first, as DeepSpeed registers it (setup_zero_stage3_hooks)
+                offload.fwd_pre_hook = root.register_forward_pre_hook(start_hook)
+            offload._register_deepspeed_module(root)
 
 
-def write_backend(output_dir: Any, backend: Backend) -> None:
-    """Write ``backend.json`` (the main process calls this once per run)."""
+def full_state_dict(accelerator: Any, model: Any) -> dict[str, Any]:
+    """The prepared ``model``'s whole weights for ``save_pretrained`` (call on every process: it gathers).
+
+    ``accelerator.get_state_dict`` everywhere but FSDP2, where accelerate's full state dict
+    (torch's ``get_model_state_dict`` with ``cpu_offload``) leaves CPU-resident ``DTensor``
+    shards ungathered, which safetensors then cannot write ("invalid python storage"): each
+    sharded tensor is gathered here with ``full_tensor`` instead, in the same order on every process.
+    """
+    if not getattr(accelerator, "is_fsdp2", False):
+        return accelerator.get_state_dict(model)
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+            for k, v in accelerator.unwrap_model(model).state_dict().items()}
+
+
+@contextlib.contextmanager
+def _fsdp2_unsharded(model: Any) -> Iterator[None]:
+    """FSDP2's counterpart of the ZeRO-3 gather: every ``fully_shard``-ed module unsharded, and kept so.
+
+    ``unshard()`` all-gathers each module's parameters (the same modules in the same order on
+    every process) and swaps the whole tensors in as its parameters, so code outside a wrapped
+    forward (``generate`` calling the vision encoder) sees plain tensors. Resharding after each
+    forward is switched off meanwhile: FSDP2's pre-forward ``unshard`` is then a no-op, and
+    generation runs no collective however many tokens each process decodes. The modules'
+    reshard settings (FSDP2 keeps the root's off) are put back as they were, then all reshard.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if isinstance(model, FSDPModule):
+        # FSDP2 sets itself up (which module is the root) at the root's first forward; an eval
+        # before any training forward would otherwise let an inner module (the vision tower,
+        # called outside the root's forward) take itself for the root. Idempotent.
+        model._get_fsdp_state()._lazy_init()
+    saved = []
+    for m in modules:
+        m.unshard()
+        # set_reshard_after_forward writes exactly these two fields; kept to restore them as they were
+        state = m._get_fsdp_state()
+        saved.append((state, state._auto_reshard_after_forward,
+                      [(g, g.post_forward_mesh_info) for g in state._fsdp_param_groups]))
+        m.set_reshard_after_forward(False, recurse=False)
+    # transformers' generate keeps the ranks' decoding loops in step (synced_gpus: an all-reduce per
+    # token) for any module torch marks as FSDP-managed; with nothing left to gather that only makes
+    # ranks with unequal work wait on each other (or time out), so the mark is lifted meanwhile.
+    marked = [m for m in model.modules() if getattr(m, "_is_fsdp_managed_module", False)]
+    for m in marked:
+        m._is_fsdp_managed_module = False
+    try:
+        yield
+    finally:
+        for m in marked:
+            m._is_fsdp_managed_module = True
+        for state, auto, groups in saved:
+            state._auto_reshard_after_forward = auto
+            for group, info in groups:
+                group.post_forward_mesh_info = info
+        for m in modules:
+            m.reshard()
+
+
+class MemoryAccounting:
+    """Bytes of the policy's parameters, gradients and optimizer state this process holds (exact, not RSS).
+
+    On a small model a process's resident memory is mostly libraries, so ZeRO's savings are
+    counted instead: ``params_bytes`` — the parameters held locally (a ZeRO-3 parameter's
+    partition ``ds_tensor`` plus whatever is gathered at the time, i.e. the persistent small ones;
+    an FSDP2 ``DTensor``'s local shard); ``grads_bytes`` — the gradients the optimizer steps with
+    (the whole gradient under DDP, the rank's reduced partition under ZeRO-2/3; DDP's own
+    communication buckets are not counted); ``optimizer_state_bytes`` — the optimizer's state
+    tensors (AdamW's moments and step) plus master weights that are separate tensors from the
+    model's (ZeRO's fp32 partitions, unless they share the model's storage).
+
+    Built on the torch optimizer given to ``accelerator.prepare`` (DeepSpeed steps that same
+    object on its flat partitions); a step pre-hook sees the gradients, which are freed after the
+    step. Call :meth:`take` once after the first update, on every process.
+    """
+
+    def __init__(self, model: Any, optimizer: Any) -> None:
+        self.model, self.optimizer = model, optimizer
+        self._grads: dict[int, int] = {}
+        self._hook = optimizer.register_step_pre_hook(self._see_grads)
+
+    def _see_grads(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # ZeRO steps once per (sub-)group with only that group's partition in param_groups: collect all.
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._grads[id(p)] = _nbytes(_local(p.grad))
+
+    def take(self) -> dict[str, int]:
+        """The counts (bytes) for this process; stops watching the optimizer."""
+        self._hook.remove()
+        params, storages = 0, set()
+        for p in self.model.parameters():
+            for t in (_local(p), getattr(p, "ds_tensor", None)):
+                if t is not None and t.numel():
+                    params += _nbytes(t)
+                    storages.add(t.untyped_storage().data_ptr())
+        state = 0
+        for p, st in self.optimizer.state.items():
+            p = _local(p)  # FSDP2: DTensors, whose local shard is what this process holds
+            if p.untyped_storage().data_ptr() not in storages:  # a master copy, not the model's weights
+                state += _nbytes(p)
+            state += sum(_nbytes(_local(v)) for v in st.values() if hasattr(v, "untyped_storage"))
+        return {"params_bytes": params, "grads_bytes": sum(self._grads.values()), "optimizer_state_bytes": state}
+
+
+def _nbytes(t: Any) -> int:
+    return int(t.numel()) * int(t.element_size())
+
+
+def _local(p: Any) -> Any:
+    """The part of tensor ``p`` stored in this process (an FSDP2 DTensor's shard; else ``p`` itself)."""
+    return p.to_local() if hasattr(p, "to_local") else getattr(p, "data", p)
+
+
+def write_backend(output_dir: Any, backend: Backend, memory_per_rank: list[dict[str, int]] | None = None) -> None:
+    """Write ``backend.json`` (the main process, at start; again with ``memory_per_rank`` after the first step)."""
     import json
     from pathlib import Path
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / BACKEND_FILE).write_text(json.dumps(backend.as_dict(), indent=2) + "\n")
+    record = backend.as_dict()
+    if memory_per_rank is not None:
+        record["memory_per_rank"] = memory_per_rank
+    (out / BACKEND_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _enabled(ds: Mapping[str, Any], key: str) -> bool:

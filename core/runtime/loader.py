@@ -8,6 +8,8 @@ checkpoint trains, evaluates and is served in one precision with one kernel.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -96,15 +98,23 @@ def resolve_family(plan: Plan, registry: Registry, path: str | Path) -> ModelFam
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder: ``path`` itself, or the newest ``checkpoint-N`` inside an output folder."""
-    from core.runtime.checkpoint import latest_checkpoint
+    """A checkpoint folder: ``path`` itself, or the newest ``checkpoint-N`` inside an output folder.
+
+    A newest ``checkpoint-N`` that is damaged is an error naming it, never a silent step back to an
+    older one.
+    """
+    from core.runtime.checkpoint import check_manifest, checkpoint_folders
 
     p = Path(path)
     if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
         return p
-    found = latest_checkpoint(p)
-    if found is not None:
-        return found
+    folders = checkpoint_folders(p)
+    if folders:
+        problem = check_manifest(folders[-1], hashes=False)
+        if problem is None:
+            return folders[-1]
+        raise ConfigError(f"--checkpoint {p}: its newest checkpoint, {folders[-1].name}, cannot be used: {problem}. "
+                          f"Name an earlier one (--checkpoint {p}/checkpoint-N) to use that instead")
     raise ConfigError(f"--checkpoint {p}: not a transformers checkpoint folder (no config.json or "
                       "adapter_config.json) and no complete checkpoint-N folder inside it")
 
@@ -145,8 +155,16 @@ def _enable_checkpointing(model: Any, *, lora: bool) -> None:
 
 # ---- loading ---------------------------------------------------------------------------------
 def load_checkpoint(path: str | Path, family: ModelFamily, device: Device, *, dtype: str = "auto",
-                    attn_implementation: str | None = None, torch_device: Any = None) -> ModelBundle:
-    """Load a transformers checkpoint folder for inference (no run config: the server's case)."""
+                    attn_implementation: str | None = None, torch_device: Any = None,
+                    verify_hashes: bool = True) -> ModelBundle:
+    """Load a transformers checkpoint folder for inference (no run config: the server's case).
+
+    A vlmr1 checkpoint is verified first (:func:`~core.runtime.checkpoint.verify_checkpoint`: no
+    unlisted file, every listed one complete, and with ``verify_hashes`` unaltered).
+    """
+    from core.runtime.checkpoint import verify_checkpoint
+
+    verify_checkpoint(path, hashes=verify_hashes)
     tdev = torch_device if torch_device is not None else device.torch_device()
     tdtype = resolve_dtype(dtype, device, _device_type(tdev))
     model = family.load_model(path, dtype=tdtype,
@@ -159,7 +177,7 @@ def load_checkpoint(path: str | Path, family: ModelFamily, device: Device, *, dt
 
 def load_policy(plan: Plan, registry: Registry, *, phase: Phase, checkpoint: str | Path | None = None,
                 reference: bool = False, accelerator: Any = None, device: Any = None,
-                load_model: bool = True) -> ModelBundle:
+                load_model: bool = True, verify_hashes: bool = True, base_path: str | None = None) -> ModelBundle:
     """Load the run's policy (``model.path``, or ``checkpoint``) for training or inference.
 
     ``phase="train"``: in ``train.mode`` (full, frozen vision tower, LoRA); ``checkpoint`` is a
@@ -168,16 +186,23 @@ def load_policy(plan: Plan, registry: Registry, *, phase: Phase, checkpoint: str
     with adapters disabled). ``phase="infer"``: ``checkpoint`` (a folder, or an output folder
     whose newest ``checkpoint-N`` is taken) replaces ``model.path``; a LoRA adapter checkpoint
     is applied to ``model.path`` and merged; the model is put on ``device`` in eval mode.
-    ``load_model=False`` loads only the family and processor (server back ends).
+    ``load_model=False`` loads only the family and processor (server back ends). An inference
+    ``checkpoint`` is verified against its manifest first (hashes too, unless ``verify_hashes`` is
+    false). ``base_path`` replaces ``model.path`` as the base (the reference model, and the model a
+    LoRA checkpoint's adapters sit on): a resumed run's is the path of the run that saved it.
 
     A ``model.tiny`` checkpoint is built first when missing (once, on the main process).
     """
     cfg = plan.config
     device_obj = plan.device.cls.from_options(plan.options.get("device"))
-    base = cfg.model.resolved_path()
+    base = base_path or cfg.model.resolved_path()
     ckpt = None
     if checkpoint is not None:
         ckpt = Path(checkpoint) if phase == "train" else resolve_checkpoint(checkpoint)
+    if phase == "infer" and ckpt is not None:
+        from core.runtime.checkpoint import verify_checkpoint
+
+        verify_checkpoint(ckpt, hashes=verify_hashes)
     adapter = ckpt is not None and (cfg.train.mode == "lora" if phase == "train"
                                     else not (ckpt / "config.json").is_file())
     if cfg.model.tiny is not None and (ckpt is None or adapter or phase == "train") \
@@ -228,12 +253,35 @@ def load_policy(plan: Plan, registry: Registry, *, phase: Phase, checkpoint: str
 
 def _build_tiny(plan: Plan, path: str, accelerator: Any) -> None:
     """Build the configured tiny checkpoint (validated in make_plan: ``model.tiny`` needs a family)."""
-    import contextlib
-
     ctx = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     with ctx:
         if not Path(path, "config.json").is_file():
-            plan.model_family.cls.build_tiny_checkpoint(path, **plan.config.model.tiny)
+            import torch
+
+            # The build seeds torch's generator with the tiny seed: without the fork the run that
+            # builds the checkpoint would draw other random numbers afterwards (LoRA's initial A
+            # matrices ...) than every later run with the same train.seed.
+            # Under a ZeRO-3 launch transformers would build the model inside deepspeed.zero.Init,
+            # whose broadcasts the other processes (waiting for the main one here) never join.
+            with torch.random.fork_rng(devices=[]), _no_zero3_init():
+                plan.model_family.cls.build_tiny_checkpoint(path, **plan.config.model.tiny)
+
+
+@contextlib.contextmanager
+def _no_zero3_init() -> Iterator[None]:
+    """Build models as plain modules (not ZeRO-3 partitioned) inside, whatever the launch.
+
+    transformers decides by a module-level weak reference to the DeepSpeed config that accelerate
+    sets; its public ``unset_hf_deepspeed_config`` cannot restore it, so it is saved and put back.
+    """
+    import transformers.integrations.deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
 def _keep_used_conversions(model: Any) -> None:
