@@ -70,6 +70,22 @@ class KindReward(Reward):
                 / 2**32 for it in batch]
 
 
+class FlakyReward(Reward):
+    """Like ``dyn_kind`` for ``V`` rows, but raises on completions whose CRC is divisible by 3 (a judge timing out)."""
+
+    name = "dyn_flaky"
+
+    @staticmethod
+    def fails(completion: str) -> bool:
+        return zlib.crc32(completion.encode()) % 3 == 0
+
+    def score(self, batch: RewardBatch) -> list[float | None]:
+        """A completion-dependent score; any failing row in the batch makes the call raise."""
+        if any(self.fails(it.completion) for it in batch):
+            raise TimeoutError("judge timed out")
+        return [zlib.crc32(it.completion.encode()) / 2**32 for it in batch]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny matrices: a second intra-op thread only spins (100x slower when the 2 cores are shared)."""
@@ -84,7 +100,7 @@ def host() -> PluginHost:
     """What the ``register_plugin`` fixture builds, once per module: built-ins, the family, the test components."""
     family = PluginHost(["qwen-vl"]).registry.resolve("models", "qwen2_5_vl").cls
     h = PluginHost(autoload=False, strict=True)
-    h.register(ComponentsPlugin(family, LayoutTask, KindReward), "test-dynamic-sampling")
+    h.register(ComponentsPlugin(family, LayoutTask, KindReward, FlakyReward), "test-dynamic-sampling")
     return h
 
 
@@ -96,16 +112,17 @@ def tiny(host, tmp_path_factory) -> Path:
 
 
 def train(host: PluginHost, tiny: Path, out: Path, layout: str, *, mode: str, steps: int = 1, beta: float = 0.0,
-          budget: int = 2, prompts_per_step: int | None = None) -> tuple[list[dict], list[dict]]:
+          budget: int = 2, prompts_per_step: int | None = None, reward: str = "dyn_kind",
+          g: int = G) -> tuple[list[dict], list[dict]]:
     """One real run; returns ``metrics.jsonl`` and ``completions.jsonl`` rows."""
     p = prompts_per_step or len(layout)
     raw: dict[str, Any] = {
         "model": {"path": str(tiny), "family": "qwen2_5_vl", "dtype": "float32"},
         "task": {"name": "dyn_layout", "options": {"layout": layout}},
-        "rewards": [{"name": "dyn_kind"}],
-        "grpo": {"num_generations": G, "max_completion_length": 4, "beta": beta, "zero_variance_groups": mode,
+        "rewards": [{"name": reward}],
+        "grpo": {"num_generations": g, "max_completion_length": 4, "beta": beta, "zero_variance_groups": mode,
                  "resample_budget": budget},
-        "train": {"learning_rate": 1e-3, "per_device_batch_size": p * G, "max_steps": steps, "seed": SEED,
+        "train": {"learning_rate": 1e-3, "per_device_batch_size": p * g, "max_steps": steps, "seed": SEED,
                   "shuffle": False},
         "rollout": {"options": {"seed_per_prompt": True}},
         "device": {"name": "cpu"},
@@ -267,3 +284,32 @@ def test_resample_replaces_constant_groups_deterministically(host, tiny, tmp_pat
 
     assert [stable(r) for r in ma] == [stable(r) for r in mb]
     assert ca == cb
+
+
+def test_rows_whose_reward_failed_get_no_advantage(host, tiny, tmp_path):
+    """A reward that raises on some completions: those rows are left out of the group statistics (issue 21).
+
+    Before, they were scored 0 by ``on_error: zero`` and given an advantage from that 0.
+    """
+    g = 4
+    metrics, comps = train(host, tiny, tmp_path / "flaky", "VVVV", mode="keep", reward="dyn_flaky", g=g)
+    failed = [FlakyReward.fails(c["completion"]) for c in comps]
+    assert 0 < sum(failed) < len(comps), failed  # the seed gives some failing rows (else pick another rule)
+    assert metrics[0]["rewards/failed_rows"] == sum(failed)
+    assert metrics[0]["rewards/dyn_flaky_errors"] == sum(failed)
+    mixed = 0
+    for k in range(len(comps) // g):
+        rows = comps[k * g:(k + 1) * g]
+        bad = failed[k * g:(k + 1) * g]
+        ok = [c["reward"] for c, f in zip(rows, bad, strict=True) if not f]
+        for c, f in zip(rows, bad, strict=True):
+            if f:
+                assert c["reward"] == 0.0 and c["advantage"] == 0.0, c  # scored 0 by on_error, but no advantage
+        if len(ok) >= 2:
+            mean = sum(ok) / len(ok)
+            std = (sum((r - mean) ** 2 for r in ok) / (len(ok) - 1)) ** 0.5
+            want = [(c["reward"] - mean) / (std + 1e-4) for c, f in zip(rows, bad, strict=True) if not f]
+            got = [c["advantage"] for c, f in zip(rows, bad, strict=True) if not f]
+            assert got == pytest.approx(want, abs=1e-4), (k, rows)
+            mixed += any(bad)
+    assert mixed, "no group with both failed and >= 2 scored rows: the check above proved nothing"

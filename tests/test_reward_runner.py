@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from core.interfaces import Reward, RewardBatch, RewardItem
-from core.runtime.reward_runner import RewardError, RewardResult, RewardRunner, RewardSpec, RewardTimeoutError
+from core.runtime.reward_runner import (
+    RewardContractError,
+    RewardError,
+    RewardResult,
+    RewardRunner,
+    RewardSpec,
+    RewardTimeoutError,
+)
 from core.testing import HangsOnce
 
 
@@ -194,21 +201,70 @@ def test_exception_raise_policy_keeps_the_cause():
     assert isinstance(ei.value.__cause__, ZeroDivisionError)
 
 
-def test_nan_inf_and_non_numeric_scores_are_errors_per_completion():
-    res = RewardRunner([spec("bad", Fixed([1.0, float("nan"), float("inf"), "0.5", None]), on_error="zero")])(batch(5))
-    assert as_list(res.per_reward[:, 0]) == [1.0, 0.0, 0.0, 0.0, None]
-    assert res.metrics["rewards/bad_errors"] == 3
+def test_nan_and_inf_scores_are_errors_per_completion():
+    """NaN/inf (e.g. a 0/0 on one odd completion) get the on_error policy, row by row (docs/plugins.md)."""
+    res = RewardRunner([spec("bad", Fixed([1.0, float("nan"), float("inf"), None]), on_error="zero")])(batch(4))
+    assert as_list(res.per_reward[:, 0]) == [1.0, 0.0, 0.0, None]
+    assert res.failed[:, 0].tolist() == [False, True, True, False]  # None is "not applicable", not a failure
+    assert res.failed_rows().tolist() == [False, True, True, False]
+    assert res.metrics["rewards/bad_errors"] == 2
     res = RewardRunner([spec("bad", Fixed([1.0, float("nan")]), on_error="skip")])(batch(2))
     assert as_list(res.per_reward[:, 0]) == [1.0, None]
     with pytest.raises(RewardError, match="non-finite"):
         RewardRunner([spec("bad", Fixed([float("nan")]), on_error="raise")])(batch(1))
 
 
-@pytest.mark.parametrize("value", [[1.0], [1.0, 1.0, 1.0], "ab", 3.0, {"a": 1, "b": 2}])
-def test_wrong_length_or_type_applies_policy_to_all(value):
-    res = RewardRunner([spec("w", _Returns(value), on_error="zero")])(batch(2))
-    assert res.per_reward[:, 0].tolist() == [0.0, 0.0]
-    assert res.metrics["rewards/w_errors"] == 2
+@pytest.mark.parametrize("policy", ["zero", "skip"])
+@pytest.mark.parametrize("value, shown", [
+    (["0.5", 1.0], r"returned '0.5' \(str\) as the score of completion 0 of 2"),
+    ([1.0, "True"], r"returned 'True' \(str\) as the score of completion 1 of 2"),
+    ([{"score": 1}, 1.0], r"returned \{'score': 1\} \(dict\) as the score of completion 0"),
+    ([[1.0], 1.0], r"returned \[1.0\] \(list\) as the score of completion 0"),
+])
+def test_a_non_number_score_stops_at_once_whatever_the_policy(value, shown, policy):
+    """A string/dict/list score is a bug in the reward: RewardContractError on the first call, not a zero."""
+    reward = Fixed(value)
+    with pytest.raises(RewardContractError, match=r"reward 'w' \(tests\.test_reward_runner\.Fixed\) broke the "
+                                                   r"Reward contract: score\(\) " + shown) as ei:
+        RewardRunner([spec("w", reward, on_error=policy)])(batch(2))
+    assert "fix the reward's score()" in str(ei.value)
+    assert reward.calls == 1  # the first step, not after max_error_steps steps of zeros
+
+
+@pytest.mark.parametrize("value, shown", [
+    ([1.0], r"returned 1 score\(s\) for 2 completions: list \[1.0\]"),
+    ([1.0, 1.0, 1.0], r"returned 3 score\(s\) for 2 completions"),
+    ("ab", r"returned str 'ab' for 2 completions, not a list of scores"),
+    (3.0, r"returned float 3.0 for 2 completions, not a list of scores"),
+    ({"a": 1, "b": 2}, r"returned dict \{'a': 1, 'b': 2\} for 2 completions"),
+    (None, r"returned NoneType None for 2 completions"),
+])
+def test_wrong_length_or_type_stops_at_once_naming_the_reward(value, shown):
+    with pytest.raises(RewardContractError, match=r"reward 'w' \(.*_Returns\) broke the Reward contract: score\(\) "
+                                                   + shown):
+        RewardRunner([spec("w", _Returns(value), on_error="zero")])(batch(2))
+
+
+def test_wrong_result_in_the_row_by_row_fallback_is_a_contract_break_too():
+    """A batched call raises (transient), then a single row returns two scores: still the contract, not the row."""
+
+    class TwoForOne(Reward):
+        name = "two"
+
+        def score(self, b):
+            if len(b) > 1:
+                raise TimeoutError("judge busy")
+            return [1.0, 1.0]
+
+    with pytest.raises(RewardContractError, match=r"returned list \[1.0, 1.0\] for a batch of 1 completion .*"
+                                                   r"TimeoutError: judge busy"):
+        RewardRunner([spec("w", TwoForOne())])(batch(3))
+
+
+def test_origin_is_named_in_contract_errors():
+    with pytest.raises(RewardContractError, match=r"reward 'w' \(plugin vlmr1-plugin-x 1.2.3, .*_Returns\)"):
+        RewardRunner([RewardSpec("w", _Returns([1.0]), 1.0, 5.0, "zero", origin="plugin vlmr1-plugin-x 1.2.3")])(
+            batch(2))
 
 
 class _Returns(Reward):
@@ -422,3 +478,22 @@ def test_sys_exit_inside_score_stops_the_run_naming_the_reward():
     """``sys.exit(0)`` in a reward is never "scored 0 and carry on" (a run trained on zeros would exit 0)."""
     with pytest.raises(RewardError, match=r"reward 'x' \(.*_Exits\) called sys.exit\(0\) inside score\(\)"):
         RewardRunner([spec("x", _Exits(), on_error="zero")])(batch(2))
+
+
+class _ExitsInSetup(Reward):
+    name = "exits_in_setup"
+
+    def setup(self, ctx):
+        raise SystemExit(0)
+
+    def score(self, b):
+        return [1.0] * len(b)
+
+
+def test_sys_exit_inside_setup_is_the_rewards_failure():
+    """``sys.exit(0)`` in ``setup`` must not end the run "successfully": a RewardError naming the reward."""
+    from core.runtime.reward_runner import setup_reward
+
+    with pytest.raises(RewardContractError, match=r"reward 'x' \(plugin p 0.1, .*_ExitsInSetup\) called "
+                                                  r"sys.exit\(0\) inside setup\(\)"):
+        setup_reward(_ExitsInSetup(), "x", None, "plugin p 0.1")

@@ -1,9 +1,17 @@
 """The engine's reward runner: every configured reward, under a time limit, combined by weight.
 
 One call scores one step's completions with every reward and returns a ``[N, R]`` table, the
-weighted total and per-reward metrics. A reward that is slow, raises, returns NaN or a list
-of the wrong length never stops training: the affected completions are scored by that
-reward's ``on_error`` policy and counted in the metrics.
+weighted total and per-reward metrics. A reward that is slow, raises or returns NaN/inf for
+some completions does not stop training at once: the affected completions are scored by that
+reward's ``on_error`` policy, marked in :attr:`RewardResult.failed` (the trainer gives those
+rows no advantage) and counted against the error budget below.
+
+A reward that breaks the ``score`` contract -- a result that is not a sequence, of the wrong
+length, or holding something that is neither a number nor ``None`` (a string such as ``"0.5"``
+or ``"True"``, a dict, a list) -- is a bug, not a transient fault: the first such call raises
+:class:`RewardContractError` naming the reward, its plugin, what it returned and the fix,
+whatever its ``on_error`` policy (filling its rows in would train on no signal until the
+budget ran out).
 
 How time limits work (and their limits)
 ---------------------------------------
@@ -27,11 +35,11 @@ the rows that still fail get the ``on_error`` policy and are counted.
 
 A run that is not learning stops
 --------------------------------
-Scores filled in by the policy are not a learning signal. When more than a reward's
-``max_error_frac`` of a call's completions fail (errors or timeouts) for ``max_error_steps``
-consecutive calls (one call per step; dynamic-sampling rounds count as calls), the runner raises
-:class:`RewardError` naming the reward, the counts and the last failure, and the run stops with
-a non-zero exit instead of training on a zero reward.
+Scores filled in by the policy are not a learning signal (the trainer gives those rows no
+advantage). When at least a reward's ``max_error_frac`` of a call's completions fail (errors
+or timeouts) for ``max_error_steps`` consecutive calls (one call per step; dynamic-sampling
+rounds count as calls), the runner raises :class:`RewardError` naming the reward, the counts
+and the last failure, and the run stops with a non-zero exit instead of training on nothing.
 
 Threads were chosen over processes because rewards receive closures (the model family's box
 transform) and hold clients and caches that do not pickle, and because starting or forking a
@@ -56,7 +64,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import torch
@@ -84,6 +92,13 @@ class RewardTimeoutError(RewardError):
     """A reward exceeded its time limit and its policy is ``on_error: raise``."""
 
 
+class RewardContractError(RewardError):
+    """A reward broke the ``score`` contract (wrong type or length, a non-number), or ended the process.
+
+    Always raised at once, whatever the reward's ``on_error`` policy: it is a programming error.
+    """
+
+
 @dataclass
 class RewardSpec:
     """One term of the weighted sum: a built reward, its weight, time limit and error policy."""
@@ -97,6 +112,8 @@ class RewardSpec:
     max_error_frac: float | None = None
     #: ... for this many consecutive calls.
     max_error_steps: int = 10
+    #: Who provides the reward, for error messages (e.g. ``"plugin vlmr1-plugin-x 0.1.0"``; "" = unknown).
+    origin: str = ""
 
 
 @dataclass
@@ -111,8 +128,8 @@ class RewardResult:
         metrics: ``rewards/<name>`` (mean over applicable completions, NaN if none),
             ``rewards/<name>_std`` (sample std, 0 for one value, NaN for none),
             ``rewards/<name>_applicable_frac``, ``rewards/<name>_errors`` (completions scored
-            by the error policy: timeouts, exceptions, wrong-length results, NaN/inf or
-            non-numeric scores; plus those the reward reports via ``take_failures()``) and
+            by the error policy: timeouts, exceptions, NaN/inf scores; plus those the reward
+            reports via ``take_failures()``) and
             ``rewards/<name>_timeouts`` (completions affected by a timeout). Counts are floats,
             per call.
         names: the column names of ``per_reward`` (spec names, made unique with ``_2``...).
@@ -126,6 +143,15 @@ class RewardResult:
     names: list[str] = field(default_factory=list)
     failed: torch.Tensor | None = None
     timed_out: torch.Tensor | None = None
+
+    def failed_rows(self) -> torch.Tensor:
+        """``[N]`` bool: True where any reward's score of the row was filled in by its error policy.
+
+        Such a row's total is not the reward's judgement of the completion; GRPO gives it no advantage.
+        """
+        if self.failed is None:
+            return torch.zeros(self.total.shape[0], dtype=torch.bool)
+        return self.failed.any(dim=1) if self.failed.numel() else torch.zeros(self.failed.shape[0], dtype=torch.bool)
 
 
 @dataclass
@@ -361,13 +387,18 @@ class RewardRunner:
         if isinstance(exc, SystemExit):
             # A reward that ends the process is broken, not flaky: scoring its rows 0 would let the
             # run "succeed" on no signal. The apps turn this into exit 1.
-            raise RewardError(f"reward {job.name!r} ({type(job.reward).__module__}.{type(job.reward).__qualname__}) "
-                              f"called sys.exit({exc.code!r}) inside score(); a reward must return its scores "
-                              "or raise an exception") from exc
+            raise RewardContractError(f"{_who(job.name, job.reward, job.spec.origin)} called sys.exit({exc.code!r}) "
+                                      "inside score(); a reward must return its scores or raise an exception"
+                                      ) from exc
         if exc is not None:
             self._fail(job, out, n, "exception", f"raised {type(exc).__name__}: {exc}", exc)
             return
         if isinstance(value, _PerRow):
+            wrong = [v for v in value.values if isinstance(v, _WrongResult)]
+            if wrong:  # scored alone, a row came back as no single score: the contract, not the row
+                self._contract(job, f"returned {_show(wrong[0].value)} for a batch of 1 completion (called one row "
+                                    f"at a time after the batched call raised {type(value.first).__name__}: "
+                                    f"{value.first})")
             failed = [i for i, v in enumerate(value.values) if isinstance(v, _RowError)]
             if len(failed) == n:  # every row fails alone too: report the batched call's exception
                 self._fail(job, out, n, "exception", f"raised {type(value.first).__name__}: {value.first}",
@@ -391,26 +422,36 @@ class RewardRunner:
             except TypeError:
                 values = None
         if values is None:
-            self._fail(job, out, n, "wrong_result", f"returned {type(value).__name__}, expected a list of {n} scores",
-                       None)
-            return
+            self._contract(job, f"returned {_show(value)} for {n} completions, not a list of scores")
         if len(values) != n:
-            self._fail(job, out, n, "wrong_result", f"returned {len(values)} scores for {n} completions", None)
-            return
+            self._contract(job, f"returned {len(values)} score(s) for {n} completions: {_show(values)}")
         bad: list[int] = []
         for i, v in enumerate(values):
             if v is None or (skip and i in skip):
                 continue  # not applicable: stays NaN, not an error
             f = _as_float(v)
-            if f is None or not math.isfinite(f):
-                bad.append(i)
+            if f is None:
+                self._contract(job, f"returned {v!r:.80} ({type(v).__name__}) as the score of completion {i} of {n}, "
+                                    "which is neither a number nor None")
+            if not math.isfinite(f):
+                bad.append(i)  # NaN/inf: the on_error policy (documented), e.g. a 0/0 on one odd completion
             else:
                 out.scores[job.to_rows([i])[0]] = f
         if bad:
             sample = values[bad[0]]
             self._fail(job, out, n, "bad_value",
-                       f"returned {len(bad)} non-finite or non-numeric score(s), e.g. {sample!r} at index {bad[0]}",
+                       f"returned {len(bad)} non-finite score(s), e.g. {sample!r} at index {bad[0]}",
                        None, indices=bad)
+
+    @staticmethod
+    def _contract(job: _Job, what: str) -> NoReturn:
+        """Raise :class:`RewardContractError`: ``what`` the reward returned breaks the ``score`` contract."""
+        raise RewardContractError(
+            f"{_who(job.name, job.reward, job.spec.origin)} broke the Reward contract: score() {what}. score(batch) "
+            f"must return a list with exactly one entry per item of the batch, in order, each a finite number or "
+            f"None (not applicable). This is a bug in the reward, not a transient failure, so the run stops now "
+            f"(whatever on_error says) instead of training on filled-in scores; fix the reward's score() and check "
+            f"it with core.testing.check_reward")
 
     def _fail(self, job: _Job, out: _Outcome, n: int, kind: str, reason: str, exc: BaseException | None,
               indices: list[int] | None = None) -> None:
@@ -466,9 +507,10 @@ def build_reward_runner(plan: Any, registry: Any) -> RewardRunner:
     specs = []
     for i, rc in enumerate(cfg.rewards):
         reward = registry.create("rewards", rc.name, plan.options[f"rewards.{i}"])
-        reward.setup(ctx)
+        origin = reward_origin(registry, rc.name)
+        setup_reward(reward, rc.name, ctx, origin)
         specs.append(RewardSpec(rc.name, reward, rc.weight, rc.timeout_s, rc.on_error, rc.max_error_frac,
-                                rc.max_error_steps))
+                                rc.max_error_steps, origin))
     return RewardRunner(specs)
 
 
@@ -491,18 +533,66 @@ def _call(index: int, reward: Reward, batch: RewardBatch, results: queue.Queue) 
         results.put((index, value, None))
 
 
+class _WrongResult:
+    """A row that, scored alone, returned something other than a sequence of one score (a contract break)."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+
 def _score_rows(reward: Reward, batch: RewardBatch) -> list[object]:
-    """Score each row of ``batch`` alone; a row that raises or returns no single score is a _RowError."""
+    """Score each row of ``batch`` alone: its score, a _RowError (it raised) or a _WrongResult."""
     out: list[object] = []
     for item in batch.items:
         try:
             got = reward.score(RewardBatch([item]))
-            if isinstance(got, (str, bytes, dict)) or len(got) != 1:
-                raise TypeError(f"returned {got!r} for one completion, expected a list of 1 score")
-            out.append(list(got)[0])
         except Exception as e:  # noqa: BLE001 - counted per row by the runner
             out.append(_RowError(e))
+            continue
+        try:
+            one = None if isinstance(got, (str, bytes, dict)) else list(got)  # type: ignore[call-overload]
+        except TypeError:
+            one = None
+        out.append(one[0] if one is not None and len(one) == 1 else _WrongResult(got))
     return out
+
+
+def _who(name: str, reward: object, origin: str) -> str:
+    """``reward 'name' (plugin dist version, module.Class)``: who to blame in a message."""
+    cls = type(reward)
+    where = f"{origin}, " if origin else ""
+    return f"reward {name!r} ({where}{cls.__module__}.{cls.__qualname__})"
+
+
+def _show(value: object) -> str:
+    """A short description of a returned value: its type and a clipped repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def reward_origin(registry: Any, name: str) -> str:
+    """``"plugin <distribution> <version>"`` of the reward registered as ``name`` ("" when unknown)."""
+    import importlib.metadata as md
+
+    try:
+        provider = registry.resolve("rewards", name).provider
+    except Exception:  # noqa: BLE001 - only used to improve a message
+        return ""
+    kind = "built into" if provider == "vlmr1" else "plugin"
+    try:
+        return f"{kind} {provider} {md.version(provider)}"
+    except Exception:  # noqa: BLE001 - a provider that is not an installed distribution
+        return f"{kind} {provider}"
+
+
+def setup_reward(reward: Reward, name: str, ctx: Any, origin: str = "") -> None:
+    """``reward.setup(ctx)``; ``sys.exit`` inside it is the reward's failure (RewardContractError), not a run's end."""
+    try:
+        reward.setup(ctx)
+    except SystemExit as exc:
+        raise RewardContractError(f"{_who(name, reward, origin)} called sys.exit({exc.code!r}) inside setup(); a "
+                                  "reward whose set-up fails must raise an exception saying why (the run did not "
+                                  "start training)") from exc
 
 
 def _as_float(v: object) -> float | None:
