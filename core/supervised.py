@@ -236,6 +236,9 @@ def _sft_config(config_cls: Any, out: Path, t: Any, device: Any, args: SFTOption
         logging_steps=args.logging_steps,
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
+        # Intermediate checkpoints are for evaluation (core.sft has no resume): no pickled optimizer,
+        # scheduler or RNG state (optimizer.pt, rng_state.pth), as vlmr1 checkpoints hold no pickle.
+        save_only_model=True,
         report_to=["tensorboard"] if cfg.logging.tensorboard else [],
         disable_tqdm=not cfg.logging.progress_bar,
         remove_unused_columns=False,  # the collator needs the "index" column
@@ -277,6 +280,28 @@ def _cpu_time_callback() -> Any:
     return CPUTime()
 
 
+def _seal_checkpoints_callback() -> Any:
+    """A ``TrainerCallback`` that makes each intermediate ``checkpoint-N`` a closed, verifiable set.
+
+    It removes ``training_args.bin`` (a pickle nothing here reads) and writes vlmr1's
+    ``manifest.json`` last, so ``core.evaluate --checkpoint`` and ``core.serve`` verify the folder
+    like a ``core.train`` checkpoint instead of refusing it as a save that never finished. Must
+    run after every other ``on_save`` that writes into the folder (``cpu_time.json``).
+    """
+    from transformers import TrainerCallback
+
+    from core.runtime.checkpoint import write_manifest
+
+    class Seal(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001, D102
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                (folder / "training_args.bin").unlink(missing_ok=True)
+                write_manifest(folder)
+
+    return Seal()
+
+
 def _step_printer() -> Any:
     """A ``TrainerCallback`` printing one line per log, ``step N/M  loss ...``, when progress bars are off.
 
@@ -297,10 +322,39 @@ def _step_printer() -> Any:
 
 
 def run(plan: Plan, registry: Registry, args: SFTOptions) -> int:
-    """Train with TRL's ``SFTTrainer`` and save a transformers checkpoint; returns a process exit code."""
+    """Train with TRL's ``SFTTrainer`` and save a transformers checkpoint; returns a process exit code.
+
+    The output folder is this run's alone, as for ``core.train``: locked while the run lasts, and one
+    holding an earlier run's checkpoints or model is refused unless ``logging.start_over``
+    (``--start-over``) moves them aside first.
+    """
+    import os
+
+    from core.runtime.checkpoint import check_output_dir, claim_output_dir, lock_output_dir, release_output_dir
+
+    out = sft_output_dir(plan, args)
+    if args.show_targets or int(os.environ.get("RANK", "0")) != 0:  # writes nothing / the main process owns it
+        return _run(plan, registry, args)
+    check_output_dir(out)
+    lock_output_dir(out, "core.sft", option="--output-dir")
+    try:
+        claim_output_dir(out, resume_from=None, start_over=plan.config.logging.start_over, option="--output-dir",
+                         resumable=False)
+        return _run(plan, registry, args)
+    finally:
+        release_output_dir(out)
+
+
+def sft_output_dir(plan: Plan, args: SFTOptions) -> Path:
+    """``--output-dir``, else ``<logging.output_dir>-sft``."""
+    return Path(args.output_dir or f"{plan.config.logging.output_dir.rstrip('/')}-sft")
+
+
+def _run(plan: Plan, registry: Registry, args: SFTOptions) -> int:
     import datasets
     from trl import SFTConfig, SFTTrainer
 
+    from core.runtime.data_limits import screen_loaded
     from core.runtime.loader import load_policy
 
     cfg = plan.config
@@ -313,6 +367,8 @@ def run(plan: Plan, registry: Registry, args: SFTOptions) -> int:
     if len(train_set) == 0:
         raise ConfigError(f"task {cfg.task.name}: split {args.split!r} is empty")
     bundle = load_policy(plan, registry, phase="train")
+    # The rows are screened and the first rendered as core.train does.
+    train_set = screen_loaded(bundle.processor, plan, task, train_set, split=args.split, family=bundle.family)
     collator = SFTCollator(bundle, train_set, template=args.template, think=args.think_text,
                            box_format=args.box_format, box_decimals=args.box_decimals, registry=registry)
     if args.show_targets:
@@ -323,7 +379,7 @@ def run(plan: Plan, registry: Registry, args: SFTOptions) -> int:
             p = make_prompt(bundle, s)
             print(json.dumps({"id": s.id, "prompt": p.text, "target": collator.target(s, p.images)}))
         return 0
-    out = Path(args.output_dir or f"{cfg.logging.output_dir.rstrip('/')}-sft")
+    out = sft_output_dir(plan, args)
     device = plan.device.cls.from_options(plan.options.get("device")).torch_device()
     with warnings.catch_warnings():
         # transformers 5 renamed gradient_checkpointing (TRL's field) and warns on every construction.
@@ -338,6 +394,7 @@ def run(plan: Plan, registry: Registry, args: SFTOptions) -> int:
 
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(_step_printer())  # after cpu_clock, so the line has cpu_time_s
+    trainer.add_callback(_seal_checkpoints_callback())  # last: after cpu_time.json is written
     result = trainer.train()
     cpu_seconds = cpu_clock.elapsed()
     if bundle.lora:  # merged weights: core.train / core.evaluate load the folder as a full model.path
@@ -346,6 +403,8 @@ def run(plan: Plan, registry: Registry, args: SFTOptions) -> int:
             bundle.processor.save_pretrained(out)
     else:  # save_model gathers sharded (ZeRO-3 / FSDP) weights and writes the processor too
         trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        (out / "training_args.bin").unlink(missing_ok=True)  # a pickle nothing reads: no pickle in outputs
     if trainer.is_world_process_zero():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         info = {"steps": trainer.state.global_step, "train_loss": result.training_loss,

@@ -6,7 +6,6 @@ Uses ``tests/fixtures/configs/dry_run.yaml`` with the fixture plugins of ``tests
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.testing.procs import run_command
 from core.train import main
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -34,8 +34,8 @@ def test_dry_run_subprocess_loads_no_weights():
             " file=sys.stderr)\nsys.exit(rc)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SITE), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, "--config", str(CONFIG), "--dry-run", "train.max_steps=5"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = run_command([sys.executable, "-c", code, "--config", str(CONFIG), "--dry-run", "train.max_steps=5"],
+                       capture_output=True, text=True, env=env, timeout=120)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stderr
@@ -82,11 +82,11 @@ def test_dry_run_world_size_and_resume(site, capsys, monkeypatch):
                                        "vlmr1-plugin-fixtures:fixture_colours takes the options: num_samples, "
                                        "image_size, mode.)"),
         (["task.name=colours"], "task.name: no task named 'colours'. Did you mean 'fixture_colours'? "
-                                "Available tasks: fixture_colours."),
+                                "Available tasks: mixture, fixture_colours."),
         # --plugins wins over the config's `plugins:`; two providers of `dup` make the bare name ambiguous.
         (["--plugins", "fixtures,dup", "rewards.0.name=dup"],
          "reward 'dup' is ambiguous: it is provided by 2 plugins (vlmr1-plugin-dup, vlmr1-plugin-fixtures)"),
-        (["--plugins", "none"], "task.name: no task named 'fixture_colours'. Available tasks: (none)."),
+        (["--plugins", "none"], "no task named 'fixture_colours'. Did you mean 'mixture'? Available tasks: mixture."),
         (["--plugins", "fixtures,broken", "--strict-plugins"], "plugin vlmr1-plugin-broken 0.3.1 failed (strict mode)"),
         (["train.per_device_batch_size=3"], "not divisible by grpo.num_generations=4"),
     ],
@@ -101,7 +101,9 @@ def test_dry_run_errors_exit_nonzero_with_one_message(site, capsys, args, messag
 def test_broken_plugin_is_a_warning_when_not_needed(site, capsys):
     rc, out, err = run(capsys, "--plugins", "fixtures,broken")
     assert rc == 0
-    assert "warning: plugin vlmr1-plugin-broken failed" in err
+    # The documented line (docs/plugins.md §6): distribution, version, status and the reason.
+    assert ("warning: plugin vlmr1-plugin-broken 0.3.1 failed (ImportError: vlmr1_broken needs libfixture >= 2 "
+            "(deliberately broken test fixture)); run `python -m core.plugins list` for the traceback") in err
 
 
 def test_misspelt_key_in_file_names_the_line(site, capsys, tmp_path):

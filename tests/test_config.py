@@ -145,7 +145,7 @@ def test_misspelt_key_in_file_names_file_line_and_suggestion(tmp_path):
 def test_misspelt_section_and_override_origin():
     msg = error_of(build_config, BASE, ["trian.seed=3"])
     assert msg.startswith("override 'trian.seed=3': unknown key 'trian'. Did you mean 'train'? Valid keys: ")
-    assert "checkpoint, device, eval, grpo, logging, model, plugins, rewards, rollout, task, train" in msg
+    assert "checkpoint, data, device, eval, grpo, logging, model, plugins, rewards, rollout, task, train" in msg
 
 
 @pytest.mark.parametrize(
@@ -220,7 +220,7 @@ def test_plan_resolves_components_and_validates_options(registry):
     ("overrides", "message"),
     [
         (["task.name=toi"], "override 'task.name=toi': task.name: no task named 'toi'. Did you mean 'toy'? "
-                            "Available tasks: toy."),
+                            "Available tasks: mixture, toy."),
         (["rewards.0.name=nobody"], "rewards.0.name: no reward named 'nobody'. Available rewards: accuracy, match."),
         (["task.options.split_sise=2"], "unknown key 'task.options.split_sise'. Did you mean 'task.options.split_size'?"
                                         " Valid keys in task.options: layout, split_size."),

@@ -48,6 +48,52 @@ def test_batch_baseline_scores_a_group_that_agrees():
         group_advantages(r, 2, baseline="leave_one_out")
 
 
+def test_failed_rows_are_left_out_of_the_advantages_hand_computed():
+    """Rows whose reward failed (their 0 was filled in by on_error) get no advantage and no say in mean/std."""
+    r = torch.tensor([1.0, 0.0, 3.0, 5.0,    # group 0: row 1 failed -> valid 1, 3, 5: mean 3, std 2
+                      2.0, 0.0, 0.0, 0.0,    # group 1: only row 4 valid -> std 0, advantage 0
+                      0.0, 0.0, 0.0, 0.0])   # group 2: every row failed
+    valid = torch.tensor([True, False, True, True, True, False, False, False, False, False, False, False])
+    adv, std = group_advantages(r, 4, eps=1e-6, valid=valid)
+    assert adv.tolist() == pytest.approx([-1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], abs=1e-5)
+    assert std.tolist() == pytest.approx([2.0, 0.0, 0.0])
+    # Zero-filled (before): the failed row pulls the mean to 2.25 and itself gets a negative advantage.
+    zero_filled, _ = group_advantages(r[:4], 4, eps=0.0)
+    assert zero_filled[1] < -0.5 and zero_filled[0] != pytest.approx(-1.0)
+    # Batch baseline and scale: over the valid rows 1, 3, 5, 2 only (mean 2.75, unbiased std sqrt(8.75 / 3)).
+    adv_b, _ = group_advantages(r, 4, scale="batch", eps=0.0, baseline="batch", valid=valid)
+    s = math.sqrt(8.75 / 3)
+    assert adv_b.tolist() == pytest.approx([-1.75 / s, 0.0, 0.25 / s, 2.25 / s, -0.75 / s] + [0.0] * 7)
+    # All valid: exactly the unmasked computation.
+    full = torch.tensor([1.0, 0.0, 2.0, 2.0])
+    assert group_advantages(full, 2, valid=torch.ones(4, dtype=torch.bool))[0].tolist() == \
+        group_advantages(full, 2)[0].tolist()
+
+
+def test_phase_advantages_masks_failed_rows_out_of_the_loss_and_counts_them():
+    """The trainer's advantages phase: failed rows get advantage 0, keep=False, and rewards/failed_rows."""
+    from core.grpo.batch import StepBatch
+    from core.grpo.trainer import GRPOTrainer
+
+    def phase(mode: str, rank: int) -> StepBatch:
+        grpo = SimpleNamespace(scale_rewards="group", advantage_eps=1e-6, advantage_baseline="group",
+                               zero_variance_groups=mode)
+        trainer = SimpleNamespace(cfg=SimpleNamespace(grpo=grpo), G=4, rank=rank, per_rank=4)
+        b = StepBatch(0, all_rewards=torch.tensor([1.0, 0.0, 3.0, 5.0, 2.0, 0.0, 0.0, 0.0]),
+                      all_failed=torch.tensor([False, True, False, False, False, True, True, True]))
+        GRPOTrainer.phase_advantages(trainer, b)  # type: ignore[arg-type]
+        return b
+
+    b = phase("keep", 0)
+    assert b.advantages.tolist() == pytest.approx([-1.0, 0.0, 0.0, 1.0], abs=1e-5)
+    assert b.keep.tolist() == [True, False, True, True]
+    assert b.sampling["rewards/failed_rows"] == 4.0  # over all ranks
+    b = phase("drop", 1)  # group 1 has one valid row: zero variance, dropped as a whole
+    assert b.keep.tolist() == [False, False, False, False] and b.sampling["dynamic/dropped_groups"] == 1.0
+    b = phase("drop", 0)
+    assert b.keep.tolist() == [True, False, True, True]
+
+
 def test_batch_baseline_with_group_scaling_is_refused():
     from core.config import ConfigError, build_config
 

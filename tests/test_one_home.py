@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from core.interfaces import Device
 from core.plugins import PluginHost
 from core.plugins.plan import make_plan, plan_without_groups
 from core.runtime import loader
+from core.testing.procs import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "core" / "defaults" / "quickstart.yaml"
@@ -83,16 +83,16 @@ def test_training_eval_equals_core_evaluate_on_the_same_checkpoint(tmp_path):
     """The 'after training' accuracy in eval.json is the number core.evaluate computes from the saved checkpoint."""
     out = tmp_path / "run"
     common = [f"model.path={tmp_path / 'tiny'}", "eval.num_samples=24", "eval.batch_size=8"]
-    train = subprocess.run([sys.executable, "-m", "core.train", *common, f"logging.output_dir={out}",
-                            "train.max_steps=12", "checkpoint.save_every=0", "logging.tensorboard=false",
-                            "logging.progress_bar=false", "logging.plot=false"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    train = run_command([sys.executable, "-m", "core.train", *common, f"logging.output_dir={out}",
+                         "train.max_steps=12", "checkpoint.save_every=0", "logging.tensorboard=false",
+                         "logging.progress_bar=false", "logging.plot=false"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert train.returncode == 0, train.stderr[-3000:]
     after = json.loads((out / "eval.json").read_text())["after"]
     ev_out = tmp_path / "eval"
-    ev = subprocess.run([sys.executable, "-m", "core.evaluate", "--checkpoint", str(out), "--limit", "24",
-                         "--out", str(ev_out), "--quiet", *common],
-                        cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    ev = run_command([sys.executable, "-m", "core.evaluate", "--checkpoint", str(out), "--limit", "24",
+                      "--out", str(ev_out), "--quiet", *common],
+                     cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert ev.returncode == 0, ev.stderr[-3000:]
     summary = json.loads((ev_out / "summary.json").read_text())
     assert summary["checkpoint"].endswith("checkpoint-12")

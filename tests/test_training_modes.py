@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from core.testing.procs import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart" / "config.yaml"
@@ -167,8 +168,8 @@ def test_merge_lora_gives_a_plain_checkpoint_with_the_adapter_model_outputs(runs
 
     ckpt = runs["lora"] / "checkpoint-2"
     out = tmp_path / "merged"
-    proc = subprocess.run([sys.executable, "-m", "core.merge_lora", str(ckpt), "--out", str(out)], cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    proc = run_command([sys.executable, "-m", "core.merge_lora", str(ckpt), "--out", str(out)], cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for f in ("model.safetensors", "config.json", "generation_config.json", "processor_config.json",
               "tokenizer.json"):

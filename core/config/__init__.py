@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -89,10 +90,101 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
 
 _Loader.construct_mapping = _construct_mapping  # type: ignore[method-assign]
 
+#: Deepest nesting of sections/lists a config may have (the schema needs 4; PyYAML recursed to a crash at ~1000).
+MAX_YAML_DEPTH = 32
+
+
+class YamlRefused(yaml.YAMLError):
+    """YAML that vlmr1 refuses on purpose (aliases, deep nesting), with the line it is on."""
+
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem)
+        self.problem, self.problem_mark, self.context = problem, mark, None
+
+
+def _compose_node(loader: Any, parent: Any, index: Any) -> Any:
+    # Refused while composing, before anything is built: an alias is a pointer, and a few
+    # hundred bytes of nested aliases (a "billion laughs") expand to gigabytes once the
+    # config is copied or validated. Configs have no use for them that a plain copy lacks.
+    # An undefined alias keeps PyYAML's own error (an override `x=*.jsonl` then stays the text it is).
+    if loader.check_event(yaml.AliasEvent) and loader.peek_event().anchor in loader.anchors:
+        event = loader.peek_event()
+        raise YamlRefused(f"found the alias *{event.anchor}: YAML aliases (and `<<: *name` merge keys) are not "
+                          "accepted in vlmr1 configs (nested aliases expand exponentially); write the value out",
+                          event.start_mark)
+    depth = loader.__dict__.get("_depth", 0)
+    if depth >= MAX_YAML_DEPTH:
+        raise YamlRefused(f"nested more than {MAX_YAML_DEPTH} levels deep", loader.peek_event().start_mark)
+    loader._depth = depth + 1
+    try:
+        return yaml.SafeLoader.compose_node(loader, parent, index)
+    finally:
+        loader._depth = depth
+
+
+_Loader.compose_node = _compose_node  # type: ignore[method-assign]
+
+#: The Python types a config value may have after loading (what JSON can hold).
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _yaml_type(value: Any) -> str:
+    """How YAML spelled a value of this Python type (for error messages)."""
+    import datetime
+
+    if isinstance(value, datetime.datetime):
+        return "a timestamp"
+    if isinstance(value, datetime.date):
+        return "a date"
+    if isinstance(value, bytes):
+        return "!!binary data"
+    if isinstance(value, set):
+        return "a !!set"
+    if isinstance(value, tuple):
+        return "an !!omap/!!pairs entry"
+    return f"a {type(value).__name__}"
+
+
+def plain_data_problem(value: Any, path: str = "") -> tuple[str, str] | None:
+    """``(dotted key, problem)`` for the first value JSON cannot hold (a YAML date, ``!!binary``, set ...).
+
+    Mapping keys must be strings (numbers, booleans and null become their text, as in JSON).
+    ``None`` when the whole value is plain data.
+    """
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, _PLAIN):
+                    return where or "(top level)", (f"a key is {_yaml_type(k)} ({k!r}); keys must be plain "
+                                                    "text: quote it")
+                stack.append((item, f"{where}.{k}" if where else str(k)))
+        elif isinstance(v, list):
+            stack.extend((item, f"{where}.{i}" if where else str(i)) for i, item in enumerate(v))
+        elif not isinstance(v, _PLAIN):
+            return where or "(top level)", (f"the value is {_yaml_type(v)} ({str(v)[:60]!r}), which no config "
+                                            "option takes: quote it to make it text")
+    return None
+
 
 def yaml_load(text: str) -> Any:
-    """Parse YAML safely, with YAML 1.2 floats (``1e-5`` is a number)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    """Parse YAML safely, with YAML 1.2 floats (``1e-5`` is a number).
+
+    Aliases and nesting deeper than :data:`MAX_YAML_DEPTH` are refused (:class:`YamlRefused`);
+    a value Python cannot build (an integer of thousands of digits) is a ``yaml.YAMLError`` too.
+    """
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError, OverflowError) as exc:
+        # PyYAML's constructors raise these for values they cannot build: int('9' * 5000), `!!bool maybe`.
+        raise YamlRefused(f"a value that cannot be read ({type(exc).__name__}: {str(exc).split(';')[0][:160]})",
+                          None) from None
+    finally:
+        loader.dispose()
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -144,6 +236,11 @@ class Strict(BaseModel):
         return v
 
 
+def expand_home(v: Any) -> Any:
+    """``~/x`` -> ``$HOME/x`` for a path option (a quoted ``~`` reaches the program unexpanded by the shell)."""
+    return os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
+
+
 class ComponentRef(Strict):
     """A component by name (``name`` or ``distribution:name``) with its options."""
 
@@ -177,6 +274,8 @@ class ModelConfig(Strict):
     tiny: dict[str, Any] | None = Field(
         None, description="build a tiny random checkpoint of `family` at `path` if missing (offline demos)")
 
+    _home = field_validator("path")(classmethod(lambda cls, v: expand_home(v)))
+
     def resolved_path(self) -> str:
         """``path``, or a deterministic cache folder for a tiny build."""
         if self.path:
@@ -204,7 +303,6 @@ class GRPOConfig(Strict):
     """GRPO hyper-parameters (names follow TRL's GRPOConfig where they mean the same)."""
 
     num_generations: int = Field(8, ge=2, le=65536, description="G: completions per prompt")
-    max_prompt_length: int | None = Field(None, ge=1, description="truncate prompts to this many tokens")
     max_completion_length: int = Field(256, ge=1, le=1 << 20, description="max new tokens per completion")
     temperature: float = Field(1.0, ge=1e-3, le=100, description="sampling temperature (logits are divided by it)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
@@ -233,11 +331,29 @@ class GRPOConfig(Strict):
                           "it under a block-causal mask (core.grpo.prefix); used where the model family opted in "
                           "and attention is sdpa/eager, else the plain path; false = one [prompt, completion] row "
                           "per completion")
+    # Rollout correction: TRL's vllm_importance_sampling_* options, with TRL's defaults.
+    rollout_is_correction: bool | None = Field(
+        None, description="weight each completion's loss by pi_old / q, q being the rollout engine's sampling "
+                          "distribution (truncated importance sampling, as TRL's vllm_importance_sampling_correction); "
+                          "needs the engine's per-token log-probs. null = on for engines that sample outside the "
+                          "trainer (vLLM, servers), off for the built-in engine (it samples from the policy itself) "
+                          "and for guided choices")
+    rollout_is_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = Field(
+        "sequence_mask", description="per-token or per-completion ratio; *_truncate clamps it to [rollout_is_min, "
+                                     "rollout_is_max], *_mask zeroes the loss where it falls outside")
+    rollout_is_max: float | None = Field(3.0, gt=0, description="C_max of the rollout correction (TRL: 3.0)")
+    rollout_is_min: float | None = Field(None, ge=0, description="C_min of the rollout correction (TRL: none)")
 
     @model_validator(mode="after")
     def _check_clip(self) -> GRPOConfig:
         if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
             raise ValueError(f"grpo.epsilon_high ({self.epsilon_high}) must be >= grpo.epsilon ({self.epsilon})")
+        lo, hi = self.rollout_is_min, self.rollout_is_max
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"grpo.rollout_is_min ({lo}) must be less than grpo.rollout_is_max ({hi})")
+        if self.rollout_is_mode.endswith("truncate") and lo is None and hi is None:
+            raise ValueError(f"grpo.rollout_is_mode {self.rollout_is_mode}: set grpo.rollout_is_min or "
+                             "grpo.rollout_is_max (the bound to truncate at)")
         if self.advantage_baseline == "batch" and self.scale_rewards == "group":
             # A group whose rewards agree has std 0: dividing its non-zero batch-baseline advantage
             # by std + eps would blow it up by 1/eps.
@@ -283,6 +399,12 @@ class TrainConfig(Strict):
     distributed_timeout_s: float | None = Field(
         None, gt=0, description="seconds a collective waits for the other processes before the run fails "
                                 "(torch.distributed's timeout); null = accelerate's default (30 min gloo, 10 min nccl)")
+    gather_for_generation: bool = Field(
+        True, description="DeepSpeed ZeRO-3: gather the policy's whole weights on every process once per rollout and "
+                          "evaluation (fast; no collective while generating, so ranks may generate different "
+                          "amounts) at the cost of the whole model's memory on every process while generating; "
+                          "false = keep them sharded (each layer all-gathered per token), which needs every process "
+                          "to make the same generate calls: uneven settings are refused at start")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @field_validator("lr_scheduler")
@@ -305,6 +427,12 @@ class LoggingConfig(Strict):
     wandb: bool = False
     progress_bar: bool = True
     plot: bool = Field(True, description="write a reward curve PNG at the end")
+    start_over: bool = Field(
+        False, description="a fresh run into an output_dir holding an earlier run's checkpoints (refused otherwise) "
+                           "first moves everything there to <output_dir>.previous-<time> (`--start-over`); "
+                           "nothing is deleted")
+
+    _home = field_validator("output_dir")(classmethod(lambda cls, v: expand_home(v)))
 
 
 class CheckpointConfig(Strict):
@@ -312,9 +440,8 @@ class CheckpointConfig(Strict):
 
     save_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
     keep_last: int = Field(
-        2, ge=1, description="keep the keep_last checkpoint-N folders of output_dir with the highest N and delete the "
-                             "rest after each save: by step number, across runs too (a new run whose steps are "
-                             "lower than an earlier run's in the same output_dir deletes its own)")
+        2, ge=1, description="keep this run's keep_last checkpoint-N folders with the highest N and delete its "
+                             "others after each save (checkpoints of another run are never deleted)")
     resume: bool | Literal["auto"] | str = Field(
         False, description="true (`--resume`) = the latest checkpoint in output_dir, an error if there is none; "
                            "auto = the latest if any, else start fresh; or a checkpoint folder")
@@ -322,6 +449,8 @@ class CheckpointConfig(Strict):
         False, description="resume even when batch, G, seed, schedule or data changed since the checkpoint "
                            "(`--resume-force`); the run then no longer continues the checkpointed one exactly")
     save_final: bool = True
+
+    _home = field_validator("resume")(classmethod(lambda cls, v: expand_home(v)))
 
 
 class EvalConfig(Strict):
@@ -334,6 +463,22 @@ class EvalConfig(Strict):
     reward: str | None = Field(None, description="reward whose score >= threshold counts as correct; "
                                                    "default: the first configured reward")
     threshold: float = 1.0
+    kl_base: str | None = Field(None, min_length=1, description="a checkpoint folder: also report KL(policy || "
+                                "this model) on the eval prompts (sampled completions, per-token mean)")
+    kl_samples_per_prompt: int = Field(1, ge=1, description="completions sampled per eval prompt for kl_base")
+
+
+class DataConfig(Strict):
+    """Limits on every loaded row that need the model's tokenizer (:mod:`core.runtime.data_limits`).
+
+    Rows whose prompt text holds one of the model's special tokens (image placeholders, chat
+    markers) are always refused, never escaped. A refused row follows the task's bad-row policy
+    (``on_bad_row``: an error naming file:line, or skipped and counted).
+    """
+
+    max_prompt_tokens: int | None = Field(
+        4096, ge=1, le=1 << 24, description="most tokens of a row's prompt text (system + user text; the chat "
+                                            "template and image tokens are not counted); null = no limit")
 
 
 class RunConfig(Strict):
@@ -349,6 +494,7 @@ class RunConfig(Strict):
     rollout: RolloutRef = Field(default_factory=RolloutRef, description="rollout engine that generates completions")
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    data: DataConfig = Field(default_factory=DataConfig, description="limits on each row's prompt text")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     plugins: list[str] | None = Field(
         None, description="distributions to load (default: all installed; `none` = built-ins only); "
@@ -459,8 +605,13 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
             value = yaml_load(raw) if raw != "" else ""
+        except YamlRefused as exc:
+            raise ConfigError(f"override {item!r}: {exc.problem}") from None
         except yaml.YAMLError:
             value = raw  # an unparseable value is a plain string (e.g. a path with a colon)
+        bad = plain_data_problem(value, key)
+        if bad is not None:
+            raise ConfigError(f"override {item!r}: {bad[0]}: {bad[1]}")
         out.append((key, value))
     return out
 
@@ -476,13 +627,19 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def load_raw(path: str | Path | None, default: str | Path | None = None) -> RawConfig:
     """Read a YAML config file into a :class:`RawConfig` (``default`` when ``path`` is None)."""
-    src = Path(path) if path else (Path(default) if default else None)
+    if path is not None and not str(path).strip():
+        # `--config ''` (an unset shell variable) used to run the default config without a word.
+        raise ConfigError("--config: the config file name is empty (an unset shell variable?); give a YAML file, "
+                          "or leave --config out to run the built-in quickstart config")
+    src = Path(path).expanduser() if path is not None else (Path(default) if default else None)
     if src is None:
         return RawConfig({})
     if src.is_dir():
         raise ConfigError(f"config file {src} is a folder, not a YAML file")
-    if not src.is_file():
+    if not src.exists():
         raise ConfigError(f"config file {src} does not exist")
+    if not src.is_file():  # checked before opening: reading a FIFO or a device would block or never end
+        raise ConfigError(f"config file {src} is not a regular file (a FIFO, socket or device?); give a YAML file")
     try:
         text = src.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -495,7 +652,11 @@ def load_raw(path: str | Path | None, default: str | Path | None = None) -> RawC
         raise ConfigError(f"{src}: not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{src}: the top level must be a mapping of sections (model, task, rewards, ...)")
-    return RawConfig(data, str(src), _key_lines(text))
+    lines = _key_lines(text)
+    bad = plain_data_problem(data)
+    if bad is not None:
+        raise ConfigError(f"{_origin(bad[0], str(src), lines, None)}: {bad[0]}: {bad[1]}")
+    return RawConfig(data, str(src), lines)
 
 
 def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str | None = None) -> RunConfig:
@@ -527,13 +688,23 @@ def _origin(key: str, source: str, lines: dict[str, int] | None, overrides: dict
             if okey.startswith(key + ".") and key:
                 return f"override {text!r}"
     parts = key.split(".")
-    for i in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:i])
+    prefixes = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    # An override of the key or of any parent replaced what the file had there (`rewards.0={...}`
+    # replaces the file's rewards.0.weight line), so it is blamed before any file line.
+    for prefix in prefixes:
         if overrides and prefix in overrides:
             return f"override {overrides[prefix]!r}"
+    for prefix in prefixes:
         if lines and prefix in lines:
             return f"{source}:{lines[prefix]}"
     return source
+
+
+#: Keys TRL users bring that mean something else here: the pointer replaces the "did you mean" guess.
+MOVED_KEYS = {
+    "grpo.max_prompt_length": " Prompts are never truncated (that would cut images or the question): "
+                              "data.max_prompt_tokens refuses longer rows at load time.",
+}
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str, prefix: str = "", *,
@@ -552,6 +723,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
             close = difflib.get_close_matches(loc[-1], fields, n=1, cutoff=0.5)
             parent = ".".join(([prefix] if prefix else []) + loc[:-1])
             hint = f" Did you mean {'.'.join(([parent] if parent else []) + [close[0]])!r}?" if close else ""
+            hint = MOVED_KEYS.get(key, hint)
             valid = ", ".join(fields) if fields else "(none: this section takes no keys)"
             out.append(f"{where}: unknown key {key!r}.{hint} Valid keys{' in ' + parent if parent else ''}: {valid}.")
         elif err["type"] == "missing":

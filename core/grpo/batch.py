@@ -1,7 +1,7 @@
 """One GRPO step's data, filled phase by phase as it flows through :class:`core.grpo.trainer.GRPOTrainer`.
 
 rollout -> ``generations``; rewards -> ``rewards`` and the gathered ``all_rewards`` /
-``all_per_reward``; advantages -> ``advantages``, ``group_std``, ``keep``; update -> ``losses``
+``all_per_reward`` / ``all_failed``; advantages -> ``advantages``, ``group_std``, ``keep``; update -> ``losses``
 and update ``stats``; every phase adds its wall time to ``timings``.
 """
 
@@ -33,6 +33,8 @@ class StepBatch:
     rewards: RewardResult | None = None
     all_rewards: torch.Tensor | None = None
     all_per_reward: torch.Tensor | None = None
+    #: bool ``[P * G]``: rows (every rank's) whose reward failed; they get no advantage and no loss.
+    all_failed: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     group_std: torch.Tensor | None = None
     keep: torch.Tensor | None = None

@@ -12,6 +12,16 @@ where ``rho = exp(logp - logp_old)`` (token level) or the exponentiated length-n
 sum of the log-ratio over the sequence (``sequence`` level, GSPO, Zheng et al. 2025) and
 ``KL_k3 = exp(ref - logp) - (ref - logp) - 1`` (Schulman's k3 estimator).
 
+Rollout correction (TRL's ``vllm_importance_sampling_correction``; Yao et al. 2025, "Your efficient
+RL framework secretly brings you off-policy RL training"): the rollout engine samples from its
+own distribution ``q`` (vLLM's kernels, precision, top-p, guided choice), not exactly the
+trainer's ``pi_old``. With the sampler's per-token log-probs, each token's loss is multiplied
+by an importance weight ``w`` (:func:`rollout_is_weights`, detached) before the KL term is added:
+``token_*`` modes use ``w_t = exp(logp_old_t - logq_t)``, ``sequence_*`` modes one
+``w = exp(sum_t (logp_old_t - logq_t))`` per completion; ``*_truncate`` clamps ``w`` to
+``[clip_min, clip_max]``, ``*_mask`` sets ``w`` outside that range to 0. Tokens without a
+sampler log-prob (NaN) get ``w_t = 1``.
+
 Aggregation (``loss_type``), exact over the whole step however it is split into
 micro-batches (each micro-batch's term is divided by the *step's* normaliser):
   * ``grpo``: mean over sequences of each sequence's token mean (the original GRPO paper);
@@ -22,6 +32,7 @@ micro-batches (each micro-batch's term is divided by the *step's* normaliser):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,7 +43,8 @@ LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, baseline: str = "group"
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, baseline: str = "group",
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Advantages for rewards ordered group by group; also returns each group's std ``[N/G]``.
 
@@ -40,23 +52,41 @@ def group_advantages(
     global baseline, arXiv 2501.03262): ``A = r - mean(batch)``, which still gives a signal when
     all G completions of a prompt score the same (a group baseline gives them zero). ``scale``
     then divides by the group's std (``group``), the batch's std (``batch``) or nothing.
+
+    ``valid`` (bool ``[N]``, default all) leaves rows out: a row whose reward failed has no real
+    score, so it is excluded from every mean and std and gets advantage 0 (the caller also masks
+    it out of the loss). A group's std over fewer than two valid rows is 0 (zero variance).
     """
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    grouped = rewards.view(-1, group_size)
-    std = grouped.std(dim=1, keepdim=True)
+    if valid is None or bool(valid.all()):
+        grouped = rewards.view(-1, group_size)
+        std = grouped.std(dim=1, keepdim=True)
+        mean, batch_mean, batch_std = grouped.mean(dim=1, keepdim=True), rewards.mean(), rewards.std()
+    else:
+        ok = valid.reshape(-1, group_size).to(rewards.dtype)
+        grouped = torch.where(ok.bool(), rewards.view(-1, group_size), torch.zeros((), dtype=rewards.dtype))
+        k = ok.sum(dim=1, keepdim=True)
+        mean = grouped.sum(dim=1, keepdim=True) / k.clamp(min=1)
+        var = (((grouped - mean) * ok) ** 2).sum(dim=1, keepdim=True) / (k - 1).clamp(min=1)
+        std = torch.where(k > 1, var.sqrt(), torch.zeros_like(var))
+        kept = rewards[valid.reshape(-1)]
+        batch_mean = kept.mean() if kept.numel() else torch.zeros((), dtype=rewards.dtype)
+        batch_std = kept.std() if kept.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
     if baseline == "group":
-        adv = grouped - grouped.mean(dim=1, keepdim=True)
+        adv = grouped - mean
     elif baseline == "batch":
-        adv = grouped - rewards.mean()
+        adv = grouped - batch_mean
     else:
         raise ValueError(f"baseline must be group or batch, not {baseline!r}")
     if scale == "group":
         adv = adv / (std + eps)
     elif scale == "batch":
-        adv = adv / (rewards.std() + eps)
+        adv = adv / (batch_std + eps)
     elif scale != "none":
         raise ValueError(f"scale_rewards must be group, batch or none, not {scale!r}")
+    if valid is not None:
+        adv = torch.where(valid.reshape(-1, group_size), adv, torch.zeros((), dtype=adv.dtype))
     return adv.reshape(-1), std.reshape(-1)
 
 
@@ -101,8 +131,13 @@ def grpo_loss(
     epsilon_high: float = 0.2,
     loss_type: str = "grpo",
     importance_sampling_level: str = "token",
+    is_weights: torch.Tensor | None = None,
 ) -> LossOutput:
-    """Clipped surrogate (+ k3 KL) for one micro-batch; see the module docstring."""
+    """Clipped surrogate (+ k3 KL) for one micro-batch; see the module docstring.
+
+    ``is_weights`` (``[B, T]`` or ``[B, 1]``, from :func:`rollout_is_weights`) multiply each
+    token's surrogate before the KL term is added, as TRL does; ``None`` leaves the loss as is.
+    """
     mask = mask.to(logps.dtype)
     old = old_logps if old_logps is not None else logps.detach()
     log_ratio = logps - old
@@ -116,6 +151,8 @@ def grpo_loss(
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     adv = advantages.unsqueeze(-1)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()
     kl = None
     if beta != 0.0 and ref_logps is not None:
         d = ref_logps - logps
@@ -144,3 +181,62 @@ def grpo_loss(
         high_clipped_tokens=float(high.sum()),
         tokens=float(mask.sum()),
     )
+
+
+IS_MODES: tuple[str, ...] = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def rollout_is_weights(
+    trainer_logps: torch.Tensor,
+    sampler_logps: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "sequence_mask",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> torch.Tensor:
+    """Truncated/masked importance weights ``pi_old / q`` for the rollout correction (TRL 1.16's formula).
+
+    ``trainer_logps`` are the trainer's log-probs of the sampled tokens before the update
+    (``[B, T]``, no gradient), ``sampler_logps`` the rollout engine's (NaN where it gave none: such
+    tokens count as ratio 1). Token modes return ``[B, T]``, sequence modes ``[B, 1]`` (the ratio
+    of the whole completion, ``exp`` of the *sum* of the masked per-token differences). Defaults
+    are TRL's: ``sequence_mask``, ``clip_max`` 3, no ``clip_min``.
+    """
+    if mode not in IS_MODES:
+        raise ValueError(f"rollout importance-sampling mode must be one of {', '.join(IS_MODES)}, not {mode!r}")
+    diff = torch.nan_to_num((trainer_logps.detach() - sampler_logps) * mask.to(trainer_logps.dtype), nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        if clip_min is None and clip_max is None:
+            raise ValueError(f"rollout importance-sampling mode {mode!r} needs clip_min or clip_max")
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    lo = clip_min if clip_min is not None else -math.inf
+    hi = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+
+
+@dataclass
+class MismatchStats:
+    """Sums over the tokens where both the sampler and the trainer gave a log-prob (combine, then divide)."""
+
+    abs_diff_sum: float = 0.0
+    abs_diff_max: float = 0.0
+    kl_sum: float = 0.0
+    tokens: float = 0.0
+
+
+def rollout_mismatch(trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor) -> MismatchStats:
+    """``|logp_trainer - logq|`` (sum, max) and the k3 estimate of KL(q || pi) over the masked tokens.
+
+    The tokens were sampled from ``q``, so with ``r = pi / q`` the k3 estimator ``r - 1 - log r``
+    (non-negative, unbiased) estimates ``KL(q || pi)``. Tokens whose sampler log-prob is NaN are left out.
+    """
+    d = (trainer_logps.detach() - sampler_logps).float()
+    ok = mask.bool() & ~torch.isnan(d)
+    d = d[ok]
+    if d.numel() == 0:
+        return MismatchStats()
+    return MismatchStats(abs_diff_sum=float(d.abs().sum()), abs_diff_max=float(d.abs().max()),
+                         kl_sum=float((torch.exp(d) - 1 - d).sum()), tokens=float(d.numel()))

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from core.config import ConfigError, to_yaml
+from core.grpo.base_kl import KLToBase
 from core.grpo.batch import StepBatch
 from core.grpo.data import BadSampleSkipper, GroupSampler, local_slots
 from core.grpo.loss import group_advantages
@@ -41,17 +42,27 @@ from core.plugins.plan import Plan
 from core.plugins.registry import Registry
 from core.runtime.checkpoint import (
     CheckpointError,
+    claim_output_dir,
     load_trainer_state,
+    lock_output_dir,
+    release_output_dir,
     resolve_resume,
+    same_model_files,
     save_checkpoint,
+    saved_model_path,
     set_rng_state,
 )
+from core.runtime.data_limits import screen_splits
 from core.runtime.distributed import (
+    Fsdp2OptimizerState,
+    MemoryAccounting,
     ZeroOptimizerState,
     backend_of,
     build_accelerator,
     check_backend,
+    check_sharded_generation,
     fill_deepspeed_config,
+    full_state_dict,
     whole_weights_for_generation,
     write_backend,
 )
@@ -64,7 +75,10 @@ from core.runtime.runlog import MetricsWriter, plot_rewards
 
 def run(plan: Plan, registry: Registry) -> int:
     """Train according to ``plan``; returns a process exit code."""
-    return GRPOTrainer(plan, registry).fit()
+    try:
+        return GRPOTrainer(plan, registry).fit()
+    finally:  # also when set-up failed after taking the output folder's lock
+        release_output_dir(plan.config.logging.output_dir)
 
 
 class GRPOTrainer:
@@ -78,7 +92,7 @@ class GRPOTrainer:
         self.device = plan.device.cls.from_options(plan.options.get("device"))
         # The backend `accelerate launch` asked for (DeepSpeed, FSDP2, DDP), or a ConfigError: never
         # a quiet fallback to DDP. The model's dtype decides DeepSpeed's precision.
-        dtype = resolve_dtype(cfg.model.dtype, self.device, self.device.torch_device().type)
+        self.dtype = dtype = resolve_dtype(cfg.model.dtype, self.device, self.device.torch_device().type)
         self.accelerator = acc = build_accelerator(self.device, dtype=dtype, timeout_s=cfg.train.distributed_timeout_s)
         self.backend = backend_of(acc)
         check_backend(self.backend)
@@ -101,8 +115,19 @@ class GRPOTrainer:
                 self.eval_set = self.task.load("eval")
             else:
                 acc.print(f"note: task {cfg.task.name!r} has no eval split; skipping evaluation")
-        with acc.main_process_first():  # the main process repairs an interrupted save first
-            self.resume_from = resolve_resume(cfg, self.out_dir, self.world, log=acc.print)
+        with acc.main_process_first():  # the main process locks the folder and repairs an interrupted save first
+            if acc.is_main_process:  # one run per output folder (released in finish, or by run on failure)
+                lock_output_dir(self.out_dir, "core.train")
+            self.resume_from = resolve_resume(cfg, self.out_dir, self.world, log=acc.print, dtype=dtype)
+            # A fresh run refuses a folder holding another run's checkpoints (or moves them aside with
+            # --start-over); the run id marks this run's checkpoints, the only ones its pruning deletes.
+            self.run_id = "" if not acc.is_main_process else claim_output_dir(
+                self.out_dir, resume_from=self.resume_from, start_over=cfg.logging.start_over, log=acc.print)
+        # Prompt text vs the tokenizer (special tokens, data.max_prompt_tokens): loads no weights.
+        self.train_set, self.eval_set, _ = screen_splits(plan, registry, self.task, self.train_set, self.eval_set,
+                                                         accelerator=acc, log=acc.print)
+        self.gather = cfg.train.gather_for_generation
+        self._check_sharded_generation(min(len(self.eval_set), cfg.eval.num_samples))  # before weights load
 
         self.bundle = self.load_models()
         trainable = [p for p in self.bundle.model.parameters() if p.requires_grad]
@@ -112,41 +137,79 @@ class GRPOTrainer:
         scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
                                   num_training_steps=cfg.train.max_steps * cfg.grpo.num_iterations)
         _configure_deepspeed(acc, cfg, self.bundle.model)
+        adamw = optimizer
         model, optimizer = acc.prepare(self.bundle.model, optimizer)
         self.bundle.model = model
+        # Per-process bytes of weights, gradients and optimizer state, counted at the first update.
+        self.memory: MemoryAccounting | None = MemoryAccounting(acc.unwrap_model(model), adamw)
         # prepare may replace parameters (FSDP2 shards them into new DTensor parameters): clip those.
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.policy = Policy(cfg, acc, model, self.bundle, optimizer, scheduler, trainable,
                              cfg.train.per_device_batch_size)
-        # ZeRO shards the optimizer state over the processes: each saves and restores its own shard.
-        self.optimizer_per_rank = self.backend.name == "deepspeed"
+        # ZeRO and FSDP2 shard the optimizer state over the processes: each saves and restores its own shard.
+        self.optimizer_per_rank = self.backend.name in ("deepspeed", "fsdp")
         self.optimizer_state: Any = ZeroOptimizerState(optimizer, self.rank, self.world) \
-            if self.optimizer_per_rank else optimizer
+            if self.backend.name == "deepspeed" else Fsdp2OptimizerState(optimizer) \
+            if self.backend.name == "fsdp" else optimizer
 
         self.rewards = build_reward_runner(plan, registry)
         self.engine = registry.create("rollouts", cfg.rollout.name, plan.options["rollout"])
         self.engine.setup(RolloutContext(acc.unwrap_model(model), self.bundle.processor, self.bundle.family,
                                          acc.device, self.bundle.suppressed))
+        # TRL corrects vLLM's rollouts only: an engine sampling from the policy itself has no mismatch to fix.
+        is_corr = cfg.grpo.rollout_is_correction
+        if is_corr is None:
+            is_corr = not self.engine.samples_from_policy and not self.engine.guided()
+            if not self.engine.samples_from_policy and self.engine.guided():
+                acc.print("note: grpo.rollout_is_correction off: the rollout engine samples guided choices "
+                          "(set it to true to correct anyway)")
+        self.policy.rollout_correction = is_corr
         self.sampling = SamplingParams(n=self.G, max_new_tokens=cfg.grpo.max_completion_length,
                                        temperature=cfg.grpo.temperature, top_p=cfg.grpo.top_p, top_k=cfg.grpo.top_k,
                                        repetition_penalty=cfg.grpo.repetition_penalty)
         self.sampler = GroupSampler(len(self.train_set), self.prompts_per_step, cfg.train.seed, cfg.train.shuffle)
         self.skipper = BadSampleSkipper(self.train_set, self.sampler, self.task.skips_bad_samples(), acc.print)
         self.eval_set = self._usable_eval_samples()
+        self._check_sharded_generation(len(self.eval_set))  # fewer if the task skipped undecodable images
         self.writer = self.make_writer()
         self.eval_result: dict[str, Any] = {}
 
     # ---- set-up pieces (subclasses such as the benchmark override these) ---------------------
     def load_models(self) -> ModelBundle:
-        """The policy (from the checkpoint when resuming) and, with ``beta > 0``, the reference."""
+        """The policy (from the checkpoint when resuming) and, with ``beta > 0``, the reference.
+
+        A resumed run's reference (and a LoRA checkpoint's base) is the model the saving run was
+        configured with, even when ``model.path`` changed under ``--resume-force``.
+        """
         return load_policy(self.plan, self.registry, phase="train", checkpoint=self.resume_from,
-                           reference=self.cfg.grpo.beta > 0, accelerator=self.accelerator)
+                           reference=self.cfg.grpo.beta > 0, accelerator=self.accelerator,
+                           base_path=self._saved_base())
+
+    def _saved_base(self) -> str | None:
+        """The saving run's ``model.path`` when it differs from this run's (only under ``--resume-force``)."""
+        if self.resume_from is None:
+            return None
+        saved, current = saved_model_path(self.resume_from), self.cfg.model.resolved_path()
+        if saved is None or saved == current or same_model_files(saved, current):
+            return None
+        if saved.startswith(("/", ".", "~")) and not Path(saved).expanduser().exists():
+            self.accelerator.print(f"warning: --resume-force: {self.resume_from.name} was trained from {saved}, which "
+                                   f"is gone; the reference model (and a LoRA base) is model.path={current}")
+            return None
+        self.accelerator.print(f"note: the reference model (and a LoRA base) is {saved}, the model "
+                               f"{self.resume_from.name} was trained from, not model.path={current}")
+        return saved
 
     def make_writer(self) -> MetricsWriter:
         """The run log (``metrics.jsonl``, TensorBoard, ``completions.jsonl``)."""
         cfg = self.cfg
         return MetricsWriter(self.out_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                              is_main=self.accelerator.is_main_process, run_config=cfg.model_dump(mode="json"))
+
+    def _check_sharded_generation(self, eval_samples: int) -> None:
+        g = self.cfg.grpo
+        check_sharded_generation(self.backend, gather=self.gather, per_rank=self.per_rank, group_size=self.G,
+                                 resample=g.zero_variance_groups == "resample", eval_samples=eval_samples)
 
     def _usable_eval_samples(self) -> Sequence[Sample]:
         """The first ``eval.num_samples`` eval samples (those whose images decode, if the task skips bad ones)."""
@@ -183,8 +246,12 @@ class GRPOTrainer:
                 self.phase_advantages(batch)
             with batch.timed("update"):
                 policy_update(self.policy, batch)
-            with batch.timed("sync"):
-                # Engines that hold their own copy of the weights (vLLM, inference servers) refresh it.
+            if self.memory is not None:
+                self._record_memory()
+            with batch.timed("sync"), whole_weights_for_generation(
+                    acc, self.policy.model, gather=not self.engine.samples_from_policy):
+                # Engines that hold their own copy of the weights (vLLM, inference servers) refresh it
+                # from the whole weights: under ZeRO-3 / FSDP2 gathered first (every process joins).
                 self.engine.sync_weights(acc.unwrap_model(self.policy.model))
             metrics = self.step_metrics(batch, time.perf_counter() - t0, time.process_time() - c0)
             done = step + 1
@@ -222,7 +289,7 @@ class GRPOTrainer:
             idx = [i for i, (k, _) in enumerate(slots) if k in pending]
             part = None
             # Every rank enters (a ZeRO-3 gather is a collective), also one with nothing to regenerate.
-            with batch.timed("rollout"), whole_weights_for_generation(acc, self.policy.model):
+            with batch.timed("rollout"), whole_weights_for_generation(acc, self.policy.model, gather=self.gather):
                 if idx:
                     groups, counts, firsts = runs_of([slots[i] for i in idx])
                     seeds = [((cfg.train.seed * 1_000_003 + step) * 101 + rnd) * 10_007 + k for k in groups]
@@ -237,7 +304,10 @@ class GRPOTrainer:
                 assert batch.rewards is not None
                 batch.all_rewards = acc.gather(batch.rewards.total.to(acc.device)).cpu()
                 batch.all_per_reward = acc.gather(batch.rewards.per_reward.to(acc.device)).cpu()
-            std = batch.all_rewards.view(-1, G).std(dim=1)
+                failed = batch.rewards.failed_rows().to(torch.float32)  # float: bool gathers are not portable
+                batch.all_failed = acc.gather(failed.to(acc.device)).cpu() > 0.5
+            # Variance over the rows whose reward did not fail (a failed row has no real score).
+            std = group_advantages(batch.all_rewards, G, valid=~batch.all_failed)[1]
             zero = [k for k in range(len(prompt_ids)) if float(std[k]) < 1e-6]
             if rnd == 0 and cfg.grpo.zero_variance_groups != "keep":
                 batch.sampling["dynamic/zero_std_groups_sampled"] = float(len(zero))
@@ -257,12 +327,20 @@ class GRPOTrainer:
         """Advantages of this rank's rows from every rank's rewards; optionally drop zero-variance groups."""
         g, G, rank, per_rank = self.cfg.grpo, self.G, self.rank, self.per_rank
         assert batch.all_rewards is not None
+        # Rows whose reward failed (scored by on_error) are left out of the group statistics and
+        # the loss: a filled-in 0 would give them an advantage tied to the failure, not the text.
+        valid = None if batch.all_failed is None else ~batch.all_failed
         adv_all, batch.group_std = group_advantages(batch.all_rewards, G, g.scale_rewards, g.advantage_eps,
-                                                    g.advantage_baseline)
-        batch.advantages = adv_all[rank * per_rank:(rank + 1) * per_rank]
+                                                    g.advantage_baseline, valid=valid)
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        batch.advantages = adv_all[mine]
         if g.zero_variance_groups != "keep":
-            batch.keep = (batch.group_std >= 1e-6).repeat_interleave(G)[rank * per_rank:(rank + 1) * per_rank]
+            batch.keep = (batch.group_std >= 1e-6).repeat_interleave(G)[mine]
             batch.sampling["dynamic/dropped_groups"] = float((batch.group_std < 1e-6).sum())
+        if valid is not None:
+            batch.sampling["rewards/failed_rows"] = float((~valid).sum())
+            if not bool(valid.all()):
+                batch.keep = valid[mine] if batch.keep is None else batch.keep & valid[mine]
 
     def step_metrics(self, batch: StepBatch, step_time: float, cpu_time: float) -> dict[str, Any]:
         """The ``metrics.jsonl`` record of a step (gathered over ranks)."""
@@ -315,11 +393,18 @@ class GRPOTrainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         # Evaluation shards may be uneven: under ZeRO-3 the weights are gathered once for all of it.
-        with whole_weights_for_generation(self.accelerator, self.policy.model):
+        with whole_weights_for_generation(self.accelerator, self.policy.model, gather=self.gather):
             result = evaluate(self.plan, self.registry, self.bundle, self.engine, self.eval_set,
                               max_new_tokens=cfg.eval.max_new_tokens or cfg.grpo.max_completion_length,
                               batch_size=cfg.eval.batch_size, progress=False, accelerator=self.accelerator)
+            kl = None
+            if cfg.eval.kl_base:  # KL(policy || a fixed base) on the eval prompts (RL's Razor's forgetting measure)
+                self._kl = getattr(self, "_kl", None) or KLToBase(self.plan, cfg.eval.kl_base)
+                kl = self._kl(self.bundle, self.engine, self.eval_set, accelerator=self.accelerator,
+                              seed=cfg.train.seed)
         res = training_result(result)
+        if kl is not None:
+            res["kl_to_base"] = kl
         res["seconds"] = round(time.perf_counter() - t0, 3)
         self.accelerator.print(eval_line(label, res))
         return res
@@ -329,13 +414,14 @@ class GRPOTrainer:
         acc, model = self.accelerator, self.policy.model
 
         def save_model(folder: Path) -> None:
-            state = acc.get_state_dict(model)
+            state = full_state_dict(acc, model)
             if acc.is_main_process:
                 acc.unwrap_model(model).save_pretrained(folder, state_dict=state, safe_serialization=True)
                 self.bundle.processor.save_pretrained(folder)
 
         state = {"data_position": step * self.prompts_per_step, "eval": self.eval_result,
                  "config": self.cfg.model_dump(mode="json"), "num_processes": self.world,
+                 "run_id": self.run_id, "dtype": str(self.dtype).removeprefix("torch."),
                  "backend": self.backend.as_dict()}
         if metrics is not None:
             # The step's metrics line is written after its checkpoint: a crash in between is
@@ -356,9 +442,14 @@ class GRPOTrainer:
             # verified in resolve_resume; a sharded optimizer gives each process its own shard
             blob, meta = load_trainer_state(self.resume_from, verify=False, rank=self.rank)
             self._check_optimizer_layout(meta)
-            self.optimizer_state.load_state_dict(blob["optimizer"])
-            self.policy.scheduler.load_state_dict(blob["scheduler"])
-            set_rng_state(blob["rng"])
+            try:
+                self.optimizer_state.load_state_dict(blob["optimizer"])
+                self.policy.scheduler.load_state_dict(blob["scheduler"])
+                set_rng_state(blob["rng"])
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
+                # A hand-edited or foreign trainer state whose types are right but whose content does not fit.
+                raise CheckpointError(f"checkpoint {self.resume_from}: its trainer state does not fit this run's "
+                                      f"optimizer/scheduler/RNG ({type(exc).__name__}: {exc})") from None
             start = int(meta["step"])
             self.eval_result = meta.get("eval", {})
             self.writer.truncate_after(start)
@@ -375,6 +466,21 @@ class GRPOTrainer:
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
             write_backend(self.out_dir, self.backend)
         return start
+
+    def _record_memory(self) -> None:
+        """Gather every process's :class:`MemoryAccounting` once; ``backend.json`` gets ``memory_per_rank``."""
+        from accelerate.utils import gather_object
+
+        assert self.memory is not None
+        mine = self.memory.take()
+        self.memory = None
+        ranks = gather_object([mine]) if self.world > 1 else [mine]
+        acc = self.accelerator
+        if acc.is_main_process:
+            write_backend(self.out_dir, self.backend, memory_per_rank=ranks)
+        mib = " | ".join(f"{r['params_bytes'] / 2**20:.2f} + {r['grads_bytes'] / 2**20:.2f} + "
+                         f"{r['optimizer_state_bytes'] / 2**20:.2f}" for r in ranks)
+        acc.print(f"memory per process (MiB, params + grads + optimizer state): {mib}")
 
     def _check_optimizer_layout(self, meta: dict[str, Any]) -> None:
         """Refuse a checkpoint whose optimizer state cannot fit this run's (also under ``--resume-force``).
@@ -409,6 +515,7 @@ class GRPOTrainer:
         self.engine.close()
         acc.wait_for_everyone()
         acc.end_training()
+        release_output_dir(self.out_dir)
 
 
 def _splice(batch: StepBatch, idx: list[int], part: Any, part_res: Any) -> None:
@@ -423,6 +530,8 @@ def _splice(batch: StepBatch, idx: list[int], part: Any, part_res: Any) -> None:
         gen.completions[i], gen.items[i] = part.completions[j], part.items[j]
         res.per_reward[i] = part_res.per_reward[j]
         res.total[i] = part_res.total[j]
+        if res.failed is not None and part_res.failed is not None:
+            res.failed[i], res.timed_out[i] = part_res.failed[j], part_res.timed_out[j]
     for key, val in part_res.metrics.items():
         if key.endswith(("_errors", "_timeouts")):
             res.metrics[key] = res.metrics.get(key, 0.0) + val

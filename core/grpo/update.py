@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from core.config import RunConfig
+from core.config import ConfigError, RunConfig
 from core.grpo.guard import check_finite
 from core.grpo.logprobs import build_train_inputs, completion_logprobs, pad_completions
-from core.grpo.loss import LossNormalizer, grpo_loss
+from core.grpo.loss import LossNormalizer, MismatchStats, grpo_loss, rollout_is_weights, rollout_mismatch
 from core.grpo.prefix import PackedRows, can_share_prefix, pack, packed_logprobs
 
 if TYPE_CHECKING:
@@ -31,7 +31,8 @@ class Policy:
     """What the update trains: the prepared (accelerate-wrapped) model, its optimizer and schedule.
 
     ``micro_batch_size`` completions go through each forward/backward; ``trainable`` are the
-    parameters whose gradient norm is clipped.
+    parameters whose gradient norm is clipped. ``rollout_correction`` is ``grpo.rollout_is_correction``
+    resolved for the run's rollout engine (the trainer sets it once the engine exists).
     """
 
     cfg: RunConfig
@@ -42,6 +43,7 @@ class Policy:
     scheduler: Any
     trainable: list[torch.nn.Parameter]
     micro_batch_size: int
+    rollout_correction: bool = False
 
 
 def policy_update(policy: Policy, batch: StepBatch) -> None:
@@ -68,6 +70,15 @@ def policy_update(policy: Policy, batch: StepBatch) -> None:
         comp_mask = comp_mask * keep.to(dev).long().unsqueeze(1)
     adv = adv.to(dev)
     n = len(ro.completions)
+    sampler_lp = sampler_logprobs([c.logprobs for c in ro.completions], comp_ids.shape[1], dev)
+    with_lp, all_n = accelerator.gather(torch.tensor([float(sum(c.logprobs is not None for c in ro.completions)),
+                                                      float(n)], device=dev).reshape(1, 2)).sum(0).tolist()
+    lp_frac = with_lp / max(all_n, 1.0)
+    correct = policy.rollout_correction and sampler_lp is not None
+    if policy.rollout_correction and g.rollout_is_correction and lp_frac == 0.0:
+        raise ConfigError("grpo.rollout_is_correction: true, but the rollout engine returned no per-token "
+                          "log-probs (Completion.logprobs) to correct with; enable them in rollout.options "
+                          "(e.g. return_logprobs: true) or set grpo.rollout_is_correction: false")
     kept = n if keep is None else int(keep.sum())
     global_tokens = int(accelerator.gather(comp_mask.sum().reshape(1)).sum())
     norm = LossNormalizer(num_sequences=kept, num_tokens=int(comp_mask.sum()),
@@ -110,19 +121,41 @@ def policy_update(policy: Policy, batch: StepBatch) -> None:
                 else:
                     ref[k] = logps(bundle.ref_model, inputs, t)
     eps_high = g.epsilon_high if g.epsilon_high is not None else g.epsilon
+    # Rollout/trainer mismatch, measured (and, with the correction, weighted) against the trainer's
+    # log-probs before the update: old[k] for mu > 1, else the first pass's own (detached) values.
+    is_w: list[torch.Tensor | None] = [None] * len(mbs)
+    mm = MismatchStats()
+    w_sum = w_tokens = 0.0
+    w_min, w_max = float("inf"), float("-inf")
     losses: list[float] = []
     kl_sum = clipped = low = high = tokens = 0.0
     grad_norm = float("nan")
     model.train()
-    for _ in range(g.num_iterations):
+    for it in range(g.num_iterations):
         total = 0.0
         for k, (idx, inputs, mask, t) in enumerate(mbs):
             sync = k == len(mbs) - 1
             ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
             with ctx:
-                out = grpo_loss(logps(model, inputs, t), old[k], ref[k], adv[idx], mask, norm, beta=g.beta,
+                lp = logps(model, inputs, t)
+                if it == 0 and sampler_lp is not None:
+                    base = (old[k] if old[k] is not None else lp).detach()
+                    s_lp = sampler_lp[idx, :t]
+                    one = rollout_mismatch(base, s_lp, mask)
+                    mm.abs_diff_sum += one.abs_diff_sum
+                    mm.kl_sum += one.kl_sum
+                    mm.tokens += one.tokens
+                    mm.abs_diff_max = max(mm.abs_diff_max, one.abs_diff_max)
+                    if correct:
+                        is_w[k] = w = rollout_is_weights(base, s_lp, mask, g.rollout_is_mode, g.rollout_is_min,
+                                                         g.rollout_is_max)
+                        wt = w.expand_as(mask)[mask.bool()]
+                        if wt.numel():
+                            w_sum, w_tokens = w_sum + float(wt.sum()), w_tokens + wt.numel()
+                            w_min, w_max = min(w_min, float(wt.min())), max(w_max, float(wt.max()))
+                out = grpo_loss(lp, old[k], ref[k], adv[idx], mask, norm, beta=g.beta,
                                 epsilon_low=g.epsilon, epsilon_high=eps_high, loss_type=g.loss_type,
-                                importance_sampling_level=g.importance_sampling_level)
+                                importance_sampling_level=g.importance_sampling_level, is_weights=is_w[k])
                 accelerator.backward(out.loss)
             total += float(out.loss.detach())
             kl_sum += out.kl_sum
@@ -151,3 +184,41 @@ def policy_update(policy: Policy, batch: StepBatch) -> None:
     batch.stats.update({"kl": stats[0] / tok_total, "clip_ratio": stats[1] / tok_total,
                         "clip_ratio/low": stats[2] / tok_total, "clip_ratio/high": stats[3] / tok_total,
                         "grad_norm": grad_norm})
+    batch.stats.update(_mismatch_metrics(accelerator, mm, correct, w_sum, w_tokens, w_min, w_max, lp_frac))
+
+
+def sampler_logprobs(logprobs: list[list[float] | None], length: int, device: Any) -> torch.Tensor | None:
+    """The engine's per-token log-probs as ``[N, length]`` (NaN where a completion or token has none).
+
+    ``None`` when no completion has any (the engine does not report them).
+    """
+    if all(lp is None for lp in logprobs):
+        return None
+    out = torch.full((len(logprobs), length), float("nan"), dtype=torch.float32)
+    for i, lp in enumerate(logprobs):
+        if lp:
+            m = min(len(lp), length)
+            out[i, :m] = torch.tensor(lp[:m], dtype=torch.float32)
+    return out.to(device)
+
+
+def _mismatch_metrics(accelerator: Any, mm: MismatchStats, correct: bool, w_sum: float, w_tokens: float,
+                      w_min: float, w_max: float, lp_frac: float) -> dict[str, float]:
+    """``rollout/*`` metrics of the rollout/trainer mismatch and of the correction, over all processes.
+
+    ``rollout/logprobs_frac`` (share of completions whose engine gave log-probs) is always
+    logged: 0 says the engine reports none and nothing was measured or corrected.
+    """
+    dev = accelerator.device
+    row = torch.tensor([mm.abs_diff_sum, mm.kl_sum, mm.tokens, w_sum, w_tokens, mm.abs_diff_max, w_max, -w_min],
+                       dtype=torch.float64, device=dev).reshape(1, -1)
+    rows = accelerator.gather(row)
+    sums, maxes = rows[:, :5].sum(0).tolist(), rows[:, 5:].max(0).values.tolist()
+    out = {"rollout/logprobs_frac": lp_frac, "rollout/is_correction": float(correct)}
+    if sums[2] > 0:
+        out.update({"rollout/logprob_diff_mean": sums[0] / sums[2], "rollout/logprob_diff_max": maxes[0],
+                    "rollout/kl_est": sums[1] / sums[2]})
+    if correct and sums[4] > 0:
+        out.update({"rollout/is_weight_mean": sums[3] / sums[4], "rollout/is_weight_max": maxes[1],
+                    "rollout/is_weight_min": -maxes[2]})
+    return out

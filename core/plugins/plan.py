@@ -52,6 +52,7 @@ class Plan:
             "rollout": self.rollout.qualified,
             "options": {k: v.model_dump(mode="json") for k, v in self.options.items()},
             "batch": self.batch,
+            "data": self.config.data.model_dump(mode="json"),  # the per-row limits, e.g. max_prompt_tokens
             "notes": self.notes,
         }
 
@@ -72,6 +73,22 @@ def _validate_options(entry: Entry, raw: dict[str, Any], key: str, cfg: RunConfi
     if registry is not None:
         _validate_nested(entry, opts, key, cfg, registry, depth)
     return opts
+
+
+def _validate_tiny(entry: Entry, cfg: RunConfig) -> None:
+    """Check ``model.tiny`` against the family's ``tiny_options`` model (sizes, unknown keys) before any build."""
+    model = getattr(entry.cls, "tiny_options", None)
+    if model is None:
+        if not callable(getattr(entry.cls, "build_tiny_checkpoint", None)):
+            raise ConfigError(f"{cfg.origin('model.tiny')}: model family {entry.qualified} cannot build tiny "
+                              "checkpoints; remove model.tiny")
+        return
+    try:
+        model.model_validate(cfg.model.tiny or {})
+    except ValidationError as exc:
+        msg = format_validation_error(exc, model, cfg._source, "model.tiny", lines=cfg._lines,
+                                      overrides=cfg._overrides)
+        raise ConfigError(f"{msg} (the tiny build of model family {entry.qualified})") from None
 
 
 def _validate_nested(entry: Entry, opts: Any, key: str, cfg: RunConfig | None, registry: Registry,
@@ -173,6 +190,8 @@ def make_plan(cfg: RunConfig, registry: Registry, num_processes: int = 1, *,
         fam = check(_resolve, registry, "models", cfg.model.family, "model.family", cfg)
         if fam is not None:
             opts["model"] = check(_validate_options, fam, cfg.model.options, "model.options", cfg, registry)
+            if cfg.model.tiny is not None:
+                check(_validate_tiny, fam, cfg)
     elif cfg.model.options:
         errors.append(f"{cfg.origin('model.options')}: model.options given without model.family; "
                       "name the family so they can be validated")

@@ -352,7 +352,7 @@ def score_records(records: list[dict[str, Any]], cfg: RunConfig, registry: Regis
     kinds are scored in one batch per kind with the reward's training options.
     """
     from core.interfaces import RewardBatch, RewardContext
-    from core.runtime.reward_runner import RewardRunner, RewardSpec
+    from core.runtime.reward_runner import RewardRunner, RewardSpec, reward_origin, setup_reward
 
     for kind in sorted({r["kind"] for r in records}):
         rows = [r for r in records if r["kind"] == kind]
@@ -368,9 +368,10 @@ def score_records(records: list[dict[str, Any]], cfg: RunConfig, registry: Regis
                 reward = registry.create("rewards", name, reward_options(cfg, name))
             except LookupError as exc:
                 raise ConfigError(f"metric {kind}: {exc}") from None
-            reward.setup(RewardContext(registry=registry, config=cfg))
+            origin = reward_origin(registry, name)
+            setup_reward(reward, name, RewardContext(registry=registry, config=cfg), origin)
             timeout = next((rc.timeout_s for rc in cfg.rewards if rc.name == name), 30.0)
-            runner = RewardRunner([RewardSpec(name, reward, 1.0, timeout, "zero")])
+            runner = RewardRunner([RewardSpec(name, reward, 1.0, timeout, "zero", origin=origin)])
             values: list[float] = []
             failures: list[str | None] = []  # per row: None, "error" or "timeout" (scored 0 by on_error: zero)
             try:
@@ -463,12 +464,50 @@ def evaluate(plan: Plan, registry: Registry, bundle: ModelBundle, engine: Rollou
     return EvalResult(summary, records)
 
 
+# ---- KL to a fixed base model (eval.kl_base) --------------------------------------------------
+def load_kl_base(plan: Plan, bundle: ModelBundle, path: str, device: Any = None, *,
+                 verify_hashes: bool = True) -> Any:
+    """The model at ``path`` (``eval.kl_base``) for :func:`kl_to_base`, on the policy's device.
+
+    It is loaded with the policy's model family; its tokenizer must be the policy's (the same
+    token ids), or the per-token log-ratio would compare different tokens.
+    """
+    from core.runtime.loader import load_checkpoint, resolve_checkpoint
+
+    if bundle.model is None:
+        raise ConfigError("eval.kl_base needs the policy's weights in this process (the transformers rollout "
+                          "engine, or core.evaluate --load-model always)")
+    if not Path(path).exists():
+        raise ConfigError(f"eval.kl_base: {path} does not exist (it names the base model's checkpoint folder)")
+    try:
+        folder = resolve_checkpoint(path)
+    except ConfigError as exc:
+        raise ConfigError(f"eval.kl_base: {exc}") from None
+    device_obj = plan.device.cls.from_options(plan.options.get("device"))
+    if device is None:
+        device = next(bundle.model.parameters()).device
+    try:
+        base = load_checkpoint(folder, bundle.family, device_obj, dtype=plan.config.model.dtype,
+                               attn_implementation=plan.config.model.attn_implementation, torch_device=device,
+                               verify_hashes=verify_hashes)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"eval.kl_base: cannot load {folder}: {exc}") from None
+    mine = getattr(bundle.processor, "tokenizer", bundle.processor)
+    theirs = getattr(base.processor, "tokenizer", base.processor)
+    if mine.get_vocab() != theirs.get_vocab():
+        raise ConfigError(f"eval.kl_base: {folder} has a different tokenizer from the policy's; KL per token "
+                          "needs the same vocabulary")
+    base.model.requires_grad_(False)
+    return base.model
+
+
 def training_result(result: EvalResult) -> dict[str, Any]:
     """What training prints and writes to ``eval.json``: the headline of :func:`evaluate`'s summary.
 
     ``accuracy`` is the main number of the first metric kind (Acc@0.5 for ``rec``, mAP for
     ``detection``, else the share scored >= ``eval.threshold``) over all evaluated datasets;
-    ``datasets`` is the full summary, as ``core.evaluate`` writes it.
+    ``datasets`` is the full summary, as ``core.evaluate`` writes it. With several datasets (the
+    tasks of a ``mixture``), ``per_dataset`` maps each to its own main number and metric kind.
     """
     ds = result.summary
     key = "all" if "all" in ds else next(iter(ds), None)
@@ -486,6 +525,10 @@ def training_result(result: EvalResult) -> dict[str, Any]:
     }
     if "mean_score" in v:
         out["mean_reward"] = v["mean_score"]
+    parts = [d for d in ds if d != "all"]
+    if len(parts) > 1:  # several datasets (e.g. the tasks of a mixture): each one's main number too
+        out["per_dataset"] = {d: {"metric": k, "accuracy": v} for d in parts
+                              for k, v in [sorted(headline({"datasets": ds}, d).items())[0]]}
     out["datasets"] = to_jsonable(ds)
     return out
 
@@ -496,6 +539,12 @@ def eval_line(label: str, res: dict[str, Any]) -> str:
     mean = f", mean score {res['mean_reward']:.3f}" if res.get("mean_reward") is not None else ""
     line = (f"eval {label}: accuracy {res['accuracy']:.3f} ({res.get('metric')}{mean}, n={n}; "
             f"reward errors {res.get('reward_errors', 0)}/{n}, timeouts {res.get('reward_timeouts', 0)})")
+    if res.get("per_dataset"):
+        line += "; per dataset: " + ", ".join(f"{d} {_fmt(v['accuracy'])} ({v['metric']})"
+                                             for d, v in res["per_dataset"].items())
+    if res.get("kl_to_base"):
+        kl = res["kl_to_base"]
+        line += f"; KL to base {_fmt(kl['per_token'])}/token ({kl['tokens']} tokens)"
     if res.get("reward_errors"):
         line += " -- WARNING: failed samples count as wrong; the accuracy is a lower bound"
     return line
@@ -582,12 +631,16 @@ class EvalRequest:
     load_model: str = "auto"
     out: str | None = None
     quiet: bool = False
+    verify_hashes: bool = True
 
 
-def evaluate_checkpoint(plan: Plan, registry: Registry, args: EvalRequest) -> Path:
+def evaluate_checkpoint(plan: Plan, registry: Registry, args: EvalRequest,
+                        kl_estimator: Callable[..., dict[str, Any]] | None = None) -> Path:
     """Load the checkpoint, evaluate a split, write ``predictions.jsonl`` / ``summary.json``, print the table.
 
-    Returns the output folder.
+    With ``eval.kl_base``, ``kl_estimator`` (:func:`core.grpo.base_kl.kl_to_base`, passed in by
+    ``core.evaluate``: it needs the training forward, a layer above this one) adds ``kl_to_base``
+    to the summary. Returns the output folder.
     """
     import sys
     import time
@@ -595,6 +648,7 @@ def evaluate_checkpoint(plan: Plan, registry: Registry, args: EvalRequest) -> Pa
     import torch
 
     from core.interfaces import RolloutContext
+    from core.runtime.data_limits import screen_loaded
     from core.runtime.loader import load_policy, resolve_checkpoint
 
     cfg = plan.config
@@ -603,13 +657,16 @@ def evaluate_checkpoint(plan: Plan, registry: Registry, args: EvalRequest) -> Pa
     device = device_obj.torch_device()
     engine = registry.create("rollouts", cfg.rollout.name, plan.options["rollout"])
     load = args.load_model == "always" or (args.load_model == "auto" and plan.rollout.name == "transformers")
-    bundle = load_policy(plan, registry, phase="infer", checkpoint=args.checkpoint, load_model=load, device=device)
+    bundle = load_policy(plan, registry, phase="infer", checkpoint=args.checkpoint, load_model=load, device=device,
+                         verify_hashes=args.verify_hashes)
     engine.setup(RolloutContext(bundle.model, bundle.processor, bundle.family, device, bundle.suppressed))
     task = registry.create("tasks", cfg.task.name, plan.options["task"])
     try:
         data = task.load(args.split)
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"--split {args.split!r}: {exc}") from None
+    # The rows are screened and the first rendered as training does.
+    data = screen_loaded(bundle.processor, plan, task, data, split=args.split, family=bundle.family)
     samples = select_samples(data, args.limit, args.seed, args.shuffle)
     if not samples:
         raise ConfigError(f"task {cfg.task.name}: split {args.split!r} has no samples")
@@ -617,11 +674,22 @@ def evaluate_checkpoint(plan: Plan, registry: Registry, args: EvalRequest) -> Pa
     out = Path(args.out or Path("runs") / "eval" / f"{name}-{args.split}")
     max_new = args.max_new_tokens or cfg.eval.max_new_tokens or cfg.grpo.max_completion_length
     t0 = time.perf_counter()
+    if cfg.eval.kl_base and kl_estimator is None:
+        raise ConfigError("eval.kl_base: this caller cannot estimate KL (use python -m core.evaluate)")
+    # Loaded before the evaluation, so a bad eval.kl_base fails before minutes of generation.
+    kl_base = (load_kl_base(plan, bundle, cfg.eval.kl_base, verify_hashes=args.verify_hashes)
+               if cfg.eval.kl_base else None)
     torch.manual_seed(args.seed)
+    kl = None
     try:
         result = evaluate(plan, registry, bundle, engine, samples, max_new_tokens=max_new,
                           batch_size=args.batch_size or cfg.eval.batch_size, temperature=args.temperature,
                           metric=args.metric, require_answer_tag=args.require_answer_tag, progress=not args.quiet)
+        if kl_base is not None and kl_estimator is not None:
+            kl = {"base": cfg.eval.kl_base, **kl_estimator(
+                bundle, engine, kl_base, samples, max_new_tokens=max_new,
+                batch_size=args.batch_size or cfg.eval.batch_size,
+                samples_per_prompt=cfg.eval.kl_samples_per_prompt, seed=args.seed)}
     finally:
         engine.close()
     out.mkdir(parents=True, exist_ok=True)
@@ -643,6 +711,8 @@ def evaluate_checkpoint(plan: Plan, registry: Registry, args: EvalRequest) -> Pa
         "seconds": round(time.perf_counter() - t0, 2),
         "datasets": to_jsonable(result.summary),
     }
+    if kl is not None:
+        summary["kl_to_base"] = to_jsonable(kl)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_table(result.summary, f"{name} ({args.split}, {'greedy' if args.temperature == 0 else 'sampled'})")
     for ds, per in result.summary.items():
@@ -651,5 +721,8 @@ def evaluate_checkpoint(plan: Plan, registry: Registry, args: EvalRequest) -> Pa
                 print(f"warning: {ds}/{kind}: the reward failed on {v['reward_errors']} of {v['n']} samples "
                       f"({v['reward_timeouts']} timeouts); they count as wrong, so the accuracy is a lower bound",
                       file=sys.stderr)
+    if kl is not None:
+        print(f"KL(policy || {kl['base']}): {_fmt(kl['per_token'])} per token, {_fmt(kl['per_sequence'])} per "
+              f"completion ({kl['completions']} sampled completions, {kl['tokens']} tokens)")
     print(f"predictions and summary in {out}")
     return out

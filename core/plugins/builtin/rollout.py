@@ -28,6 +28,7 @@ class TransformersRollout(RolloutEngine):
 
     name = "transformers"
     description = "transformers generate on the policy (built in)"
+    samples_from_policy = True
 
     class Options(BaseModel):
         """``prompt_batch_size`` bounds memory: prompts per generate call (x n rows).
@@ -42,12 +43,20 @@ class TransformersRollout(RolloutEngine):
         check). It applies where the model family opted in (``ModelFamily.shared_prefill``) and
         when sampling ``n > 1``; elsewhere (greedy, ``n == 1``, other families) the plain path
         runs. ``false`` always takes the plain path.
+
+        ``return_logprobs`` fills ``Completion.logprobs`` with each sampled token's log-probability
+        under the distribution generate sampled it from: the logits after generate's processors
+        (repetition penalty, suppressed ids, ``choices``), divided by the temperature, cut by top-k
+        then top-p, renormalised (:class:`SampledLogprobs`). Greedy decoding: the same without
+        temperature/top-k/top-p. The trainer's log-probs (temperature only) differ from these by the
+        cut mass and the constraints, which ``rollout/logprob_diff_*`` then shows.
         """
 
         model_config = ConfigDict(extra="forbid")
         prompt_batch_size: int = Field(64, ge=1)
         seed_per_prompt: bool = False
         shared_prefill: bool = True
+        return_logprobs: bool = Field(True, description="fill Completion.logprobs with the sampler's log-probs")
         choices: list[str] | None = Field(
             None, min_length=1,
             description="guided choice: every completion is one of these strings then EOS (vLLM's guided_choice); "
@@ -114,6 +123,11 @@ class TransformersRollout(RolloutEngine):
                 gen_kwargs.update(temperature=None, top_p=None, top_k=None)
             if ctx.suppressed_token_ids:
                 gen_kwargs["suppress_tokens"] = ctx.suppressed_token_ids
+            recorder = SampledLogprobs.for_sampling(sampling) if self.options.return_logprobs else None
+            if recorder is not None:
+                from transformers import LogitsProcessorList
+
+                gen_kwargs["logits_processor"] = LogitsProcessorList([recorder])
             if trie is not None:
                 # The completion starts after the whole prompt on both paths: generate's input_ids
                 # start with the full prompt also when continuing from a shared prefill's cache.
@@ -138,17 +152,78 @@ class TransformersRollout(RolloutEngine):
             if was_training:
                 model.train()
             gen = out[:, inputs["input_ids"].shape[1]:]
+            lps = recorder.result(gen) if recorder is not None else None
             if n_gen != sampling.n:
                 gen = gen.repeat_interleave(sampling.n, dim=0)
+                lps = lps.repeat_interleave(sampling.n, dim=0) if lps is not None else None
             rows = split_completions(gen, eos, tok.pad_token_id)
             texts = tok.batch_decode([r[0] for r in rows], skip_special_tokens=True)
             for p in range(len(chunk)):
                 group = []
                 for j in range(sampling.n):
-                    ids, trunc = rows[p * sampling.n + j]
-                    group.append(Completion(ids=ids, text=texts[p * sampling.n + j], truncated=trunc))
+                    r = p * sampling.n + j
+                    ids, trunc = rows[r]
+                    lp = lps[r, :len(ids)].tolist() if lps is not None else None
+                    group.append(Completion(ids=ids, text=texts[r], truncated=trunc, logprobs=lp))
                 results.append(group)
         return results
+
+
+class SampledLogprobs:
+    """Records, step by step, the log-probability of the token generate samples, under its sampling distribution.
+
+    Passed as generate's ``logits_processor``, it runs after generate's own processors
+    (repetition penalty, suppressed ids, prefix constraints) and before its warpers
+    (transformers merges custom processors first, warpers last): so it applies the same
+    warpers, in generate's order (temperature, top-k, top-p), to a copy, and keeps the
+    log-softmax of the result. The token sampled from it is known at the next call (the last
+    column of ``input_ids``) or, for the last step, from the output: only one ``[rows, vocab]``
+    distribution is held at a time, unlike ``output_scores``.
+    """
+
+    def __init__(self, warpers: list[Any]) -> None:
+        self.warpers = warpers
+        self._dist: Any = None
+        self._steps: list[Any] = []
+
+    @classmethod
+    def for_sampling(cls, sampling: SamplingParams) -> SampledLogprobs:
+        """The recorder for these settings (greedy: no warpers, the processed logits' own distribution)."""
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        warpers: list[Any] = []
+        if sampling.do_sample:
+            if sampling.temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_k:
+                warpers.append(TopKLogitsWarper(top_k=sampling.top_k, min_tokens_to_keep=1))
+            if sampling.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(top_p=sampling.top_p, min_tokens_to_keep=1))
+        return cls(warpers)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self._dist is not None:
+            self._steps.append(self._dist.gather(1, input_ids[:, -1:]).squeeze(1))
+        warped = scores.float().clone()
+        for w in self.warpers:
+            warped = w(input_ids, warped)
+        self._dist = torch.log_softmax(warped, dim=-1)
+        return scores  # sampling itself is untouched
+
+    def result(self, generated: Any) -> Any:
+        """``[rows, steps]`` log-probs of ``generated`` (the new tokens generate returned); resets the recorder."""
+        import torch
+
+        steps = list(self._steps)
+        if self._dist is not None and generated.shape[1] > len(steps):
+            steps.append(self._dist.gather(1, generated[:, len(steps):len(steps) + 1].to(self._dist.device))
+                         .squeeze(1))
+        self._dist, self._steps = None, []
+        if not steps:
+            return torch.zeros((generated.shape[0], 0))
+        return torch.stack(steps, dim=1).cpu()
 
 
 def _unwrap(model: Any) -> Any:
