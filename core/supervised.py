@@ -330,7 +330,7 @@ def run(plan: Plan, registry: Registry, args: SFTOptions) -> int:
     """
     import os
 
-    from core.runtime.checkpoint import check_output_dir, claim_output_dir, lock_output_dir, release_output_dir
+    from core.runtime.outdir import check_output_dir, claim_output_dir, lock_output_dir, release_output_dir
 
     out = sft_output_dir(plan, args)
     if args.show_targets or int(os.environ.get("RANK", "0")) != 0:  # writes nothing / the main process owns it

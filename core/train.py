@@ -84,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
         # a task the family cannot render is a DataError here, not a traceback at step 1.
         dry_run_render_check(plan, host.registry, log=lambda m: print(m, file=sys.stderr))
         return 0
-    from core.runtime.checkpoint import check_output_dir
+    from core.runtime.outdir import check_output_dir
 
     check_output_dir(cfg.logging.output_dir)  # before any weights load
     check_model_path(cfg)

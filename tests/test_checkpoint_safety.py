@@ -22,7 +22,6 @@ from core.config import ConfigError, build_config
 from core.runtime import checkpoint as ck
 from core.runtime.checkpoint import (
     CheckpointError,
-    check_output_dir,
     latest_checkpoint,
     list_checkpoints,
     load_trainer_state,
@@ -31,6 +30,7 @@ from core.runtime.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from core.runtime.outdir import check_output_dir
 
 BASE = {"model": {"path": "/m"}, "task": {"name": "toy"}, "rewards": [{"name": "r"}]}
 

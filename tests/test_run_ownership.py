@@ -20,19 +20,17 @@ import torch
 
 from core.config import ConfigError, build_config
 from core.runtime import checkpoint as ck
+from core.runtime import outdir
 from core.runtime.checkpoint import (
     CheckpointError,
-    OutputDirBusy,
-    claim_output_dir,
     list_checkpoints,
     load_trainer_state,
-    lock_output_dir,
-    release_output_dir,
     resolve_resume,
     save_checkpoint,
     verify_checkpoint,
     write_manifest,
 )
+from core.runtime.outdir import OutputDirBusy, claim_output_dir, lock_output_dir, release_output_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -71,7 +69,7 @@ def resume(root: Path, *over: str, notes: list | None = None, dtype=None):
 # ---- 1. one run per output folder -------------------------------------------------------------
 HOLDER = textwrap.dedent("""
     import sys, time
-    from core.runtime.checkpoint import lock_output_dir
+    from core.runtime.outdir import lock_output_dir
     lock_output_dir(sys.argv[1], "holder")
     print("locked", flush=True)
     time.sleep(600)
@@ -96,16 +94,16 @@ def test_lock_names_the_live_owner_and_takes_over_a_dead_ones(tmp_path, capfd):
         holder.kill()
         holder.wait()
     # the holder died without releasing (kill -9): its lock is stale and taken over, with a note
-    assert json.loads((out / ck.LOCK).read_text())["pid"] == holder.pid
+    assert json.loads((out / outdir.LOCK).read_text())["pid"] == holder.pid
     lock_output_dir(out, "core.train")
     assert "took over the stale lock of pid" in capfd.readouterr().err
-    assert json.loads((out / ck.LOCK).read_text())["pid"] == os.getpid()
+    assert json.loads((out / outdir.LOCK).read_text())["pid"] == os.getpid()
     with pytest.raises(OutputDirBusy, match="already used by a run in this process"):
         lock_output_dir(out, "core.train")
     release_output_dir(out)
-    assert not (out / ck.LOCK).exists()
+    assert not (out / outdir.LOCK).exists()
     # a lock from another machine cannot be checked: refused, naming the host and the file to delete
-    (out / ck.LOCK).write_text(json.dumps({"pid": 1, "host": "node-7", "app": "core.train", "since": "x"}))
+    (out / outdir.LOCK).write_text(json.dumps({"pid": 1, "host": "node-7", "app": "core.train", "since": "x"}))
     with pytest.raises(OutputDirBusy, match=r"in use by pid 1 on host node-7 .*another machine.*if it has ended, "
                                             r"delete .*\.vlmr1\.lock"):
         lock_output_dir(out, "core.train")
@@ -314,7 +312,7 @@ def run_dir(tmp_path_factory):
     proc = app("core.train", "--config", str(cfg))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
-    assert not (out / ck.LOCK).exists()  # released at the end
+    assert not (out / outdir.LOCK).exists()  # released at the end
     return tmp, out, cfg
 
 

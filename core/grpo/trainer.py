@@ -42,10 +42,7 @@ from core.plugins.plan import Plan
 from core.plugins.registry import Registry
 from core.runtime.checkpoint import (
     CheckpointError,
-    claim_output_dir,
     load_trainer_state,
-    lock_output_dir,
-    release_output_dir,
     resolve_resume,
     same_model_files,
     save_checkpoint,
@@ -69,6 +66,7 @@ from core.runtime.distributed import (
 from core.runtime.evaluator import eval_line, evaluate, training_result
 from core.runtime.generation import completion_record, generate_groups, runs_of
 from core.runtime.loader import ModelBundle, load_policy, resolve_dtype
+from core.runtime.outdir import claim_output_dir, lock_output_dir, release_output_dir
 from core.runtime.reward_runner import build_reward_runner
 from core.runtime.runlog import MetricsWriter, plot_rewards
 
