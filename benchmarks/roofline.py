@@ -82,6 +82,39 @@ def measure_bandwidth(mib: int = 256, reps: int = 10) -> float:
     return 2 * src.numel() * 4 / best
 
 
+def measure_decode_matmuls(model: Any, rows: int, reps: int = 200) -> dict[str, float]:
+    """The rate the decode's own matrix products reach in isolation, at the decode's row count.
+
+    A decode forward multiplies ``rows`` activations (one token per row) by every language-model
+    weight matrix: skinny products whose rate on a CPU is far below the square 2048^3 ``torch.mm``
+    peak. Each distinct ``nn.Linear`` shape of the language model and output head (not the vision
+    tower: it runs in prefill only) is timed alone, best of ``reps`` calls, on random inputs of
+    ``rows`` rows; the result is the FLOP rate of one decode forward's linears if each ran at that
+    best speed: the ceiling a decode step's matmul work can reach on this machine, without
+    attention, norms or sampling.
+    """
+    import torch
+
+    shapes: dict[tuple[int, int], int] = defaultdict(int)
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".visual." not in f".{name}.":
+            shapes[(mod.in_features, mod.out_features)] += 1
+    flops = seconds = 0.0
+    for (fan_in, fan_out), count in shapes.items():
+        x, w = torch.randn(rows, fan_in), torch.randn(fan_out, fan_in)
+        for _ in range(10):
+            torch.nn.functional.linear(x, w)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            best = min(best, time.perf_counter() - t0)
+        flops += count * 2 * rows * fan_in * fan_out
+        seconds += count * best
+    return {"rows": rows, "flop_per_s": flops / seconds, "linears": float(sum(shapes.values())),
+            "shapes": float(len(shapes))}
+
+
 def register_cpu_sdpa() -> None:
     """Count CPU SDPA (not in torch's registry) with torch's own SDPA forward/backward formulas."""
     import torch
@@ -282,6 +315,8 @@ def main() -> None:
                 return phase_rows(probe, batch), [c.ids for c in batch.generations.completions], probe.decode_bytes
 
             timed = [run(False) for _ in range(args.repeats)]
+            ceiling = measure_decode_matmuls(trainer.accelerator.unwrap_model(pol.model),
+                                             args.generations * args.prompts)
             counted, counted_ids, decode_bytes = run(True)
         finally:
             trainer.finish()
@@ -305,7 +340,7 @@ def main() -> None:
         "threads": args.threads, "config": args.config, "G": args.generations, "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "peak_flop_per_s": peak,
         "bandwidth_bytes_per_s": bw, "mean_completion": mean_len, "counted_step_same_tokens": same_tokens,
-        "phases": rows, "counted_flops_by_op": probe.ops,
+        "phases": rows, "counted_flops_by_op": probe.ops, "decode_matmul_ceiling": ceiling,
     }
     print(f"{report['date']}  {report['machine']}  torch {report['torch']}  threads {args.threads}")
     print(f"config {args.config}: G={args.generations}, prompts/step={args.prompts}, "
@@ -324,6 +359,11 @@ def main() -> None:
                if "bytes" in r else "| |")
         print(f"| {ph} | {r['s']:.3f} | {r['s'] / step_s:.0%} | {r['flops'] / 1e9:.2f} | "
               f"{r['flop_per_s'] / 1e9:.1f} | {r['peak_frac']:.0%} | {r['tokens']:.0f} | {mem} |")
+    dec = rows["decode"]
+    print(f"decode-shaped matmuls alone ({ceiling['rows']} rows x each of the language model's "
+          f"{ceiling['linears']:.0f} linears, best of 200 calls per shape): {ceiling['flop_per_s'] / 1e9:.1f} GFLOP/s "
+          f"= {ceiling['flop_per_s'] / peak:.0%} of the 2048^3 peak; decode reached "
+          f"{dec['flop_per_s'] / ceiling['flop_per_s']:.0%} of that ceiling")
     print("counted by op: " + ", ".join(f"{op} {n / 1e9:.2f} GFLOP" for op, n in probe.ops.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -39,6 +39,32 @@ def rows(report: dict[str, Any]) -> list[str]:
     return out
 
 
+def growth(reports: list[dict[str, Any]]) -> list[str]:
+    """How each side's step cost grows with the work: the vision config's ``ckpt_off`` runs by G, then by length.
+
+    Each axis holds the runs that differ from the headline (G 8, 64 new tokens) in that setting only;
+    "x of G 8 / 64 tok" is the side's median s/step over the headline's, so a reader sees which side's
+    cost grows faster as completions get longer or groups larger.
+    """
+    runs = {(r["G"], r["max_new_tokens"]): r["runs"]["ckpt_off"] for r in reports
+            if r["config"] == "vision" and "ckpt_off" in r["runs"]}
+    base = runs.get((8, 64))
+    if base is None:
+        return []
+    out = ["| axis | G | new tokens | vlmr1 s/step | x of G 8 / 64 tok | TRL s/step | x of G 8 / 64 tok "
+           "| vlmr1 / TRL (paired median) | mean completion vlmr1 / TRL |", "|---|---|---|---|---|---|---|---|---|"]
+    axes = (("G", sorted(k for k in runs if k[1] == 64)), ("length", sorted((k for k in runs if k[0] == 8),
+                                                                           key=lambda k: k[1])))
+    for axis, keys in axes:
+        for g, n in keys:
+            r, med = runs[(g, n)], runs[(g, n)]["median_s"]
+            out.append(f"| {axis} | {g} | {n} | {med['vlmr1']:.2f} | {med['vlmr1'] / base['median_s']['vlmr1']:.2f}x "
+                       f"| {med['trl']:.2f} | {med['trl'] / base['median_s']['trl']:.2f}x "
+                       f"| **{r['paired_median_ratio']:.2f}x** | {r['completion_length']['vlmr1']:.1f} / "
+                       f"{r['completion_length']['trl']:.1f} |")
+    return out
+
+
 def main() -> None:
     """Print the table for the given report files, in the order given."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,6 +77,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in reports:
         print("\n".join(rows(r)))
+    grow = growth(reports)
+    if grow:
+        print("\nCost growth (vision config, gradient checkpointing off):\n")
+        print("\n".join(grow))
     first, dates = reports[0], sorted(r["date"] for r in reports)
     print(f"\n{first['machine']} (first run); torch {first['torch']}; {first['threads']} threads; "
           f"{dates[0]} to {dates[-1]}.")

@@ -100,3 +100,8 @@ def test_roofline_counts_every_phase(tmp_path):
     assert ph["decode"]["tokens"] == G * PROMPTS * NEW
     assert ph["decode"]["bytes"] > 0 and ph["optimizer"]["bytes"] > 0
     assert ph["prefill"]["tokens"] > 0 and ph["step"]["flops"] >= ph["prefill"]["flops"] + ph["decode"]["flops"]
+    # The decode-shaped matmul ceiling: the decode's row count, every language-model linear (7 per
+    # layer in Qwen2.5-VL: q, k, v, o, gate, up, down) plus the output head, none of the vision tower's.
+    ceiling = rep["decode_matmul_ceiling"]
+    assert ceiling["rows"] == G * PROMPTS and ceiling["flop_per_s"] > 0
+    assert ceiling["linears"] == 2 * 7 + 1  # the tiny config's 2 layers (TinySpec's default) + the head
