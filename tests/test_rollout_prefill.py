@@ -52,7 +52,9 @@ def _prompts(fam, proc, counts=(0, 1, 2)) -> list[PromptInput]:
 def _sample(tiny, options, prompts, sampling, model=None) -> list[list[list[int]]]:
     fam, base, proc = tiny
     model = model if model is not None else base
-    engine = TransformersRollout.from_options(options)
+    # These cases are about generate's shared prefill; compact decoding (tests/test_rollout_decode.py)
+    # would replace generate where it applies.
+    engine = TransformersRollout.from_options({"compact_decode": False, **options})
     engine.setup(RolloutContext(model, proc, fam, torch.device("cpu"), fam.suppressed_token_ids(proc, base)))
     torch.manual_seed(0)
     return [[c.ids for c in g] for g in engine.generate(prompts, sampling)]

@@ -49,6 +49,12 @@ class ModelFamily(Component):
             prefilling n copies. Opt in once the ``shared_prefill`` conformance check passes:
             it needs a model whose ``generate`` continues from a given cache with the
             positions ``generate`` itself computes for the prompt.
+        compact_decode: whether the built-in rollout may sample with its own decode loop, which
+            drops finished rows from the batch (:mod:`core.plugins.builtin.decode`), instead of
+            ``generate``. Opt in once the ``compact_decode`` conformance check passes: it needs
+            what ``shared_prefill`` needs, plus a cache whose rows can be selected
+            (``Cache.batch_select_indices``) and decode positions of ``last prompt position + t``
+            on every axis, as ``generate`` computes them.
         tiny_options: the pydantic model of :meth:`build_tiny_checkpoint`'s options (a
             :class:`~core.interfaces.TinyOptions` subclass). Set, ``model.tiny`` is validated
             against it when the config is planned (``--dry-run`` included), before anything is built.
@@ -61,6 +67,7 @@ class ModelFamily(Component):
     per_token_keys: ClassVar[tuple[str, ...]] = ("token_type_ids", "mm_token_type_ids")
     prefix_sharing: ClassVar[bool] = False
     shared_prefill: ClassVar[bool] = False
+    compact_decode: ClassVar[bool] = False
 
     # ---- selection -------------------------------------------------------------------
     @classmethod

@@ -37,6 +37,10 @@ paths training uses, on CPU in float32:
 ``shared_prefill``    generation with each unique prompt prefilled once and its KV cache
                       repeated per sample samples the same tokens with the same logits as
                       ``num_return_sequences`` (:func:`check_shared_prefill`).
+``compact_decode``    the rollout's decode loop that drops finished rows returns generate's
+                      greedy tokens, generate's sampled tokens while no row has finished, and
+                      after rows are dropped tokens whose log-probs equal a teacher-forced
+                      forward's (:func:`check_compact_decode`).
 ``grpo_step``         one real GRPO step through ``core.grpo.trainer.run`` (beta 0, a
                       reward that varies between completions) changes language and vision
                       weights; the saved checkpoint reloads with plain
@@ -815,6 +819,195 @@ def check_shared_prefill(ctx: Any, group_size: int = 3, max_new_tokens: int = 8)
         raise ConformanceError(f"{name}: TransformersRollout samples differently with shared_prefill on and off")
 
 
+# ---- compact decoding in generation --------------------------------------------------------
+#: Tolerance of :func:`check_compact_decode` on log-probabilities (float32 on CPU; the teacher-forced
+#: forward recomputes the whole sequence, as :data:`LOGPROB_ATOL`).
+COMPACT_LOGPROB_ATOL = 1e-4
+
+
+def eos_bias_hook(model: Any, eos: list[int], const: float, trigger: int | None = None, big: float = 100.0) -> Any:
+    """Hook adding ``const`` to the EOS logits, and ``big`` where the input token is ``trigger``.
+
+    Depends only on the tokens, never on a row's place in the batch, so the distribution is the
+    same in ``generate``, the compacting loop and a teacher-forced forward: it only makes rows
+    finish early, at different steps. Returns the hook handle.
+    """
+    import torch
+
+    def hook(_m: Any, args: Any, kwargs: Any, out: Any) -> None:
+        logits = out.logits
+        add = torch.full(logits.shape[:2], const, dtype=logits.dtype, device=logits.device)
+        if trigger is not None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            add += big * (ids[:, -logits.shape[1]:] == trigger).to(logits.dtype)
+        logits[..., eos] += add[..., None]
+
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
+def check_compact_decode(ctx: Any, group_size: int = 3, max_new_tokens: int = 12) -> None:
+    """The decode loop that drops finished rows samples as ``generate`` does.
+
+    For a family with ``compact_decode`` on, on three left-padded prompts (0, 1 and 2 images),
+    :func:`core.plugins.builtin.decode.compact_decode` against ``model.generate`` (image tokens
+    suppressed, as the rollout does):
+
+    (a) greedy, with the EOS logit boosted after a token some rows generate and others do not
+        (so rows finish at different steps and are dropped): exactly generate's tokens, and
+        the recorded log-probs equal generate's (:class:`SampledLogprobs`);
+    (b) sampling (temperature, top-k, top-p) with EOS suppressed, so no row finishes and none is
+        dropped: the same tokens as generate for the same seed, and the same log-probs;
+    (c) sampling with the EOS logit boosted so rows finish early: rows really leave the batch
+        (the language model sees fewer rows), and every sampled token's recorded log-prob equals
+        the one a teacher-forced forward of prompt + completion gives it after the same
+        processors and warpers, within ``COMPACT_LOGPROB_ATOL``. Compaction changes how many
+        random numbers each step draws, so the tokens cannot equal generate's; this is what
+        sampling from the same distribution means: each token drawn from the model's own
+        conditional distribution given its prefix;
+    (d) the built-in rollout returns the same greedy completions and log-probs with
+        ``compact_decode`` on and off.
+
+    A family that has not opted in must fall back (``can_compact_decode`` is false); one that
+    has must pass with ``n > 1`` rows per prompt (which needs ``shared_prefill`` too).
+    """
+    import torch
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+
+    from core.grpo.logprobs import build_train_inputs, pad_completions
+    from core.interfaces import eos_token_ids, split_completions
+    from core.plugins.builtin.decode import can_compact_decode, compact_decode
+    from core.plugins.builtin.rollout import SampledLogprobs, TransformersRollout, generate_kwargs
+
+    model, proc, family = ctx.model, ctx.processor, ctx.family
+    name = ctx.family_cls.name
+    prompts = _prompts(ctx)
+    inputs = family.process(proc, [p.text for p in prompts], [p.images for p in prompts])
+    tok = getattr(proc, "tokenizer", proc)
+    suppressed = family.suppressed_token_ids(proc, model)
+    eos_set = eos_token_ids(model, proc)
+    eos = sorted(eos_set)
+    greedy = SamplingParams(n=1, max_new_tokens=max_new_tokens, do_sample=False)
+    sampling = SamplingParams(n=group_size, max_new_tokens=max_new_tokens, temperature=0.8, top_k=40, top_p=0.95)
+    kw_greedy = generate_kwargs(greedy, tok.pad_token_id, eos_set, suppressed)
+    kw_sample = generate_kwargs(sampling, tok.pad_token_id, eos_set, suppressed)
+    if not family.compact_decode:
+        if can_compact_decode(family, model, kw_sample, inputs, group_size):
+            raise ConformanceError(f"{name}: compact_decode is off but can_compact_decode() is true")
+        return
+    for kw, n in ((kw_greedy, 1), (kw_sample, group_size)):
+        if not can_compact_decode(family, model, kw, inputs, n):
+            raise ConformanceError(f"{name}: compact_decode is on but can_compact_decode() is false for the tiny "
+                                   f"model {type(model).__name__}, 0/1/2-image prompts and n={n} (with n > 1 the "
+                                   "loop continues from the shared prefill: is shared_prefill on?)")
+    if len(set(inputs["attention_mask"].sum(1).tolist())) < 2:
+        raise ConformanceError(f"{name}: the 0/1/2-image prompts have equal lengths; left padding is not exercised")
+
+    rows_seen: list[int] = []
+
+    def count_rows(_m: Any, args: Any, _out: Any) -> None:
+        rows_seen.append(args[0].shape[0])
+
+    def run(fn: Any) -> Any:
+        rows_seen.clear()
+        torch.manual_seed(ctx.seed)
+        with torch.no_grad():
+            return fn()
+
+    def by_generate(kw: dict[str, Any], s: SamplingParams, n: int) -> tuple[Any, Any]:
+        rec = SampledLogprobs.for_sampling(s)
+        out = model.generate(**inputs, num_return_sequences=n, logits_processor=LogitsProcessorList([rec]), **kw)
+        gen = out[:, inputs["input_ids"].shape[1]:]
+        return gen, rec.result(gen)
+
+    def close(a: Any, b: Any, gen: Any) -> float:
+        # Positions up to each row's EOS (generate records the pad tokens after it too).
+        m = torch.zeros_like(gen, dtype=torch.bool)
+        for r, (ids, _) in enumerate(split_completions(gen, eos_set, tok.pad_token_id)):
+            m[r, :len(ids)] = True
+        return (a - b)[m].abs().max().item()
+
+    was_training = model.training
+    model.eval()
+    embed_hook = model.get_input_embeddings().register_forward_hook(count_rows)
+    try:
+        # (a) greedy; the trigger token is one that appears in some rows' greedy completions only.
+        plain = run(lambda: model.generate(**inputs, **kw_greedy))[:, inputs["input_ids"].shape[1]:].tolist()
+        trigger = next((x for row in plain for x in row if any(x not in other for other in plain)), None)
+        handle = eos_bias_hook(model, eos, 0.0, trigger)
+        try:
+            gen, gen_lp = run(lambda: by_generate(kw_greedy, greedy, 1))
+            loop = run(lambda: compact_decode(model, family, inputs, 1, **kw_greedy))
+        finally:
+            handle.remove()
+        if not torch.equal(gen, loop.tokens):
+            raise ConformanceError(f"{name}: greedy compact decoding returned other tokens than generate:\n"
+                                   f"{gen.tolist()}\nvs\n{loop.tokens.tolist()}")
+        if (diff := close(gen_lp, loop.logprobs, gen)) > COMPACT_LOGPROB_ATOL:
+            raise ConformanceError(f"{name}: greedy compact-decoding log-probs differ from generate's by {diff:.3g}")
+
+        # (b) sampling, no row can finish: the same random stream, so the same tokens.
+        kw_no_eos = {**kw_sample, "suppress_tokens": [*suppressed, *eos]}
+        gen, gen_lp = run(lambda: by_generate(kw_no_eos, sampling, group_size))
+        loop = run(lambda: compact_decode(model, family, inputs, group_size, **kw_no_eos))
+        if not torch.equal(gen, loop.tokens):
+            raise ConformanceError(f"{name}: compact decoding sampled other tokens than generate with no row "
+                                   f"finished:\n{gen.tolist()}\nvs\n{loop.tokens.tolist()}")
+        if (diff := close(gen_lp, loop.logprobs, gen)) > COMPACT_LOGPROB_ATOL:
+            raise ConformanceError(f"{name}: compact-decoding log-probs differ from generate's by {diff:.3g}")
+
+        # (c) sampling with rows finishing early: each token from the model's own distribution.
+        handle = eos_bias_hook(model, eos, 1.5)
+        try:
+            loop = run(lambda: compact_decode(model, family, inputs, group_size, **kw_sample))
+            seen = list(rows_seen)
+            rows = split_completions(loop.tokens, eos_set, tok.pad_token_id)
+            ids, mask = pad_completions([r[0] for r in rows], tok.pad_token_id)
+            rep = family.process(proc, [p.text for p in prompts for _ in range(group_size)],
+                                 [p.images for p in prompts for _ in range(group_size)])
+            train = build_train_inputs(rep, ids, mask, family.per_token_keys)
+            t = ids.shape[1]
+            with torch.no_grad():
+                logits = model(**train, logits_to_keep=t + 1, use_cache=False).logits[:, :-1].float()
+        finally:
+            handle.remove()
+    finally:
+        embed_hook.remove()
+        model.train(was_training)
+    total = len(prompts) * group_size
+    if not any(0 < c < total for c in seen[1:]):
+        raise ConformanceError(f"{name}: no row left the batch in compact decoding (rows per call: {seen})")
+    if len({len(r[0]) for r in rows}) < 2:
+        raise ConformanceError(f"{name}: every row finished at the same step; compaction is not exercised")
+    procs = [SuppressTokensLogitsProcessor(suppressed), *SampledLogprobs.for_sampling(sampling).warpers]
+    forced = torch.empty(ids.shape)
+    for step in range(t):
+        scores = logits[:, step]
+        for p in procs:
+            scores = p(ids[:, :step], scores)
+        forced[:, step] = scores.log_softmax(-1).gather(1, ids[:, step:step + 1]).squeeze(1)
+    m = mask.bool()
+    diff = (forced - loop.logprobs[:, :t])[m].abs().max().item()
+    if diff > COMPACT_LOGPROB_ATOL:
+        raise ConformanceError(f"{name}: compact decoding recorded log-probs {diff:.3g} away from a teacher-forced "
+                               f"forward's (> {COMPACT_LOGPROB_ATOL}): were tokens sampled from another distribution "
+                               "(positions, cache rows or mask of the kept rows)?")
+
+    # (d) The engine: greedy completions and log-probs with the option on and off.
+    def rollout(on: bool) -> list[Any]:
+        engine = TransformersRollout.from_options({"compact_decode": on})
+        engine.setup(RolloutContext(model=model, processor=proc, family=family, device=torch.device("cpu"),
+                                    suppressed_token_ids=suppressed))
+        return [c for g in engine.generate(prompts, SamplingParams(n=2, max_new_tokens=max_new_tokens,
+                                                                   do_sample=False)) for c in g]
+
+    on, off = rollout(True), rollout(False)
+    if [c.ids for c in on] != [c.ids for c in off]:
+        raise ConformanceError(f"{name}: TransformersRollout decodes greedily differently with compact_decode on/off")
+    lp_diff = max(abs(a - b) for x, y in zip(on, off, strict=True) for a, b in zip(x.logprobs, y.logprobs, strict=True))
+    if lp_diff > COMPACT_LOGPROB_ATOL:
+        raise ConformanceError(f"{name}: greedy Completion.logprobs differ by {lp_diff:.3g} with compact_decode on/off")
+
+
 CONFORMANCE_CHECKS: dict[str, Callable[[ConformanceContext], None]] = {
     "reload": check_reload,
     "generate": check_generate,
@@ -829,6 +1022,7 @@ CONFORMANCE_CHECKS: dict[str, Callable[[ConformanceContext], None]] = {
     "grpo_step": check_grpo_step_changes_weights,
     "shared_prefix": check_shared_prefix,
     "shared_prefill": check_shared_prefill,
+    "compact_decode": check_compact_decode,
 }
 
 

@@ -43,7 +43,7 @@ def _forward_params(model: Any) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
 
-def _hf_model(model: Any) -> Any:
+def hf_model(model: Any) -> Any:
     """The transformers model under a PEFT wrapper, else ``model`` itself.
 
     LoRA layers are injected into the base model in place, so its own ``forward`` and
@@ -58,16 +58,24 @@ def can_share_prefill(
 ) -> bool:
     """Whether :func:`shared_prefill_generate` applies to this family, model, generate call and batch.
 
-    Needs: the family opted in; the model computes generation positions the standard way
-    (``_prepare_position_ids_for_generation``) and takes ``position_ids``; no static/quantised
-    cache implementation requested (generate refuses a given cache together with
-    ``cache_implementation``); no beam search. With ``inputs``: prompts of at least 2 tokens
-    whose last token is text (a non-zero per-token type marks an image/video token, which
-    could not be left out of the prefill).
+    Needs: the family opted in, and :func:`can_continue_from_cache`.
     """
-    if not getattr(family, "shared_prefill", False):
-        return False
-    model = _hf_model(model)
+    return bool(getattr(family, "shared_prefill", False)) and can_continue_from_cache(family, model, gen_kwargs, inputs)
+
+
+def can_continue_from_cache(
+    family: ModelFamily, model: Any, gen_kwargs: dict[str, Any] | None = None, inputs: Any = None
+) -> bool:
+    """Whether decoding may continue from :func:`prefill_cache`'s cache, whatever the family opted into.
+
+    Needs: the model computes generation positions the standard way
+    (``_prepare_position_ids_for_generation``) and takes ``position_ids`` and a cache; no
+    static/quantised cache implementation requested (generate refuses a given cache together
+    with ``cache_implementation``); no beam search. With ``inputs``: prompts of at least 2
+    tokens whose last token is text (a non-zero per-token type marks an image/video token,
+    which could not be left out of the prefill).
+    """
+    model = hf_model(model)
     if inputs is not None:
         if inputs["input_ids"].shape[1] < 2:
             return False
@@ -101,7 +109,23 @@ def shared_prefill_generate(model: Any, family: ModelFamily, inputs: Any, n: int
     if not can_share_prefill(family, model, gen_kwargs, inputs):
         raise ValueError(f"shared prefill does not apply to {type(model).__name__} with family {family.name!r} "
                          "and these prompts (see can_share_prefill)")
-    model = _hf_model(model)
+    model = hf_model(model)
+    cache_key, cache, rep = prefill_cache(model, family, inputs, n)
+    # 4. Continue: generate sees the full prompt ids (so logits processors read the same
+    #    input_ids as on the plain path) and runs only the uncached last prompt token.
+    return model.generate(**rep, **{cache_key: cache}, **gen_kwargs)
+
+
+def prefill_cache(model: Any, family: ModelFamily, inputs: Any, n: int) -> tuple[str, Any, dict[str, Any]]:
+    """Steps 1-3 above: ``(cache_key, cache, rows)`` for ``B*n`` rows continuing ``inputs``.
+
+    ``cache`` holds tokens ``0 .. L-2`` of every row (each unique prompt prefilled once, its
+    rows repeated ``n`` times, prompt-major); ``rows`` holds the per-token inputs of all ``B*n``
+    rows (``input_ids``, ``attention_mask``, the family's per-token keys) and ``position_ids``
+    over the whole prompt, as ``generate`` computes them; ``cache_key`` is the name the model's
+    forward/generate takes the cache under. ``model`` is the transformers model (not a PEFT
+    wrapper); call under ``torch.no_grad()`` after :func:`can_continue_from_cache`.
+    """
     ids = inputs["input_ids"]
     token_keys = (*_TOKEN_KEYS, *family.per_token_keys)
     extra = {k: v for k, v in inputs.items() if k != "input_ids" and v is not None}
@@ -126,10 +150,8 @@ def shared_prefill_generate(model: Any, family: ModelFamily, inputs: Any, n: int
 
     # 3. Expand the cache and the per-token inputs to n rows per prompt (prompt-major, like
     #    num_return_sequences); image inputs are dropped: their tokens are in the cache.
-    cache.batch_repeat_interleave(n)
+    if n > 1:
+        cache.batch_repeat_interleave(n)
     rep = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items() if k in token_keys and v is not None}
     rep["position_ids"] = positions.repeat_interleave(n, dim=batch_dim)
-
-    # 4. Continue: generate sees the full prompt ids (so logits processors read the same
-    #    input_ids as on the plain path) and runs only the uncached last prompt token.
-    return model.generate(**rep, **{cache_key: cache}, **gen_kwargs)
+    return cache_key, cache, rep

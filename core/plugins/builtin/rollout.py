@@ -1,4 +1,4 @@
-"""The built-in rollout engine: transformers ``generate`` on the live policy."""
+"""The built-in rollout engine: transformers ``generate`` (or a compacting decode loop) on the live policy."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ class TransformersRollout(RolloutEngine):
     Each prompt is processed once. With ``shared_prefill`` (the default, where the family has
     opted in) each unique prompt is also prefilled once and its KV cache repeated for the
     ``n`` samples (:mod:`core.plugins.builtin.prefill`); otherwise ``num_return_sequences`` repeats the
-    prompt rows before the prefill.
+    prompt rows before the prefill. With ``compact_decode`` (the default, where the family has
+    opted in) a decode loop that drops finished rows replaces ``generate``
+    (:mod:`core.plugins.builtin.decode`).
     """
 
     name = "transformers"
@@ -44,6 +46,17 @@ class TransformersRollout(RolloutEngine):
         when sampling ``n > 1``; elsewhere (greedy, ``n == 1``, other families) the plain path
         runs. ``false`` always takes the plain path.
 
+        ``compact_decode`` samples with a decode loop that drops finished rows (EOS sampled) from
+        the batch instead of ``generate``, which computes every row until the longest completion
+        ends (:mod:`core.plugins.builtin.decode`). Greedy: generate's tokens; sampling: generate's
+        tokens until the first rows are dropped, then a different random stream over the same
+        per-token distributions (the family's ``compact_decode`` conformance check). It applies where
+        the model family opted in (``ModelFamily.compact_decode``), for ``n > 1`` only together with
+        the shared prefill, and where the only logits processing is suppressed ids, temperature,
+        top-k and top-p: ``choices``, ``repetition_penalty != 1`` and ZeRO-3/FSDP across processes keep
+        ``generate``. ``false``
+        always runs ``generate``.
+
         ``return_logprobs`` fills ``Completion.logprobs`` with each sampled token's log-probability
         under the distribution generate sampled it from: the logits after generate's processors
         (repetition penalty, suppressed ids, ``choices``), divided by the temperature, cut by top-k
@@ -56,6 +69,7 @@ class TransformersRollout(RolloutEngine):
         prompt_batch_size: int = Field(64, ge=1)
         seed_per_prompt: bool = False
         shared_prefill: bool = True
+        compact_decode: bool = True
         return_logprobs: bool = Field(True, description="fill Completion.logprobs with the sampler's log-probs")
         choices: list[str] | None = Field(
             None, min_length=1,
@@ -86,8 +100,6 @@ class TransformersRollout(RolloutEngine):
         """``sampling.n`` completions per prompt."""
         import torch
 
-        from core.plugins.builtin.prefill import can_share_prefill, shared_prefill_generate
-
         ctx = self.ctx
         model, processor, family = ctx.model, ctx.processor, ctx.family
         tok = getattr(processor, "tokenizer", processor)
@@ -109,25 +121,7 @@ class TransformersRollout(RolloutEngine):
             # Greedy decoding gives n identical rows, and transformers refuses num_return_sequences > 1
             # without sampling: generate one row per prompt and repeat it.
             n_gen = sampling.n if sampling.do_sample else 1
-            gen_kwargs: dict[str, Any] = dict(
-                max_new_tokens=sampling.max_new_tokens,
-                do_sample=sampling.do_sample,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=sorted(eos),
-                repetition_penalty=sampling.repetition_penalty,
-            )
-            if sampling.do_sample:
-                gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
-                                  top_k=sampling.top_k if sampling.top_k else 0)
-            else:
-                gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-            if ctx.suppressed_token_ids:
-                gen_kwargs["suppress_tokens"] = ctx.suppressed_token_ids
-            recorder = SampledLogprobs.for_sampling(sampling) if self.options.return_logprobs else None
-            if recorder is not None:
-                from transformers import LogitsProcessorList
-
-                gen_kwargs["logits_processor"] = LogitsProcessorList([recorder])
+            gen_kwargs = generate_kwargs(sampling, tok.pad_token_id, eos, ctx.suppressed_token_ids)
             if trie is not None:
                 # The completion starts after the whole prompt on both paths: generate's input_ids
                 # start with the full prompt also when continuing from a shared prefill's cache.
@@ -138,21 +132,12 @@ class TransformersRollout(RolloutEngine):
                     return _t.get(tuple(ids[_s:].tolist()), _d)
 
                 gen_kwargs["prefix_allowed_tokens_fn"] = allowed
-            gen_model = _unwrap(model)
-            # Only n > 1 rows per prompt have a prefill to share.
-            share = (self.options.shared_prefill and n_gen > 1
-                     and can_share_prefill(family, gen_model, gen_kwargs, inputs))
             was_training = model.training
             model.eval()
             with torch.no_grad():
-                if share:
-                    out = shared_prefill_generate(gen_model, family, inputs, n_gen, **gen_kwargs)
-                else:
-                    out = gen_model.generate(**inputs, num_return_sequences=n_gen, **gen_kwargs)
+                gen, lps = self._decode(_unwrap(model), inputs, n_gen, sampling, gen_kwargs)
             if was_training:
                 model.train()
-            gen = out[:, inputs["input_ids"].shape[1]:]
-            lps = recorder.result(gen) if recorder is not None else None
             if n_gen != sampling.n:
                 gen = gen.repeat_interleave(sampling.n, dim=0)
                 lps = lps.repeat_interleave(sampling.n, dim=0) if lps is not None else None
@@ -167,6 +152,56 @@ class TransformersRollout(RolloutEngine):
                     group.append(Completion(ids=ids, text=texts[r], truncated=trunc, logprobs=lp))
                 results.append(group)
         return results
+
+    def _decode(self, model: Any, inputs: Any, n: int, sampling: SamplingParams,
+                gen_kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """``(new tokens [B*n, steps], their log-probs or None)``: the one place that picks the decoding path.
+
+        Compact decoding where it applies (:mod:`core.plugins.builtin.decode`), else ``generate``,
+        from a shared prefill where that applies (:mod:`core.plugins.builtin.prefill`).
+        """
+        from core.plugins.builtin.decode import can_compact_decode, compact_decode
+        from core.plugins.builtin.prefill import can_share_prefill, shared_prefill_generate
+
+        family = self.ctx.family
+        # Only n > 1 rows per prompt have a prefill to share.
+        share = self.options.shared_prefill and n > 1 and can_share_prefill(family, model, gen_kwargs, inputs)
+        # With n > 1 the loop continues from the shared prefill's cache: with that off, generate runs.
+        if (self.options.compact_decode and (share or n == 1)
+                and can_compact_decode(family, model, gen_kwargs, inputs, n)):
+            res = compact_decode(model, family, inputs, n, **gen_kwargs)
+            return res.tokens, res.logprobs if self.options.return_logprobs else None
+        recorder = SampledLogprobs.for_sampling(sampling) if self.options.return_logprobs else None
+        if recorder is not None:
+            from transformers import LogitsProcessorList
+
+            gen_kwargs = {**gen_kwargs, "logits_processor": LogitsProcessorList([recorder])}
+        if share:
+            out = shared_prefill_generate(model, family, inputs, n, **gen_kwargs)
+        else:
+            out = model.generate(**inputs, num_return_sequences=n, **gen_kwargs)
+        gen = out[:, inputs["input_ids"].shape[1]:]
+        return gen, recorder.result(gen) if recorder is not None else None
+
+
+def generate_kwargs(
+    sampling: SamplingParams, pad_token_id: int | None, eos: set[int], suppressed: list[int] | None = None
+) -> dict[str, Any]:
+    """``model.generate`` keyword arguments for ``sampling`` (one row per prompt: no ``num_return_sequences``)."""
+    kw: dict[str, Any] = dict(
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=sampling.do_sample,
+        pad_token_id=pad_token_id,
+        eos_token_id=sorted(eos),
+        repetition_penalty=sampling.repetition_penalty,
+    )
+    if sampling.do_sample:
+        kw.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k if sampling.top_k else 0)
+    else:
+        kw.update(temperature=None, top_p=None, top_k=None)
+    if suppressed:
+        kw["suppress_tokens"] = list(suppressed)
+    return kw
 
 
 class SampledLogprobs:

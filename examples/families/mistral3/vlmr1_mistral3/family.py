@@ -110,9 +110,10 @@ class Mistral3Family(TransformersFamily):
     vision_projectors = ("multi_modal_projector",)
     # [IMG] and [IMG_END] are found through the processor's attributes; [IMG_BREAK] is not.
     suppressed_tokens = IMAGE_TOKENS
-    # 1-D RoPE and causal text attention: both speed-ups pass their conformance checks.
+    # 1-D RoPE and causal text attention: the three speed-ups pass their conformance checks.
     prefix_sharing = True
     shared_prefill = True
+    compact_decode = True
 
     # ---- loading ---------------------------------------------------------------------
     def load_processor(self, path: str | Path) -> Any:

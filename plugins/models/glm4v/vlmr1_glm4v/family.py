@@ -176,6 +176,8 @@ class GLM4VFamily(TransformersFamily):
     prefix_sharing = True
     #: Generation prefills each prompt once, cache repeated per sample (core.plugins.builtin.prefill).
     shared_prefill = True
+    #: Rollout decodes with a loop that drops finished rows (core.plugins.builtin.decode).
+    compact_decode = True
     Options = GLM4VOptions
     # Loading, the pixel-bound options (GLM's image processors take them only as ``size``),
     # the generate() multi-image repair, vision modules and suppressed ids:

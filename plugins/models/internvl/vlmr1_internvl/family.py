@@ -144,6 +144,8 @@ class InternVLFamily(TransformersFamily):
     prefix_sharing = True
     #: Generation prefills each prompt once, cache repeated per sample (core.plugins.builtin.prefill).
     shared_prefill = True
+    #: Rollout decodes with a loop that drops finished rows (core.plugins.builtin.decode).
+    compact_decode = True
     Options = InternVLOptions
     model_type_hint = (
         "the remote-code InternVL checkpoints without '-hf' are not supported: use the transformers-native "

@@ -152,6 +152,8 @@ class QwenVLFamily(TransformersFamily):
     prefix_sharing = True
     #: Generation prefills each prompt once, cache repeated per sample (core.plugins.builtin.prefill).
     shared_prefill = True
+    #: Rollout decodes with a loop that drops finished rows (core.plugins.builtin.decode).
+    compact_decode = True
     #: Text of the default system turn the family's chat template inserts (None: none).
     default_system: ClassVar[str | None] = "You are a helpful assistant."
     #: Vision patch size and default tiny image-area bounds (multiples of (patch * 2)^2).
