@@ -61,14 +61,15 @@ dist: install
 		$(foreach d,$(PLUGIN_DIRS),$(d)/build $(d)/*.egg-info); exit $$status
 
 # The tables in benchmarks/README.md: the vision-heavy headline (gradient checkpointing off and
-# on, both sides), its G and completion-length sweep, and the tiny quickstart model; each run
+# on, both sides; and 3 pairs of whole plain runs, one at a time, for the harness check), its G and
+# completion-length sweep, and the tiny quickstart model; each run
 # also writes its full results to benchmarks/results/*.json; table.py prints the table, then
 # roofline.py the per-phase roofline of one vision step. ~12 min on 2 idle cores.
 BENCH = $(PY) benchmarks/step_vs_trl.py
 BENCH_OUT = benchmarks/results
 bench: install
 	mkdir -p $(BENCH_OUT)
-	$(BENCH) --config vision --grad-ckpt both --json $(BENCH_OUT)/vision.json $(ARGS)
+	$(BENCH) --config vision --grad-ckpt both --plain 3 --json $(BENCH_OUT)/vision.json $(ARGS)
 	$(BENCH) --config vision --generations 4 --json $(BENCH_OUT)/vision_g4.json $(ARGS)
 	$(BENCH) --config vision --generations 16 --json $(BENCH_OUT)/vision_g16.json $(ARGS)
 	$(BENCH) --config vision --max-new-tokens 32 --json $(BENCH_OUT)/vision_t32.json $(ARGS)

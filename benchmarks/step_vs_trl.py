@@ -122,12 +122,13 @@ class Counter:
 class Baton:
     """The child's side of the lock-step protocol: wait for ``GO``, time the step, report it."""
 
-    def __init__(self) -> None:
+    def __init__(self, free: bool = False) -> None:
         self.counter = Counter()
         self.t0 = self.c0 = 0.0
+        self.free = free  # --plain: no parent stepping the sides, the run goes at its own pace
 
     def begin(self) -> None:
-        line = sys.stdin.readline().strip()
+        line = "GO" if self.free else sys.stdin.readline().strip()
         if line != "GO":  # parent said stop (or died): end the run now
             os._exit(0)
         self.counter.take()
@@ -140,22 +141,10 @@ class Baton:
 
 
 # ---- the two sides -------------------------------------------------------------------------
-def run_vlmr1(args, cfg: dict[str, Any], ckpt: str, out: str, baton: Baton) -> dict:
-    """A user's ``python -m core.train --config FILE`` run (the CLI entry, default logging), lock-stepped.
-
-    The baton waits for ``GO`` where :meth:`GRPOTrainer.fit` creates the step's batch (before
-    the trainer's own ``step_time_s`` clock starts) and reports after the step's ``phase_log``:
-    the window is the whole loop iteration a user pays for, i.e. ``step_time_s`` (rollout with
-    data preparation, rewards on their threads, advantages, update, sync, metrics gathered, RSS
-    probe) plus the metrics line, TensorBoard scalars and the ``completions.jsonl`` dump every
-    ``logging.log_completions_every`` steps, all at their defaults.
-    """
+def write_vlmr1_config(args, cfg: dict[str, Any], ckpt: str, run_dir: str, config: Path) -> Path:
+    """The vlmr1 side's run config (a user's YAML for ``python -m core.train --config``), written to ``config``."""
     import yaml
 
-    import core.grpo.trainer as trainer
-    from core.train import main as train_main
-
-    run_dir = args.keep_vlmr1_run or str(Path(out, "vlmr1"))
     raw = {
         "model": {"path": ckpt, "family": "qwen2_5_vl"},
         "task": {"name": "synthetic_color", "options": task_options(cfg)},
@@ -172,8 +161,25 @@ def run_vlmr1(args, cfg: dict[str, Any], ckpt: str, out: str, baton: Baton) -> d
         "checkpoint": {"save_final": False},
         "eval": {"enabled": False},
     }
-    config = Path(out, "bench_config.yaml")
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return config
+
+
+def run_vlmr1(args, cfg: dict[str, Any], ckpt: str, out: str, baton: Baton) -> dict:
+    """A user's ``python -m core.train --config FILE`` run (the CLI entry, default logging), lock-stepped.
+
+    The baton waits for ``GO`` where :meth:`GRPOTrainer.fit` creates the step's batch (before
+    the trainer's own ``step_time_s`` clock starts) and reports after the step's ``phase_log``:
+    the window is the whole loop iteration a user pays for, i.e. ``step_time_s`` (rollout with
+    data preparation, rewards on their threads, advantages, update, sync, metrics gathered, RSS
+    probe) plus the metrics line, TensorBoard scalars and the ``completions.jsonl`` dump every
+    ``logging.log_completions_every`` steps, all at their defaults.
+    """
+    import core.grpo.trainer as trainer
+    from core.train import main as train_main
+
+    run_dir = args.keep_vlmr1_run or str(Path(out, "vlmr1"))
+    config = write_vlmr1_config(args, cfg, ckpt, run_dir, Path(out, "bench_config.yaml"))
 
     real_batch, load_models, phase_log = trainer.StepBatch, trainer.GRPOTrainer.load_models, \
         trainer.GRPOTrainer.phase_log
@@ -264,7 +270,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     cfg = CONFIGS[args.config]
-    baton = Baton()
+    baton = Baton(free=args.plain_side)
     print("READY", flush=True)
     fn = run_vlmr1 if args.side == "vlmr1" else run_trl
     with tempfile.TemporaryDirectory() as out:
@@ -285,19 +291,71 @@ def _read(proc: subprocess.Popen, prefix: str, side: str) -> dict:
             return json.loads(line[len(prefix):]) if line[len(prefix):].strip() else {}
 
 
+def side_cmd(args, side: str, ckpt: str, ckpt_on: bool) -> list[str]:
+    """The command line of one side's child process."""
+    cmd = [sys.executable, __file__, "--side", side, "--ckpt", ckpt, "--config", args.config,
+           "--side-ckpt", str(int(ckpt_on)), "--threads", str(args.threads), "--generations",
+           str(args.generations), "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
+           "--beta", str(args.beta), "--lr", str(args.lr), "--steps", str(args.steps), "--warmup",
+           str(args.warmup), "--prefix-sharing", args.prefix_sharing, "--shared-prefill", args.shared_prefill]
+    if side == "vlmr1" and args.keep_vlmr1_run:
+        cmd += ["--keep-vlmr1-run", str(Path(args.keep_vlmr1_run, "ckpt_on" if ckpt_on else "ckpt_off"))]
+    return cmd
+
+
+def _env(args) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads),
+            "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+
+
+def measure_plain(args, ckpt: str, tmp: str) -> dict:
+    """``--plain N``: the independent harness: N pairs of whole runs, one process at a time, alternating.
+
+    vlmr1's run is a plain ``python -m core.train --config FILE`` (the same config file as the
+    lock-step side), timed by its own ``metrics.jsonl`` ``step_time_s``; TRL's is this script's
+    TRL child without a parent stepping it (its window as in the lock-step runs: batch fetch to
+    log line). Each run's median over its steps after ``--warmup``; the ratio per pair, then the
+    median over pairs. Nothing runs beside a run, so unlike the lock-step runs each side has the
+    machine (and its caches) to itself between its own steps: the two harnesses' ratios should
+    agree (issue 23 asks within 0.05) and where they do not, that difference is the harness's.
+    """
+    env = _env(args)
+    med: dict[str, list[float]] = {"vlmr1": [], "trl": []}
+    for i in range(args.plain):
+        for side in (("vlmr1", "trl") if i % 2 == 0 else ("trl", "vlmr1")):
+            if side == "vlmr1":
+                run_dir = Path(tmp, f"plain_vlmr1_{i}")
+                config = write_vlmr1_config(args, CONFIGS[args.config], ckpt, str(run_dir),
+                                            Path(tmp, f"plain_vlmr1_{i}.yaml"))
+                proc = subprocess.run([sys.executable, "-m", "core.train", "--config", str(config)], env=env,
+                                      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                if proc.returncode:
+                    sys.exit(f"plain vlmr1 run exited {proc.returncode}: {proc.stderr[-2000:]}")
+                rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                times = [r["step_time_s"] for r in rows if "step_time_s" in r]
+            else:
+                proc = subprocess.run([*side_cmd(args, "trl", ckpt, False), "--plain-side"], env=env,
+                                      stdin=subprocess.DEVNULL, capture_output=True, text=True)
+                if proc.returncode:
+                    sys.exit(f"plain TRL run exited {proc.returncode}: {proc.stderr[-2000:]}")
+                times = [json.loads(line[5:])["time"] for line in proc.stdout.splitlines()
+                         if line.startswith("STEP ")]
+            measured = times[args.warmup:]
+            if len(measured) != args.steps:
+                sys.exit(f"plain {side} run logged {len(times)} steps, expected {args.warmup + args.steps}")
+            med[side].append(statistics.median(measured))
+            print(f"  plain run {i + 1}/{args.plain} {side}: median {med[side][-1]:.2f} s/step", file=sys.stderr,
+                  flush=True)
+    ratios = [a / b for a, b in zip(med["vlmr1"], med["trl"], strict=True)]
+    return {"pairs": args.plain, "median_s": med, "ratios": ratios, "median_ratio": statistics.median(ratios)}
+
+
 def measure(args, ckpt: str, ckpt_on: bool) -> dict:
     """One lock-step run of both sides with gradient checkpointing ``ckpt_on``."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    env = _env(args)
     procs = {}
     for side in ("vlmr1", "trl"):
-        cmd = [sys.executable, __file__, "--side", side, "--ckpt", ckpt, "--config", args.config,
-               "--side-ckpt", str(int(ckpt_on)), "--threads", str(args.threads), "--generations",
-               str(args.generations), "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
-               "--beta", str(args.beta), "--lr", str(args.lr), "--steps", str(args.steps), "--warmup",
-               str(args.warmup), "--prefix-sharing", args.prefix_sharing, "--shared-prefill", args.shared_prefill]
-        if side == "vlmr1" and args.keep_vlmr1_run:
-            cmd += ["--keep-vlmr1-run", str(Path(args.keep_vlmr1_run, "ckpt_on" if ckpt_on else "ckpt_off"))]
+        cmd = side_cmd(args, side, ckpt, ckpt_on)
         procs[side] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sys.stderr,
                                        text=True, bufsize=1, env=env)
         _read(procs[side], "READY", side)
@@ -375,7 +433,11 @@ def main() -> None:
     p.add_argument("--keep-vlmr1-run", metavar="DIR",
                    help="keep vlmr1's output folders (DIR/ckpt_off|ckpt_on: metrics.jsonl, config.yaml) and the "
                         "tiny checkpoint (DIR/tiny-qwen2.5-vl) here instead of in a temporary folder")
+    p.add_argument("--plain", type=int, default=0, metavar="N",
+                   help="also time N pairs of whole plain runs, one process at a time, alternating (vlmr1: "
+                        "python -m core.train timed by its metrics.jsonl step_time_s), checkpointing off")
     p.add_argument("--side", choices=["vlmr1", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--plain-side", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--side-ckpt", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -401,6 +463,8 @@ def main() -> None:
         host().registry.get("models", "qwen2_5_vl").build_tiny_checkpoint(ckpt, **CONFIGS[args.config]["tiny"])
         for on in settings:
             report["runs"]["ckpt_on" if on else "ckpt_off"] = summarise(args, measure(args, ckpt, on))
+        if args.plain:
+            report["plain"] = measure_plain(args, ckpt, tmp)
     print(f"{report['date']}  {report['machine']}  torch {report['torch']}  threads {args.threads}")
     print(f"config {args.config}: G={args.generations}, prompts/step={args.prompts}, "
           f"max_new_tokens={args.max_new_tokens}, beta={args.beta}, vlmr1 prefix_sharing {args.prefix_sharing}, "
@@ -423,6 +487,15 @@ def main() -> None:
         print(f"  vlmr1/trl: paired-median time ratio {r['paired_median_ratio']:.2f}x, ratio of minima "
               f"{r['ratio_of_minima']:.2f}x, paired-median CPU-time ratio {r['cpu_paired_median_ratio']:.2f}x, "
               f"peak RSS {r['rss_ratio']:.2f}x")
+    if args.plain:
+        pl = report["plain"]
+        lock = report["runs"].get("ckpt_off", {}).get("paired_median_ratio")
+        print(f"\n[plain runs: {pl['pairs']} pairs of whole runs, one process at a time, alternating; checkpointing "
+              f"off]\n  vlmr1 (python -m core.train, step_time_s) median s/step per run: "
+              f"{', '.join(f'{x:.2f}' for x in pl['median_s']['vlmr1'])}\n  TRL median s/step per run: "
+              f"{', '.join(f'{x:.2f}' for x in pl['median_s']['trl'])}\n  vlmr1/trl per pair: "
+              f"{', '.join(f'{x:.3f}' for x in pl['ratios'])}; median {pl['median_ratio']:.2f}x"
+              + (f" (lock-step: {lock:.2f}x; difference {pl['median_ratio'] - lock:+.2f})" if lock else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -77,6 +77,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in reports:
         print("\n".join(rows(r)))
+    for r in reports:
+        if "plain" in r and "ckpt_off" in r["runs"]:
+            pl, lock = r["plain"], r["runs"]["ckpt_off"]["paired_median_ratio"]
+            print(f"\nHarness check ({r['config']}, G {r['G']}, {r['max_new_tokens']} tokens, checkpointing off): "
+                  f"{pl['pairs']} pairs of whole plain runs (vlmr1: python -m core.train, its step_time_s), one "
+                  f"process at a time: vlmr1/TRL {pl['median_ratio']:.2f}x (per pair "
+                  f"{', '.join(f'{x:.2f}' for x in pl['ratios'])}) against the lock-step {lock:.2f}x: "
+                  f"difference {pl['median_ratio'] - lock:+.2f}.")
     grow = growth(reports)
     if grow:
         print("\nCost growth (vision config, gradient checkpointing off):\n")

@@ -25,12 +25,17 @@ def test_step_vs_trl_counts_and_table(tmp_path):
     proc = run_command(
         [sys.executable, str(ROOT / "benchmarks/step_vs_trl.py"), "--config", "tiny", "--generations", str(G),
          "--prompts", str(PROMPTS), "--max-new-tokens", str(NEW), "--steps", "7", "--warmup", "1", "--threads", "1",
-         "--json", str(report_path), "--keep-vlmr1-run", str(tmp_path / "vlmr1")],
+         "--json", str(report_path), "--keep-vlmr1-run", str(tmp_path / "vlmr1"), "--plain", "1"],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(report_path.read_text())
     run = report["runs"]["ckpt_off"]
     ours, trl = run["counts_per_step"]["vlmr1"], run["counts_per_step"]["trl"]
+    # --plain: one pair of whole runs, each timed over its 7 steps after the warm-up, and the ratio.
+    plain = report["plain"]
+    assert plain["pairs"] == 1 and len(plain["ratios"]) == 1 and plain["median_ratio"] > 0
+    assert plain["median_ratio"] == plain["median_s"]["vlmr1"][0] / plain["median_s"]["trl"][0]
+    assert "plain runs: 1 pairs" in proc.stdout
 
     for p in ("gen", "ref", "train"):
         assert ours[f"vision_images/{p}"] == PROMPTS, ours  # one pass per unique image
