@@ -208,3 +208,35 @@ def test_lora_wrapped_policy_decodes_compactly(tiny, spy):
         lora.unload()  # restore the shared module-scoped model
     assert [c.ids for c in on] == [c.ids for c in off]
     assert [c.logprobs for c in on] != [c.logprobs for c in base], "the adapter did not change the logits"
+
+
+def test_preallocated_cache_writes_in_place_and_matches_the_dynamic_cache():
+    """preallocate_cache: same keys/values and mask sizes as DynamicCache's cat, one buffer written in place."""
+    import torch
+    from transformers import DynamicCache
+
+    from core.plugins.builtin.decode import preallocate_cache
+
+    torch.manual_seed(0)
+    prompt_k, prompt_v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    plain, fast = DynamicCache(), DynamicCache()
+    for c in (plain, fast):
+        c.update(prompt_k, prompt_v, 0)
+    preallocate_cache(fast, extra=4)
+    buffer = fast.layers[0]._k.data_ptr()
+    rows = 3
+    for step in range(4):
+        k, v = torch.randn(rows, 2, 1, 4), torch.randn(rows, 2, 1, 4)
+        kp, vp = plain.update(k, v, 0)
+        kf, vf = fast.update(k, v, 0)
+        assert torch.equal(kp, kf) and torch.equal(vp, vf)
+        assert fast.get_seq_length() == plain.get_seq_length() == 6 + step
+        assert fast.layers[0].get_mask_sizes(1) == plain.layers[0].get_mask_sizes(1)
+        if step == 1:  # dropping a row (compaction) keeps the two in step
+            keep = torch.tensor([0, 2])
+            plain.batch_select_indices(keep)
+            fast.batch_select_indices(keep)
+            buffer, rows = fast.layers[0]._k.data_ptr(), 2
+        assert fast.layers[0]._k.data_ptr() == buffer  # written in place, never reallocated by update
+    with pytest.raises(RuntimeError, match="preallocated KV cache full"):
+        fast.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4), 0)

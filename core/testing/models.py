@@ -849,8 +849,8 @@ def check_compact_decode(ctx: Any, group_size: int = 3, max_new_tokens: int = 12
     """The decode loop that drops finished rows samples as ``generate`` does.
 
     For a family with ``compact_decode`` on, on three left-padded prompts (0, 1 and 2 images),
-    :func:`core.plugins.builtin.decode.compact_decode` against ``model.generate`` (image tokens
-    suppressed, as the rollout does):
+    :func:`core.plugins.builtin.decode.compact_decode` against ``model.generate`` continuing from the
+    same shared prefill (so only the decode steps differ; image tokens suppressed, as the rollout does):
 
     (a) greedy, with the EOS logit boosted after a token some rows generate and others do not
         (so rows finish at different steps and are dropped): exactly generate's tokens, and
@@ -876,6 +876,7 @@ def check_compact_decode(ctx: Any, group_size: int = 3, max_new_tokens: int = 12
     from core.grpo.logprobs import build_train_inputs, pad_completions
     from core.interfaces import eos_token_ids, split_completions
     from core.plugins.builtin.decode import can_compact_decode, compact_decode
+    from core.plugins.builtin.prefill import shared_prefill_generate
     from core.plugins.builtin.rollout import SampledLogprobs, TransformersRollout, generate_kwargs
 
     model, proc, family = ctx.model, ctx.processor, ctx.family
@@ -914,8 +915,13 @@ def check_compact_decode(ctx: Any, group_size: int = 3, max_new_tokens: int = 12
             return fn()
 
     def by_generate(kw: dict[str, Any], s: SamplingParams, n: int) -> tuple[Any, Any]:
+        # generate continuing from the same shared prefill as the loop (the shared_prefill check
+        # compares that with plain generate): only the decode steps differ, so the comparison is
+        # exact. Against plain generate the prefill's batch differs (B*n rows, not B), its float
+        # rounding too, and a mixture-of-experts router can flip on such a near-tie (observed:
+        # GLM-4V-MoE, one position off by 0.02 at 2 threads).
         rec = SampledLogprobs.for_sampling(s)
-        out = model.generate(**inputs, num_return_sequences=n, logits_processor=LogitsProcessorList([rec]), **kw)
+        out = shared_prefill_generate(model, family, inputs, n, logits_processor=LogitsProcessorList([rec]), **kw)
         gen = out[:, inputs["input_ids"].shape[1]:]
         return gen, rec.result(gen)
 

@@ -5,7 +5,8 @@ group lengths differ a lot, and the decode forward's cost scales with its rows. 
 B left-padded prompts and n samples each (``B*n`` rows)::
 
     1. prefill: :func:`core.plugins.builtin.prefill.prefill_cache` -- each unique prompt's tokens
-       0 .. L-2 once, its cache rows repeated n times (with n == 1: every row's prompt).
+       0 .. L-2 once, its cache rows repeated n times (with n == 1: every row's prompt); the
+       cache then gets room for the new tokens, written in place (:func:`preallocate_cache`).
     2. step t = 0, 1, ...: one forward of the active rows, one token each (the last prompt
        token at t = 0, then the token sampled at t - 1), at position ``last prompt position
        + t`` on every axis (1-D or multimodal RoPE), which is what ``generate`` computes;
@@ -29,11 +30,89 @@ keeps ``generate`` elsewhere (``choices``, repetition penalty, beam search, ...)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 from core.interfaces import ModelFamily
 from core.plugins.builtin.prefill import can_continue_from_cache, can_share_prefill, hf_model, prefill_cache
+
+
+def preallocate_cache(cache: Any, extra: int) -> Any:
+    """Give each plain dynamic layer of ``cache`` room for ``extra`` more positions, written in place.
+
+    transformers' ``DynamicLayer.update`` appends with ``torch.cat``, which copies the layer's
+    whole cache at every decode step: O(T^2) bytes over T steps, measured at a third of the
+    rollout's time on CPU (vision config, 16 rows, 64 tokens; ``benchmarks/README.md``). Its
+    ``StaticLayer`` writes in place but attends over the full preallocated length and is built for
+    ``torch.compile`` (which was slower on CPU, ``benchmarks/decode_ab.py``). So layers of exactly
+    ``DynamicLayer``'s type are replaced by an in-place subclass of it, which keeps the dynamic
+    layer's semantics (sequence length, mask sizes, attention over the filled positions only)
+    and writes each step into a preallocated buffer; other layer types (sliding window, ...) are
+    left as they are. Returns ``cache``.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return cache
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
+            layers[i] = _in_place_layer_class().from_dynamic(layer, extra)
+    return cache
+
+
+@functools.cache
+def _in_place_layer_class() -> type:
+    """The in-place layer class (built on first use: core imports transformers lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class InPlaceLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose keys and values are views of a buffer with spare positions."""
+
+        @classmethod
+        def from_dynamic(cls, layer: Any, extra: int) -> Any:
+            new = cls()
+            keys, values = layer.keys, layer.values
+            b, h, n = keys.shape[:3]
+            new.device, new.is_initialized, new.length = layer.device, True, n
+            new._k = keys.new_empty((b, h, n + extra, keys.shape[-1]))
+            new._v = values.new_empty((b, h, n + extra, values.shape[-1]))
+            new._k[:, :, :n] = keys
+            new._v[:, :, :n] = values
+            new._views()
+            return new
+
+        def _views(self) -> None:
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            end = self.length + key_states.shape[-2]
+            if end > self._k.shape[-2]:
+                raise RuntimeError(f"preallocated KV cache full ({self._k.shape[-2]} positions)")
+            self._k[:, :, self.length:end] = key_states
+            self._v[:, :, self.length:end] = value_states
+            self.length = end
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: Any) -> None:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._views()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._k = self._k.repeat_interleave(repeats, dim=0)
+            self._v = self._v.repeat_interleave(repeats, dim=0)
+            self._views()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("a preallocated decode cache is not cropped")
+
+    return InPlaceLayer
+
 
 #: Compact once at least this fraction of the active rows has finished since the last compaction:
 #: each compaction copies the whole KV cache, so dropping one row at a time would cost more than
@@ -158,6 +237,7 @@ def compact_decode(model: Any, family: ModelFamily, inputs: Any, n: int, **gen_k
     pad = int(cfg._pad_token_tensor) if cfg._pad_token_tensor is not None else int(eos[0]) if len(eos) else 0
 
     cache_key, cache, rows = prefill_cache(model, family, inputs, n)
+    preallocate_cache(cache, cfg.max_new_tokens)
     total = rows["input_ids"].shape[0]
     token = rows["input_ids"][:, -1]
     mask = rows["attention_mask"]
