@@ -200,10 +200,17 @@ def can_compact_decode(
     (:func:`~core.plugins.builtin.prefill.can_continue_from_cache`), and with ``n > 1`` shares
     the prefill (:func:`~core.plugins.builtin.prefill.can_share_prefill`); greedy or plain
     sampling whose only logits processing is suppressed ids, temperature, top-k and top-p (no
-    ``prefix_allowed_tokens_fn``, repetition penalty, beams, stop strings); parameters not
+    ``prefix_allowed_tokens_fn``, repetition penalty, beams, stop strings); the model itself, not
+    a wrapper adding to its ``generate`` (a streamer); parameters not
     sharded across processes (ZeRO-3, FSDP), whose forwards every rank must run in step.
     """
+    import torch
+
     if not getattr(family, "compact_decode", False):
+        return False
+    if not isinstance(model, torch.nn.Module):
+        # A wrapper around the policy that adds to its generate calls (the server's streaming
+        # policy: a streamer, a cancel criterion) must keep generate: the loop would skip them.
         return False
     model = hf_model(model)
     if _sharded_across_ranks(model):
