@@ -1,8 +1,10 @@
-"""CPU seconds of vlmr1's training passes, plain rows vs shared prefix, on one rollout.
+"""CPU seconds of vlmr1's training passes, plain rows vs the two shared-prefix layouts, on one rollout.
 
     python benchmarks/train_passes.py [--config vision] [--reps 3]
 
-Times what ``grpo.prefix_sharing`` changes and nothing else: the reference forward (no grad)
+Times what ``grpo.prefix_sharing`` changes and nothing else (plain rows; ``packed``: one row per
+prompt under a block-causal mask; ``cached``: one prompt pass, the completions on its KV cache):
+the reference forward (no grad)
 plus the policy forward and backward of one step's completions (``--prompts`` groups of
 ``--generations`` completions of ``--max-new-tokens`` tokens, random non-vision token ids),
 on the checkpoint of ``step_vs_trl.py --config``. The two paths alternate; each rep reports
@@ -29,7 +31,7 @@ def main() -> None:
     from step_vs_trl import CONFIGS, task_options
 
     from core.grpo.logprobs import build_train_inputs, completion_logprobs, pad_completions
-    from core.grpo.prefix import pack, packed_logprobs
+    from core.grpo.prefix import cached_logprobs, pack, packed_logprobs, prepare_cached
     from core.interfaces import PromptInput
     from core.plugins import PluginHost
 
@@ -71,16 +73,23 @@ def main() -> None:
             completion_logprobs(ref, inputs, ids.shape[1])
         (completion_logprobs(model, inputs, ids.shape[1]) * mask).sum().backward()
 
-    def shared() -> None:
-        packed = pack(fam, model, proc, rows, ids, force=True)
+    def packed() -> None:
+        inputs = pack(fam, model, proc, rows, ids, force=True)
         with torch.no_grad():
-            packed_logprobs(ref, packed)
-        (packed_logprobs(model, packed) * mask).sum().backward()
+            packed_logprobs(ref, inputs)
+        (packed_logprobs(model, inputs) * mask).sum().backward()
 
-    cpu: dict[str, list[float]] = {"plain": [], "shared": []}
+    def cached() -> None:
+        inputs = prepare_cached(fam, model, proc, rows, ids)
+        with torch.no_grad():
+            cached_logprobs(ref, inputs)
+        (cached_logprobs(model, inputs) * mask).sum().backward()
+
+    paths = (("plain", plain), ("packed", packed), ("cached", cached))
+    cpu: dict[str, list[float]] = {name: [] for name, _ in paths}
     work: dict[str, dict[str, int]] = {}
     for _ in range(args.reps + 1):  # the first round warms up
-        for name, fn in (("plain", plain), ("shared", shared)):
+        for name, fn in paths:
             counts.update(pixels=0, tokens=0)
             model.zero_grad(set_to_none=True)
             c0 = time.process_time()
@@ -89,13 +98,14 @@ def main() -> None:
             work[name] = dict(counts)
     for name in cpu:
         cpu[name] = cpu[name][1:]
-    ratio = statistics.median(a / b for a, b in zip(cpu["shared"], cpu["plain"], strict=True))
     print(f"config {args.config}: {args.prompts} prompts x G={args.generations}, {args.max_new_tokens} completion "
           f"tokens, {args.threads} threads; policy forward+backward and reference forward (policy-side counts)")
     for name in cpu:
         print(f"  {name:6s} CPU s {[round(x, 2) for x in cpu[name]]} (median {statistics.median(cpu[name]):.2f}); "
               f"vision pixels {work[name]['pixels']}, LM token positions {work[name]['tokens']}")
-    print(f"  shared / plain CPU time: {ratio:.2f}x (paired median)")
+    for name in ("packed", "cached"):
+        ratio = statistics.median(a / b for a, b in zip(cpu[name], cpu["plain"], strict=True))
+        print(f"  {name} / plain CPU time: {ratio:.2f}x (paired median)")
 
 
 if __name__ == "__main__":

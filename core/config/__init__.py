@@ -154,10 +154,11 @@ class GRPOConfig(Strict):
                             "resample new prompts for them (DAPO dynamic sampling), up to resample_budget rounds")
     resample_budget: int = Field(2, ge=0, description="extra rollout rounds per step for zero_variance_groups=resample")
     prefix_sharing: bool = Field(
-        True, description="training passes run each group's prompt and images once, its G completions packed after "
-                          "it under a block-causal mask (core.grpo.prefix); used where the model family opted in "
-                          "and attention is sdpa/eager, else the plain path; false = one [prompt, completion] row "
-                          "per completion")
+        True, description="training passes run each group's prompt and images once (core.grpo.prefix), where the "
+                          "model family opted in: a prompt pass whose KV cache its G completions then run on (any "
+                          "attention kernel), or with gradient checkpointing one packed row per group under a "
+                          "block-causal mask (sdpa/eager); else the plain path; false = one [prompt, completion] "
+                          "row per completion")
     # Rollout correction: TRL's vllm_importance_sampling_* options, with TRL's defaults.
     rollout_is_correction: bool | None = Field(
         None, description="weight each completion's loss by pi_old / q, q being the rollout engine's sampling "

@@ -55,7 +55,7 @@ def build_train_inputs(
     return out
 
 
-def _unwrap(model: Any) -> Any:
+def unwrap_model(model: Any) -> Any:
     """The module under DDP / accelerate wrappers (PEFT models forward attribute look-ups)."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
@@ -104,6 +104,7 @@ def head_logprobs(
 def selected_logprobs(
     model: Any, inputs: Mapping[str, Any], positions: torch.Tensor, targets: torch.Tensor,
     temperature: float = 1.0, logits_to_keep: int = 0, budget_bytes: int | None = None,
+    use_cache: bool = False, outputs: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Log-probabilities ``[B, K]`` of ``targets`` predicted at ``positions`` of each row.
 
@@ -117,9 +118,11 @@ def selected_logprobs(
     sharded weight for backward from a hook on that output, so the gradient must flow through
     it (a model that changes its logits after the head, e.g. soft-capping, gets the log-probs
     from the head directly instead). If the model does not route its logits through
-    ``get_output_embeddings()``, the ordinary logits are used instead.
+    ``get_output_embeddings()``, the ordinary logits are used instead. ``use_cache`` is passed
+    to the model (a cache given in ``inputs`` is read either way); with ``outputs`` (a dict),
+    ``outputs["output"]`` receives the model's output (e.g. the KV cache it filled).
     """
-    head = _unwrap(model).get_output_embeddings()
+    head = unwrap_model(model).get_output_embeddings()
     vocab = getattr(head, "out_features", None) or head.weight.shape[0]
     got: dict[str, torch.Tensor] = {}
 
@@ -135,12 +138,14 @@ def selected_logprobs(
     own = head.__dict__.get("forward")  # an instance-level forward (hooks of other libraries) to restore
     head.forward = forward
     try:
-        out = model(**inputs, logits_to_keep=logits_to_keep, use_cache=False)
+        out = model(**inputs, logits_to_keep=logits_to_keep, use_cache=use_cache)
     finally:
         if own is None:
             del head.forward
         else:
             head.forward = own
+    if outputs is not None:
+        outputs["output"] = out
     if "lp" in got:
         carried = getattr(out, "logits", None)
         if isinstance(carried, torch.Tensor) and carried.shape == (*positions.shape, 1) \
@@ -172,7 +177,7 @@ def completion_logprobs(
     t = num_completion_tokens
     ids = train_inputs["input_ids"]
     budget = LOGITS_BUDGET_BYTES if budget_bytes is None else budget_bytes
-    head = _unwrap(model).get_output_embeddings()
+    head = unwrap_model(model).get_output_embeddings()
     vocab = getattr(head, "out_features", None) or getattr(head, "weight", torch.empty(0, 0)).shape[0]
     if ids.shape[0] * (t + 1) * vocab * 4 > budget:
         positions = torch.arange(t, device=ids.device).unsqueeze(0).expand(ids.shape[0], t)

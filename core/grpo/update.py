@@ -19,7 +19,17 @@ from core.config import ConfigError, RunConfig
 from core.grpo.guard import check_finite
 from core.grpo.logprobs import build_train_inputs, completion_logprobs, pad_completions
 from core.grpo.loss import LossNormalizer, MismatchStats, grpo_loss, rollout_is_weights, rollout_mismatch
-from core.grpo.prefix import PackedRows, can_share_prefix, pack, packed_logprobs
+from core.grpo.prefix import (
+    CachedPrefix,
+    PackedRows,
+    cached_logprobs,
+    can_cache_prefix,
+    can_share_prefix,
+    pack,
+    packed_logprobs,
+    prepare_cached,
+    segments,
+)
 
 if TYPE_CHECKING:
     from core.grpo.batch import StepBatch
@@ -85,19 +95,24 @@ def policy_update(policy: Policy, batch: StepBatch) -> None:
                           max_completion_length=g.max_completion_length, global_tokens=global_tokens,
                           num_processes=accelerator.num_processes)
     # Micro-batches: inputs are built once and reused by every iteration (mu > 1). With
-    # grpo.prefix_sharing, where the family and attention kernel allow, each group's prompt and
-    # images run once, packed with its completions (core.grpo.prefix); otherwise one
-    # [prompt, completion] row per completion.
+    # grpo.prefix_sharing, where the family allows, each group's prompt and images run once
+    # (core.grpo.prefix): a prompt pass whose KV cache the completions then run on, or (with
+    # gradient checkpointing, or no cache in the forward) one packed row per prompt under a
+    # block-causal mask; otherwise one [prompt, completion] row per completion.
     unwrapped = accelerator.unwrap_model(model)
-    shared = g.prefix_sharing and can_share_prefix(bundle.family, unwrapped)
+    cached = g.prefix_sharing and can_cache_prefix(bundle.family, unwrapped)
+    shared = g.prefix_sharing and not cached and can_share_prefix(bundle.family, unwrapped)
     mbs = []
     for s in range(0, n, mb_size):
         idx = list(range(s, min(s + mb_size, n)))
         t = max(int(comp_mask[idx].sum(1).max()), 1)
         ids, mask = comp_ids[idx, :t], comp_mask[idx, :t]
         inputs: Any = None
-        if shared:
-            inputs = pack(bundle.family, unwrapped, bundle.processor, [ro.prompts[i] for i in idx], ids, dev)
+        prompts = [ro.prompts[i] for i in idx]
+        if cached and len(segments(prompts)) < len(idx):  # some prompt has several completions here
+            inputs = prepare_cached(bundle.family, unwrapped, bundle.processor, prompts, ids, dev)
+        elif shared:
+            inputs = pack(bundle.family, unwrapped, bundle.processor, prompts, ids, dev)
         if inputs is None:
             p_inputs = bundle.family.process(bundle.processor, [ro.prompts[i].text for i in idx],
                                              [ro.prompts[i].images for i in idx]).to(dev)
@@ -105,6 +120,8 @@ def policy_update(policy: Policy, batch: StepBatch) -> None:
         mbs.append((idx, inputs, mask, t))
 
     def logps(m: Any, inputs: Any, t: int) -> torch.Tensor:
+        if isinstance(inputs, CachedPrefix):
+            return cached_logprobs(m, inputs, g.temperature)
         if isinstance(inputs, PackedRows):
             return packed_logprobs(m, inputs, g.temperature)
         return completion_logprobs(m, inputs, t, g.temperature)

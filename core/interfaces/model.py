@@ -39,11 +39,12 @@ class ModelFamily(Component):
         per_token_keys: processor outputs aligned with ``input_ids`` that must be extended
             (with zeros) over completion tokens for the training forward, so training-time
             log-probabilities use the same multimodal positions generation used.
-        prefix_sharing: whether the engine may run this family's training passes packed,
-            one prompt per group with its completions under a block-causal mask
-            (:mod:`core.grpo.prefix`). Opt in once the ``shared_prefix`` conformance check
-            passes: it needs a model whose positions come from :meth:`prompt_positions` and
-            whose attention is purely causal (not, e.g., bidirectional over image tokens).
+        prefix_sharing: whether the engine may run this family's training passes with each
+            group's prompt once (:mod:`core.grpo.prefix`): a prompt pass whose KV cache the
+            completions run on, or one packed row per group under a block-causal mask. Opt in
+            once the ``shared_prefix`` conformance check passes: it needs a model whose
+            positions come from :meth:`prompt_positions` and whose attention is purely causal
+            (not, e.g., bidirectional over image tokens).
         shared_prefill: whether the built-in rollout may prefill each unique prompt once and
             repeat its KV cache for the n samples (:mod:`core.plugins.builtin.prefill`) instead of
             prefilling n copies. Opt in once the ``shared_prefill`` conformance check passes:

@@ -30,9 +30,10 @@ paths training uses, on CPU in float32:
                       output (``image_grid_thw`` or one image's ``pixel_values``) on odd sizes.
 ``structure_suppressed`` every special token the processor writes for an image (found from its
                       output, not from the family) is in ``suppressed_token_ids``.
-``shared_prefix``     the packed training forward (one prompt per group, block-causal
-                      mask; :mod:`core.grpo.prefix`) gives the plain path's log-probs and
-                      gradients and encodes each unique image once
+``shared_prefix``     the shared-prefix training forwards (:mod:`core.grpo.prefix`: one
+                      packed row per prompt under a block-causal mask, and one prompt pass
+                      whose KV cache the completions run on) give the plain path's
+                      log-probs and gradients and encode each unique image once
                       (:func:`check_shared_prefix`).
 ``shared_prefill``    generation with each unique prompt prefilled once and its KV cache
                       repeated per sample samples the same tokens with the same logits as
@@ -634,12 +635,13 @@ SHARED_GRAD_RTOL = 1e-4
 
 
 def check_shared_prefix(ctx: Any, group_size: int = 3) -> None:
-    """The packed shared-prefix forward equals the plain one, with images encoded once.
+    """The shared-prefix forwards equal the plain one, with images encoded once.
 
     For a family with ``prefix_sharing`` on, three prompts (0, 1 and 2 images) with
     ``group_size`` completions each (different lengths, so padding is exercised) go through
-    the plain path (``[prompt, completion]`` rows, prompts processed per completion) and the
-    packed path (:mod:`core.grpo.prefix`). Asserts: per-token log-probs equal within
+    the plain path (``[prompt, completion]`` rows, prompts processed per completion), the
+    packed path and, where :func:`~core.grpo.prefix.can_cache_prefix` holds, the cached-prefix
+    path (:mod:`core.grpo.prefix`). Asserts, for each: per-token log-probs equal within
     ``SHARED_LOGPROB_ATOL``; every parameter gradient of the summed log-probs within
     ``SHARED_GRAD_RTOL`` of the largest gradient; the vision tower receives exactly one
     group's worth of pixels (``1 / group_size`` of the plain path's: each unique image
@@ -648,7 +650,14 @@ def check_shared_prefix(ctx: Any, group_size: int = 3) -> None:
     import torch
 
     from core.grpo.logprobs import build_train_inputs, completion_logprobs, pad_completions
-    from core.grpo.prefix import can_share_prefix, pack, packed_logprobs
+    from core.grpo.prefix import (
+        cached_logprobs,
+        can_cache_prefix,
+        can_share_prefix,
+        pack,
+        packed_logprobs,
+        prepare_cached,
+    )
 
     model, proc, family = ctx.model, ctx.processor, ctx.family
     name = ctx.family_cls.name
@@ -689,26 +698,30 @@ def check_shared_prefix(ctx: Any, group_size: int = 3) -> None:
     try:
         lp_plain, g_plain, px_plain = run(plain)
         packed = pack(family, model, proc, rows, ids, force=True)
-        lp_shared, g_shared, px_shared = run(lambda: packed_logprobs(model, packed))
+        results = {"packed": run(lambda: packed_logprobs(model, packed))}
+        if can_cache_prefix(family, model):
+            cached = prepare_cached(family, model, proc, rows, ids)
+            results["cached"] = run(lambda: cached_logprobs(model, cached))
     finally:
         handle.remove()
     m = mask.bool()
-    diff = (lp_plain - lp_shared)[m].abs().max().item()
-    if diff > SHARED_LOGPROB_ATOL:
-        raise ConformanceError(f"{name}: shared-prefix log-probs differ from the plain path by {diff:.3g} "
-                               f"(> {SHARED_LOGPROB_ATOL}); are prompt_positions() right for this model?")
-    if g_plain.keys() != g_shared.keys():
-        raise ConformanceError(f"{name}: the shared-prefix path reaches other parameters: "
-                               f"{sorted(g_plain.keys() ^ g_shared.keys())[:5]}")
-    scale = max(g.abs().max().item() for g in g_plain.values())
-    worst = max(g_plain, key=lambda n: (g_plain[n] - g_shared[n]).abs().max().item())
-    gdiff = (g_plain[worst] - g_shared[worst]).abs().max().item()
-    if gdiff > SHARED_GRAD_RTOL * scale:
-        raise ConformanceError(f"{name}: shared-prefix gradient of {worst} differs by {gdiff:.3g} "
-                               f"(largest gradient {scale:.3g})")
-    if px_plain == 0 or px_shared * group_size != px_plain:
-        raise ConformanceError(f"{name}: the vision tower got {px_shared} pixel values in the shared path and "
-                               f"{px_plain} in the plain one; expected each unique image once (1/{group_size})")
+    for how, (lp_shared, g_shared, px_shared) in results.items():
+        diff = (lp_plain - lp_shared)[m].abs().max().item()
+        if diff > SHARED_LOGPROB_ATOL:
+            raise ConformanceError(f"{name}: {how} shared-prefix log-probs differ from the plain path by {diff:.3g} "
+                                   f"(> {SHARED_LOGPROB_ATOL}); are prompt_positions() right for this model?")
+        if g_plain.keys() != g_shared.keys():
+            raise ConformanceError(f"{name}: the {how} shared-prefix path reaches other parameters: "
+                                   f"{sorted(g_plain.keys() ^ g_shared.keys())[:5]}")
+        scale = max(g.abs().max().item() for g in g_plain.values())
+        worst = max(g_plain, key=lambda n: (g_plain[n] - g_shared[n]).abs().max().item())  # noqa: B023
+        gdiff = (g_plain[worst] - g_shared[worst]).abs().max().item()
+        if gdiff > SHARED_GRAD_RTOL * scale:
+            raise ConformanceError(f"{name}: {how} shared-prefix gradient of {worst} differs by {gdiff:.3g} "
+                                   f"(largest gradient {scale:.3g})")
+        if px_plain == 0 or px_shared * group_size != px_plain:
+            raise ConformanceError(f"{name}: the vision tower got {px_shared} pixel values in the {how} path and "
+                                   f"{px_plain} in the plain one; expected each unique image once (1/{group_size})")
 
 
 # ---- shared prefill in generation ----------------------------------------------------------

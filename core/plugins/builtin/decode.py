@@ -172,11 +172,12 @@ def _processors(model: Any, inputs: Any, gen_kwargs: dict[str, Any]) -> tuple[An
     return procs, cfg
 
 
-def _sharded_across_ranks(model: Any) -> bool:
+def sharded_across_ranks(model: Any) -> bool:
     """Whether every forward gathers parameters collectively (DeepSpeed ZeRO-3 / FSDP, several processes).
 
     Then all ranks must run the same number of forwards, which ``generate`` arranges
-    (``synced_gpus``) and this loop does not: there, the rollout keeps ``generate``.
+    (``synced_gpus``) and this loop does not: there, the rollout keeps ``generate`` (and the
+    training passes keep one forward per micro-batch: :func:`core.grpo.prefix.can_cache_prefix`).
     """
     import torch.distributed as dist
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -213,7 +214,7 @@ def can_compact_decode(
         # policy: a streamer, a cancel criterion) must keep generate: the loop would skip them.
         return False
     model = hf_model(model)
-    if _sharded_across_ranks(model):
+    if sharded_across_ranks(model):
         return False
     if not can_continue_from_cache(family, model, gen_kwargs, inputs):
         return False
