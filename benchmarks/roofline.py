@@ -3,8 +3,10 @@
     python benchmarks/roofline.py                         # vision config, G 8, 2 prompts, 64 new tokens
     python benchmarks/roofline.py --max-new-tokens 128 --json roofline.json
 
-The machine's fp32 matmul peak is measured in the same process (a large ``torch.mm``, best of
-several) and so is its memory bandwidth (a large tensor copy: bytes read + written). A real
+The machine's fp32 matmul peak is measured in the same process (a 2048^3 product, best of
+several, with ``torch.mm`` (MKL) and with the oneDNN linear the CPU device runs the model's
+layers through; the peak is the better of the two) and so is its memory bandwidth (a large
+tensor copy: bytes read + written). A real
 :class:`~core.grpo.trainer.GRPOTrainer` (the engine's defaults, the step loop's phases) runs one
 warm-up step; then, from the same weights, optimizer state and seeds, the next step runs
 ``--repeats`` times timed (weights restored in between; median per phase) and once more under
@@ -14,7 +16,8 @@ timed). The counted step must sample the same tokens as the timed ones; it is pr
 What is counted: the matmul-class ops in torch's FLOP registry (``mm``, ``addmm``, ``bmm``,
 ``baddbmm``, convolutions, SDPA attention), forward and backward, plus CPU SDPA
 (``_scaled_dot_product_flash_attention_for_cpu`` and its backward, registered here with torch's
-own SDPA formula at full ``[q, k]`` size, masked or not). Element-wise work (norms,
+own SDPA formula at full ``[q, k]`` size, masked or not) and the CPU device's oneDNN linears
+(``mkldnn::_linear_pointwise``, forward and backward products). Element-wise work (norms,
 activations, softmax outside SDPA, the optimizer's AdamW, sampling) counts 0 FLOPs; for those
 phases, and for decode, a bytes-moved estimate is compared with the measured bandwidth.
 
@@ -52,19 +55,33 @@ PHASES = ("prefill", "decode", "generation other", "reward", "reference", "polic
           "advantages")
 
 
-def measure_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
-    """Best fp32 ``torch.mm`` rate (FLOP/s) of an ``n x n`` product on ``threads`` threads."""
+def measure_peak(threads: int, n: int = 2048, reps: int = 10) -> dict[str, float]:
+    """Best fp32 ``n x n`` product rate (FLOP/s) on ``threads`` threads, per kernel and overall.
+
+    ``mkl``: ``torch.mm`` (PyTorch's own float32 path); ``onednn``: the oneDNN linear the CPU
+    device runs the model's layers through (``device.options.onednn_linear``); ``peak``: the
+    better of the two, the machine's measured float32 matmul peak.
+    """
     import torch
 
+    from core.plugins.builtin.onednn import onednn_available
+
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
-        torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    kernels = {"mkl": lambda: torch.mm(a, b)}
+    if onednn_available():
+        kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    out: dict[str, float] = {}
+    for name, fn in kernels.items():
+        for _ in range(2):
+            fn()
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = 2 * n**3 / best
+    out["peak"] = max(out.values())
+    return out
 
 
 def measure_bandwidth(mib: int = 256, reps: int = 10) -> float:
@@ -96,19 +113,24 @@ def measure_decode_matmuls(model: Any, rows: int, reps: int = 200) -> dict[str, 
     import torch
 
     shapes: dict[tuple[int, int], int] = defaultdict(int)
+    layer = None
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and ".visual." not in f".{name}.":
             shapes[(mod.in_features, mod.out_features)] += 1
+            layer = layer or type(mod)  # the kernel the model runs (nn.Linear, or the CPU device's oneDNN one)
     flops = seconds = 0.0
     for (fan_in, fan_out), count in shapes.items():
-        x, w = torch.randn(rows, fan_in), torch.randn(fan_out, fan_in)
-        for _ in range(10):
-            torch.nn.functional.linear(x, w)
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            best = min(best, time.perf_counter() - t0)
+        lin = torch.nn.Linear(fan_in, fan_out, bias=False)
+        lin.__class__ = layer or torch.nn.Linear
+        x = torch.randn(rows, fan_in)
+        with torch.no_grad():
+            for _ in range(10):
+                lin(x)
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                lin(x)
+                best = min(best, time.perf_counter() - t0)
         flops += count * 2 * rows * fan_in * fan_out
         seconds += count * best
     return {"rows": rows, "flop_per_s": flops / seconds, "linears": float(sum(shapes.values())),
@@ -131,6 +153,17 @@ def register_cpu_sdpa() -> None:
         @fc.register_flop_formula(bwd)
         def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
             return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    # The CPU device's oneDNN linears (core.plugins.builtin.onednn): input [..., K] x weight [N, K] (any
+    # strides; the backward's products are the same op): 2 * rows * K * N.
+    lin = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if lin is not None and lin not in fc.flop_registry and lin.default not in fc.flop_registry:
+        @fc.register_flop_formula(lin)
+        def _lin(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+            rows = 1
+            for d in x_shape[:-1]:
+                rows *= d
+            return 2 * rows * x_shape[-1] * w_shape[0]
 
 
 class Probe:
@@ -266,7 +299,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     register_cpu_sdpa()
-    peak, bw = measure_peak(args.threads), measure_bandwidth()
+    peaks, bw = measure_peak(args.threads), measure_bandwidth()
+    peak = peaks["peak"]
     cfg = CONFIGS[args.config]
     h = host()
     with tempfile.TemporaryDirectory() as tmp:
@@ -339,6 +373,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
         "threads": args.threads, "config": args.config, "G": args.generations, "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "peak_flop_per_s": peak,
+        "peak_by_kernel_flop_per_s": peaks,
         "bandwidth_bytes_per_s": bw, "mean_completion": mean_len, "counted_step_same_tokens": same_tokens,
         "phases": rows, "counted_flops_by_op": probe.ops, "decode_matmul_ceiling": ceiling,
     }
@@ -347,7 +382,8 @@ def main() -> None:
           f"max_new_tokens={args.max_new_tokens} (mean completion {mean_len:.1f}); timed step: median of "
           f"{args.repeats}; FLOPs counted on a replay of the same step (same sampled tokens: "
           f"{'yes' if same_tokens else 'NO'})")
-    print(f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3 torch.mm), copy bandwidth "
+    by_kernel = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items() if k != "peak")
+    print(f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3; {by_kernel}), copy bandwidth "
           f"{bw / 1e9:.1f} GB/s (256 MiB, read + write)")
     print("| phase | s | share | GFLOP counted | GFLOP/s | of peak | token positions | GB moved (est.) | GB/s | "
           "of bandwidth |")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from core.interfaces.base import Component
 
@@ -43,6 +43,15 @@ class Device(Component):
     def memory_stats(self) -> dict[str, float]:
         """Memory figures (GiB) for the logs, e.g. ``{"mem_allocated_gib": 1.2}``."""
         return {}
+
+    def prepare_model(self, model: Any) -> None:
+        """Adapt a loaded model to this device in place (e.g. faster kernels); default: nothing.
+
+        Called once for every model the engine loads (the policy, with its LoRA adapters if any,
+        the reference model, evaluation and serving models), after loading and before
+        ``accelerate`` wraps it. Must keep the parameters, the state dict and the model's
+        results (up to float rounding).
+        """
 
     def seed(self, seed: int) -> None:
         """Seed every RNG this device uses."""

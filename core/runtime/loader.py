@@ -248,6 +248,9 @@ def load_policy(plan: Plan, registry: Registry, *, phase: Phase, checkpoint: str
         ref.requires_grad_(False)
         ref.eval()
         ref.to(device)
+    for m in (model, ref):  # the device's own kernels (the CPU's oneDNN linears), before accelerate wraps it
+        if m is not None:
+            device_obj.prepare_model(m)
     return ModelBundle(family, model, processor, ref, lora, family.suppressed_token_ids(processor, model))
 
 
