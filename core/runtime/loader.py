@@ -171,6 +171,7 @@ def load_checkpoint(path: str | Path, family: ModelFamily, device: Device, *, dt
                               attn_implementation=resolve_attention(attn_implementation, device, tdtype))
     model.to(tdev)
     model.eval()
+    device.prepare_model(model)
     processor = family.load_processor(path)
     return ModelBundle(family, model, processor, suppressed=family.suppressed_token_ids(processor, model))
 
