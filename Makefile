@@ -77,7 +77,11 @@ bench: install
 	$(BENCH) --config vision --max-new-tokens 128 --json $(BENCH_OUT)/vision_t128.json $(ARGS)
 	$(BENCH) --config vision --max-new-tokens 256 --steps 5 --json $(BENCH_OUT)/vision_t256.json $(ARGS)
 	$(BENCH) --config tiny --max-new-tokens 8 --prompts 4 --steps 9 --json $(BENCH_OUT)/tiny.json $(ARGS)
-	$(PY) benchmarks/table.py $(addprefix $(BENCH_OUT)/,vision.json vision_g4.json vision_g16.json vision_t32.json vision_t128.json vision_t256.json tiny.json)
+	$(BENCH) --config vision --onednn-linear off --json $(BENCH_OUT)/vision_mkl.json $(ARGS)
+	$(BENCH) --config vision --trl-onednn-linear on --json $(BENCH_OUT)/vision_matched.json $(ARGS)
+	$(BENCH) --config vision --max-new-tokens 128 --trl-onednn-linear on --json $(BENCH_OUT)/vision_t128_matched.json $(ARGS)
+	$(PY) benchmarks/table.py $(addprefix $(BENCH_OUT)/,vision.json vision_g4.json vision_g16.json vision_t32.json vision_t128.json vision_t256.json tiny.json vision_mkl.json vision_matched.json vision_t128_matched.json)
+	$(PY) benchmarks/linear_kernels.py --json $(BENCH_OUT)/linear_kernels.json
 	$(PY) benchmarks/roofline.py --config vision --json $(BENCH_OUT)/roofline_vision.json
 	$(PY) benchmarks/decode_ab.py --config vision --static-compile
 

@@ -158,6 +158,7 @@ def write_vlmr1_config(args, cfg: dict[str, Any], ckpt: str, run_dir: str, confi
         # Logging at a user's defaults (TensorBoard on, completions every 10 steps); no evaluation
         # and no checkpoints, like TRL's side (save_strategy "no", no eval set).
         "logging": {"output_dir": run_dir},
+        "device": {"name": "cpu", "options": {"onednn_linear": args.onednn_linear == "on"}},
         "checkpoint": {"save_final": False},
         "eval": {"enabled": False},
     }
@@ -257,6 +258,12 @@ def run_trl(args, cfg: dict[str, Any], ckpt: str, out: str, baton: Baton) -> dic
                     gradient_checkpointing=args.side_ckpt)
     trainer = GRPOTrainer(model=model, reward_funcs=[exact], args=gc, train_dataset=ds, processing_class=processor,
                           callbacks=[Lockstep()])
+    if args.trl_onednn_linear == "on":  # kernels matched: the CPU device's oneDNN linears on TRL's models too
+        from core.plugins.builtin.onednn import use_onednn_linears
+
+        for m in (trainer.model, getattr(trainer, "ref_model", None)):
+            if m is not None:
+                use_onednn_linears(m)
     baton.counter.attach(trainer.model, "policy")
     if getattr(trainer, "ref_model", None) is not None:
         baton.counter.attach(trainer.ref_model, "ref")
@@ -297,7 +304,8 @@ def side_cmd(args, side: str, ckpt: str, ckpt_on: bool) -> list[str]:
            "--side-ckpt", str(int(ckpt_on)), "--threads", str(args.threads), "--generations",
            str(args.generations), "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
            "--beta", str(args.beta), "--lr", str(args.lr), "--steps", str(args.steps), "--warmup",
-           str(args.warmup), "--prefix-sharing", args.prefix_sharing, "--shared-prefill", args.shared_prefill]
+           str(args.warmup), "--prefix-sharing", args.prefix_sharing, "--shared-prefill", args.shared_prefill,
+           "--onednn-linear", args.onednn_linear, "--trl-onednn-linear", args.trl_onednn_linear]
     if side == "vlmr1" and args.keep_vlmr1_run:
         cmd += ["--keep-vlmr1-run", str(Path(args.keep_vlmr1_run, "ckpt_on" if ckpt_on else "ckpt_off"))]
     return cmd
@@ -429,6 +437,11 @@ def main() -> None:
                    help="vlmr1's grpo.prefix_sharing (off = the plain one-row-per-completion training passes)")
     p.add_argument("--shared-prefill", choices=["on", "off"], default="on",
                    help="vlmr1's rollout.options.shared_prefill (off = generate prefills each prompt G times)")
+    p.add_argument("--onednn-linear", choices=["on", "off"], default="on",
+                   help="vlmr1's device.options.onednn_linear (off = PyTorch's own MKL linears, as TRL's side)")
+    p.add_argument("--trl-onednn-linear", choices=["on", "off"], default="off",
+                   help="on = TRL's policy and reference models get the same oneDNN linears as vlmr1 (kernels "
+                        "matched: the ratio then measures the engine alone)")
     p.add_argument("--json", help="also write the full results here")
     p.add_argument("--keep-vlmr1-run", metavar="DIR",
                    help="keep vlmr1's output folders (DIR/ckpt_off|ckpt_on: metrics.jsonl, config.yaml) and the "
@@ -455,6 +468,7 @@ def main() -> None:
         "config": args.config, "threads": args.threads, "G": args.generations, "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens, "beta": args.beta, "steps": args.steps, "warmup": args.warmup,
         "prefix_sharing": args.prefix_sharing, "shared_prefill": args.shared_prefill,
+        "onednn_linear": args.onednn_linear, "trl_onednn_linear": args.trl_onednn_linear,
         "runs": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -468,8 +482,8 @@ def main() -> None:
     print(f"{report['date']}  {report['machine']}  torch {report['torch']}  threads {args.threads}")
     print(f"config {args.config}: G={args.generations}, prompts/step={args.prompts}, "
           f"max_new_tokens={args.max_new_tokens}, beta={args.beta}, vlmr1 prefix_sharing {args.prefix_sharing}, "
-          f"shared_prefill {args.shared_prefill}, "
-          f"{args.steps} measured steps "
+          f"shared_prefill {args.shared_prefill}, oneDNN linears: vlmr1 {args.onednn_linear}, TRL "
+          f"{args.trl_onednn_linear}; {args.steps} measured steps "
           f"after {args.warmup} warm-up, sides stepping alternately")
     for name, r in report["runs"].items():
         print(f"\n[gradient checkpointing {'on' if name == 'ckpt_on' else 'off'} on both sides]")

@@ -22,6 +22,14 @@ def work(counts: dict[str, float]) -> str:
             f"{prefill:.0f}+{counts['lm_tokens/train']:.0f} tok")
 
 
+def kernels(report: dict[str, Any]) -> str:
+    """The linear-layer kernels of a run when not the defaults (vlmr1 oneDNN, TRL PyTorch's own MKL)."""
+    ours, theirs = report.get("onednn_linear", "on"), report.get("trl_onednn_linear", "off")
+    if ours == "on" and theirs == "off":
+        return ""
+    return f" (linears: vlmr1 {'oneDNN' if ours == 'on' else 'MKL'}, TRL {'oneDNN' if theirs == 'on' else 'MKL'})"
+
+
 def rows(report: dict[str, Any]) -> list[str]:
     """Markdown rows of one ``step_vs_trl.py --json`` report."""
     out = []
@@ -30,7 +38,8 @@ def rows(report: dict[str, Any]) -> list[str]:
         counts, length = run["counts_per_step"], run["completion_length"]
 
         out.append(
-            f"| {report['config']} | {report['G']} | {report['max_new_tokens']} | {key.removeprefix('ckpt_')} "
+            f"| {report['config']}{kernels(report)} | {report['G']} | {report['max_new_tokens']} "
+            f"| {key.removeprefix('ckpt_')} "
             f"| {med['vlmr1']:.2f} / {med['trl']:.2f} | **{run['paired_median_ratio']:.2f}x** "
             f"| {cpu['vlmr1']:.2f} / {cpu['trl']:.2f} | **{run['cpu_paired_median_ratio']:.2f}x** "
             f"| {rss['vlmr1']:.2f} / {rss['trl']:.2f} = {run['rss_ratio']:.2f}x "
@@ -47,7 +56,7 @@ def growth(reports: list[dict[str, Any]]) -> list[str]:
     cost grows faster as completions get longer or groups larger.
     """
     runs = {(r["G"], r["max_new_tokens"]): r["runs"]["ckpt_off"] for r in reports
-            if r["config"] == "vision" and "ckpt_off" in r["runs"]}
+            if r["config"] == "vision" and "ckpt_off" in r["runs"] and not kernels(r)}
     base = runs.get((8, 64))
     if base is None:
         return []

@@ -73,6 +73,16 @@ def test_other_dtypes_fall_back_to_nn_linear_exactly(dtype):
     assert "mkldnn::_linear_pointwise" not in _ops(lambda: fast(x))
 
 
+def test_autocast_and_empty_inputs_fall_back():
+    ref, fast = _pair(True)
+    x = torch.randn(5, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ref(x)
+        got = fast(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert fast(torch.randn(0, 48)).shape == (0, 40)
+
+
 def test_a_zero3_parameter_falls_back():
     ref, fast = _pair(True)
     fast[0].weight.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with

@@ -12,8 +12,9 @@ PyTorch exposes no switch that sends float32 ``mm`` to oneDNN at full precision 
 backward that computes ``grad @ W`` and ``grad^T @ x`` with the same op. Same FLOPs, float32 all
 the way; results differ from MKL's in float rounding only (summation order).
 
-Falls back to ``nn.Linear.forward`` per call for anything else: not float32, not on CPU, or a
-DeepSpeed ZeRO-3 parameter (``ds_id``: gathered and released by DeepSpeed around the forward).
+Falls back to ``nn.Linear.forward`` per call for anything else: not float32, not on CPU, empty,
+under CPU autocast (which would have run the layer in bfloat16), or a DeepSpeed ZeRO-3 parameter
+(``ds_id``: gathered and released by DeepSpeed around the forward).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class OneDNNLinear(nn.Linear):
         """``F.linear(x, weight, bias)``, through oneDNN where it applies."""
         w = self.weight
         if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" \
-                or w.device.type != "cpu" or hasattr(w, "ds_id") or x.shape[-1] == 0 or w.shape[0] == 0:
+                or w.device.type != "cpu" or hasattr(w, "ds_id") or x.numel() == 0 or w.numel() == 0 \
+                or torch.is_autocast_enabled("cpu"):
             return super().forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                         or (self.bias is not None and self.bias.requires_grad)):
