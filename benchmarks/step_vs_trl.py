@@ -126,11 +126,16 @@ class Baton:
         self.counter = Counter()
         self.t0 = self.c0 = 0.0
         self.free = free  # --plain: no parent stepping the sides, the run goes at its own pace
+        self.rss0: float | None = None  # RSS (GiB) when the first step starts: imports, models, data loaded
 
     def begin(self) -> None:
         line = "GO" if self.free else sys.stdin.readline().strip()
         if line != "GO":  # parent said stop (or died): end the run now
             os._exit(0)
+        if self.rss0 is None:
+            import psutil
+
+            self.rss0 = psutil.Process().memory_info().rss / 2**30
         self.counter.take()
         self.t0, self.c0 = time.perf_counter(), time.process_time()
 
@@ -283,6 +288,7 @@ def child(args) -> None:
     with tempfile.TemporaryDirectory() as out:
         res = fn(args, cfg, args.ckpt, out, baton)
     res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    res["rss_before_first_step_gib"] = baton.rss0
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -399,6 +405,9 @@ def summarise(args, run: dict) -> dict:
         "trl": statistics.mean(run["results"]["trl"]["completion_length"][w:] or [float("nan")]),
     }
     rss = {s: run["results"][s]["peak_rss_gib"] for s in ("vlmr1", "trl")}
+    # what training adds: peak RSS above the RSS when the first step starts (torch, the libraries and
+    # the models are resident by then on both sides; ~0.5 GiB of it is torch's own import)
+    rss0 = {s: run["results"][s].get("rss_before_first_step_gib") for s in ("vlmr1", "trl")}
     ours = run["steps"]["vlmr1"][w:]
     # What the run's own metrics.jsonl says (step_time_s, timing/<phase>_s) vs the baton's window.
     phases = sorted({k for x in ours for k in x.get("timings", {})})
@@ -411,6 +420,9 @@ def summarise(args, run: dict) -> dict:
         "cpu_paired_median_ratio": statistics.median(cpu_pairs),
         "peak_rss_gib": rss,
         "rss_ratio": rss["vlmr1"] / rss["trl"],
+        "rss_before_first_step_gib": rss0,
+        "rss_growth_ratio": ((rss["vlmr1"] - rss0["vlmr1"]) / (rss["trl"] - rss0["trl"])
+                             if None not in rss0.values() else None),
         "completion_length": lens,
         "counts_per_step": counts,
         "vlmr1_step_time_s_median": statistics.median(x["step_time_s"] for x in ours),
@@ -501,6 +513,10 @@ def main() -> None:
         print(f"  vlmr1/trl: paired-median time ratio {r['paired_median_ratio']:.2f}x, ratio of minima "
               f"{r['ratio_of_minima']:.2f}x, paired-median CPU-time ratio {r['cpu_paired_median_ratio']:.2f}x, "
               f"peak RSS {r['rss_ratio']:.2f}x")
+        if r.get("rss_growth_ratio") is not None:
+            r0 = r["rss_before_first_step_gib"]
+            print(f"  RSS when the first step starts: vlmr1 {r0['vlmr1']:.2f} GiB, TRL {r0['trl']:.2f} GiB; peak above "
+                  f"it (what training adds): vlmr1/trl {r['rss_growth_ratio']:.2f}x")
     if args.plain:
         pl = report["plain"]
         lock = report["runs"].get("ckpt_off", {}).get("paired_median_ratio")

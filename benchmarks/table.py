@@ -30,6 +30,12 @@ def kernels(report: dict[str, Any]) -> str:
     return f" (linears: vlmr1 {'oneDNN' if ours == 'on' else 'MKL'}, TRL {'oneDNN' if theirs == 'on' else 'MKL'})"
 
 
+def growth_note(run: dict[str, Any]) -> str:
+    """The ratio of what training adds to RSS (peak over the RSS when the first step starts), where measured."""
+    g = run.get("rss_growth_ratio")
+    return f" (added {g:.2f}x)" if g is not None else ""
+
+
 def rows(report: dict[str, Any]) -> list[str]:
     """Markdown rows of one ``step_vs_trl.py --json`` report."""
     out = []
@@ -42,7 +48,7 @@ def rows(report: dict[str, Any]) -> list[str]:
             f"| {key.removeprefix('ckpt_')} "
             f"| {med['vlmr1']:.2f} / {med['trl']:.2f} | **{run['paired_median_ratio']:.2f}x** "
             f"| {cpu['vlmr1']:.2f} / {cpu['trl']:.2f} | **{run['cpu_paired_median_ratio']:.2f}x** "
-            f"| {rss['vlmr1']:.2f} / {rss['trl']:.2f} = {run['rss_ratio']:.2f}x "
+            f"| {rss['vlmr1']:.2f} / {rss['trl']:.2f} = {run['rss_ratio']:.2f}x{growth_note(run)} "
             f"| {work(counts['vlmr1'])} | {work(counts['trl'])} | {length['vlmr1']:.1f} / {length['trl']:.1f} |"
         )
     return out
