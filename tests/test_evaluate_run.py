@@ -21,14 +21,13 @@ PLUGINS = "qwen-vl,synthetic,grounding,text"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    reg = PluginHost(PLUGINS).registry
+def tiny(tiny_qwen_path):
+    """The shared tiny Qwen2.5-VL checkpoint (tests/conftest.py); the synthetic tasks must be installed too."""
     try:
-        fam = reg.get("models", "qwen2_5_vl")
-        reg.get("tasks", "synthetic_grounding")
+        PluginHost(PLUGINS).registry.get("tasks", "synthetic_grounding")
     except LookupError as exc:
-        pytest.skip(f"needs the qwen-vl and synthetic plugins: {exc}")
-    return fam.build_tiny_checkpoint(tmp_path_factory.mktemp("eval") / "tiny", seed=0)
+        pytest.skip(f"needs the synthetic plugin: {exc}")
+    return tiny_qwen_path
 
 
 def _config(tmp_path: Path, tiny: Path, **task_options) -> Path:

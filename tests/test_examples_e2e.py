@@ -119,13 +119,9 @@ def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """The tiny Qwen2.5-VL, built offline through the installed family (as model.tiny would)."""
-    from core.plugins import PluginHost
-
-    path = tmp_path_factory.mktemp("model") / "tiny-qwen2_5_vl"
-    PluginHost().registry.resolve("models", "qwen2_5_vl").cls.build_tiny_checkpoint(path)
-    return path
+def tiny(tiny_qwen_path) -> Path:
+    """The shared tiny Qwen2.5-VL (tests/conftest.py), built offline through the installed family."""
+    return tiny_qwen_path
 
 
 @pytest.fixture(scope="module")

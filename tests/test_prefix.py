@@ -69,7 +69,12 @@ def test_packed_layout_mask_positions_and_read_positions(tmp_path):
 
 
 def test_engine_step_with_prefix_sharing_matches_the_plain_path(tmp_path, monkeypatch):
-    """One engine step (beta > 0, mu = 2, two micro-batches) three ways: same loss, KL, grad norm."""
+    """One engine step (beta > 0, mu = 2, two micro-batches) four ways: same loss, KL, grad norm.
+
+    Plain rows; the cached prefix (its call cost set to 0 so the rule picks it on this tiny
+    model); packed because the rule prefers it on this tiny model; packed because gradient
+    checkpointing rules the cache out.
+    """
     import json
 
     from core.config import build_config
@@ -84,8 +89,9 @@ def test_engine_step_with_prefix_sharing_matches_the_plain_path(tmp_path, monkey
         monkeypatch.setattr(update, fn, lambda *a, _f=real, _n=fn, **k: (
             calls.__setitem__(_n, calls.get(_n, 0) + 1), _f(*a, **k))[1])
     results, used = {}, {}
-    for shared in (False, True, "packed"):  # plain rows, cached prefix, packed (checkpointing on)
+    for shared in (False, "cached", "packed-by-cost", "packed-gc"):
         calls.clear()
+        monkeypatch.setattr(prefix, "CACHED_CALL_FLOPS", 0 if shared == "cached" else 5e7)
         out = tmp_path / f"out-{shared}"
         raw = {
             "model": {"family": "qwen2_5_vl", "path": str(tmp_path / "tiny"), "tiny": {"hidden_size": 64}},
@@ -94,7 +100,7 @@ def test_engine_step_with_prefix_sharing_matches_the_plain_path(tmp_path, monkey
             "grpo": {"num_generations": 4, "max_completion_length": 6, "beta": 0.04, "num_iterations": 2,
                      "prefix_sharing": bool(shared)},
             "train": {"learning_rate": 1e-3, "per_device_batch_size": 4, "gradient_accumulation_steps": 2,
-                      "max_steps": 1, "seed": 5, "gradient_checkpointing": shared == "packed"},
+                      "max_steps": 1, "seed": 5, "gradient_checkpointing": shared == "packed-gc"},
             "logging": {"output_dir": str(out), "tensorboard": False, "progress_bar": False, "plot": False,
                         "log_completions_every": 0},
             "checkpoint": {"save_final": False},
@@ -105,24 +111,21 @@ def test_engine_step_with_prefix_sharing_matches_the_plain_path(tmp_path, monkey
         results[shared] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
         used[shared] = set(calls)
     # 2 micro-batches x (ref + old + 2 policy passes); the rollout's own log-probs are not these
-    assert used == {False: {"completion_logprobs"}, True: {"cached_logprobs"}, "packed": {"packed_logprobs"}}
+    assert used == {False: {"completion_logprobs"}, "cached": {"cached_logprobs"},
+                    "packed-by-cost": {"packed_logprobs"}, "packed-gc": {"packed_logprobs"}}
     plain = results[False]
-    for shared in (True, "packed"):
+    for shared in ("cached", "packed-by-cost", "packed-gc"):
         assert results[shared]["completion_length"] == plain["completion_length"]  # same rollout
         for key in ("loss", "kl", "grad_norm"):
             assert results[shared][key] == pytest.approx(plain[key], rel=1e-4, abs=1e-6), (shared, key)
 
 
 @pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory):
-    """A tiny Qwen2.5-VL (family, model, processor) and prompts with 0, 1 and 2 images."""
-    from vlmr1_qwen_vl.family import Qwen25VLFamily
-
+def qwen(tiny_qwen):
+    """The shared tiny Qwen2.5-VL (tests/conftest.py) and prompts with 0, 1 and 2 images."""
     from core.testing.models import make_images, make_messages
 
-    fam = Qwen25VLFamily.from_options({})
-    path = Qwen25VLFamily.build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m")
-    model, proc = fam.load_model(path, dtype=torch.float32), fam.load_processor(path)
+    fam, model, proc = tiny_qwen
     prompts = [PromptInput(make_messages(k), fam.render_prompt(proc, make_messages(k)), make_images(k))
                for k in (0, 1, 2)]
     return fam, model, proc, prompts
@@ -145,8 +148,20 @@ def _uneven_rows(prompts):
     return rows, ids, mask
 
 
-def test_can_cache_prefix_needs_the_opt_in_a_cache_and_no_checkpointing(tiny_qwen):
-    fam, model, _, _ = tiny_qwen
+def test_prefer_cached_weighs_saved_attention_against_the_extra_call():
+    def batch(prompt_len, groups):  # `groups` prompts of prompt_len tokens, each with G = 8 rows
+        prompts = [p for i in range(groups) for p in [PromptInput([], f"p{i}", [])] * 8]
+        return {"attention_mask": torch.ones(groups, prompt_len, dtype=torch.long)}, prompts
+
+    # the tiny quickstart model: hidden 64, 34-token prompts, 8 tokens: packing's waste is small
+    assert not prefix.prefer_cached(*batch(34, 4), t=8, hidden=64)
+    # the benchmark's vision model: hidden 384, 147-token prompts, 64 tokens: ~0.9 GFLOP per layer saved
+    assert prefix.prefer_cached(*batch(147, 2), t=64, hidden=384)
+    assert prefix.prefer_cached(*batch(34, 4), t=256, hidden=64)  # long completions: quadratic waste
+
+
+def test_can_cache_prefix_needs_the_opt_in_a_cache_and_no_checkpointing(qwen):
+    fam, model, _, _ = qwen
     assert prefix.can_cache_prefix(fam, model)
     assert not prefix.can_cache_prefix(SimpleNamespace(prefix_sharing=False), model)
 
@@ -164,8 +179,8 @@ def test_can_cache_prefix_needs_the_opt_in_a_cache_and_no_checkpointing(tiny_qwe
     assert prefix.can_cache_prefix(fam, model)
 
 
-def test_cached_layout_positions_and_first_token_reads(tiny_qwen):
-    fam, model, proc, prompts = tiny_qwen
+def test_cached_layout_positions_and_first_token_reads(qwen):
+    fam, model, proc, prompts = qwen
     rows, ids, _ = _uneven_rows(prompts)
     c = prefix.prepare_cached(fam, model, proc, rows, ids)
     assert c.prompt["input_ids"].shape[0] == 3  # one row per unique prompt (p1, p0, p2)
@@ -181,8 +196,8 @@ def test_cached_layout_positions_and_first_token_reads(tiny_qwen):
         assert c.completion["position_ids"][:, r].tolist() == [list(range(nxt, nxt + t))] * 3
 
 
-def test_cached_prefix_equals_the_plain_path_on_uneven_groups(tiny_qwen):
-    fam, model, proc, prompts = tiny_qwen
+def test_cached_prefix_equals_the_plain_path_on_uneven_groups(qwen):
+    fam, model, proc, prompts = qwen
     rows, ids, mask = _uneven_rows(prompts)
     grads = {}
     for name, fn in (("plain", lambda: _plain_lp(fam, model, proc, rows, ids, mask)),
@@ -201,10 +216,10 @@ def test_cached_prefix_equals_the_plain_path_on_uneven_groups(tiny_qwen):
     assert max((gp[n] - gc[n]).abs().max() for n in gp) <= 1e-4 * scale
 
 
-def test_cached_prefix_with_lora(tiny_qwen):
+def test_cached_prefix_with_lora(qwen):
     from peft import LoraConfig, get_peft_model
 
-    fam, model, proc, prompts = tiny_qwen
+    fam, model, proc, prompts = qwen
     base = type(model).from_pretrained(model.name_or_path, dtype=torch.float32)
     lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     rows, ids, mask = _uneven_rows(prompts)
@@ -219,8 +234,8 @@ def test_cached_prefix_with_lora(tiny_qwen):
     assert not torch.allclose(ref[mask.bool()], got[mask.bool()].detach(), atol=1e-4)
 
 
-def test_a_forward_that_drops_the_cache_is_refused(tiny_qwen):
-    fam, model, proc, prompts = tiny_qwen
+def test_a_forward_that_drops_the_cache_is_refused(qwen):
+    fam, model, proc, prompts = qwen
     rows, ids, _ = _uneven_rows(prompts)
     c = prefix.prepare_cached(fam, model, proc, rows, ids)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

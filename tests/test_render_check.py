@@ -76,12 +76,9 @@ def vlmr1_register_tasks(register):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A tiny offline Qwen2.5-VL checkpoint on disk (so ``--dry-run`` can load its processor)."""
-    from core.plugins.host import PluginHost
-
-    fam = PluginHost().registry.get("models", "qwen2_5_vl")
-    return fam.build_tiny_checkpoint(tmp_path_factory.mktemp("render") / "tiny", seed=0)
+def tiny(tiny_qwen_path) -> Path:
+    """The shared tiny Qwen2.5-VL checkpoint on disk (so ``--dry-run`` can load its processor)."""
+    return tiny_qwen_path
 
 
 @pytest.fixture(scope="module")

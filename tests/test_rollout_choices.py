@@ -7,20 +7,13 @@ import torch
 from PIL import Image
 
 from core.interfaces import PromptInput, RolloutContext, SamplingParams
-from core.plugins import PluginHost
 from core.plugins.builtin.rollout import TransformersRollout, eos_token_ids
-from core.testing.models import build_conformance_context
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    reg = PluginHost("qwen-vl").registry
-    try:
-        fam_cls = reg.get("models", "qwen2_5_vl")
-    except LookupError as exc:
-        pytest.skip(f"needs the qwen-vl plugin: {exc}")
-    ctx = build_conformance_context(fam_cls, tmp_path_factory.mktemp("choices"), seed=0)
-    return ctx.family, ctx.model, ctx.processor
+def tiny(tiny_qwen):
+    """The shared tiny Qwen2.5-VL (tests/conftest.py): family, model, processor."""
+    return tiny_qwen
 
 
 def _prompt(fam, proc) -> PromptInput:

@@ -14,9 +14,8 @@ import torch
 
 import core.plugins.builtin.decode as decode
 from core.interfaces import PromptInput, RolloutContext, SamplingParams, eos_token_ids
-from core.plugins import PluginHost
 from core.plugins.builtin.rollout import TransformersRollout, generate_kwargs
-from core.testing.models import LOGPROB_ATOL, build_conformance_context, eos_bias_hook, make_images, make_messages
+from core.testing.models import LOGPROB_ATOL, eos_bias_hook, make_images, make_messages
 
 
 class _hooked:
@@ -33,14 +32,9 @@ class _hooked:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    reg = PluginHost("qwen-vl").registry
-    try:
-        fam_cls = reg.get("models", "qwen2_5_vl")
-    except LookupError as exc:
-        pytest.skip(f"needs the qwen-vl plugin: {exc}")
-    ctx = build_conformance_context(fam_cls, tmp_path_factory.mktemp("decode"), seed=0)
-    return ctx.family, ctx.model, ctx.processor
+def tiny(tiny_qwen):
+    """The shared tiny Qwen2.5-VL (tests/conftest.py): family, model, processor."""
+    return tiny_qwen
 
 
 @pytest.fixture

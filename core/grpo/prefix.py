@@ -95,6 +95,13 @@ def segments(prompts: Sequence[PromptInput]) -> list[list[int]]:
     return out
 
 
+def process_unique(family: ModelFamily, processor: Any, prompts: Sequence[PromptInput],
+                   device: torch.device | str = "cpu") -> Any:
+    """The processor output of each unique prompt (one per :func:`segments` run), left-padded."""
+    uniq = [prompts[s[0]] for s in segments(prompts)]
+    return family.process(processor, [p.text for p in uniq], [p.images for p in uniq]).to(device)
+
+
 def layer_cost(rows: int, width: int, hidden: int) -> float:
     """Relative cost of a decoder layer on ``rows x width`` tokens with a dense attention mask.
 
@@ -105,17 +112,17 @@ def layer_cost(rows: int, width: int, hidden: int) -> float:
 
 
 def pack(family: ModelFamily, model: Any, processor: Any, prompts: Sequence[PromptInput], comp_ids: torch.Tensor,
-         device: torch.device | str = "cpu", force: bool = False) -> PackedRows | None:
+         device: torch.device | str = "cpu", force: bool = False, processed: Any = None) -> PackedRows | None:
     """Build the packed rows for rows ``[prompts[r], comp_ids[r]]`` (``comp_ids`` is ``[N, T]``).
 
     Each unique prompt is processed (tokenised, images preprocessed) once. Returns ``None``
     (use the plain path) when packing would cost more (:func:`layer_cost`): a packed row's
     attention grows with the square of ``L + k*T``, so long completions with a short prompt
-    are cheaper as plain rows. ``force`` packs regardless (tests).
+    are cheaper as plain rows. ``force`` packs regardless (tests). ``processed``: the unique
+    prompts already processed (:func:`process_unique`).
     """
     segs = segments(prompts)
-    uniq = [prompts[s[0]] for s in segs]
-    p_in = family.process(processor, [p.text for p in uniq], [p.images for p in uniq]).to(device)
+    p_in = processed if processed is not None else process_unique(family, processor, prompts, device)
     ids_p, att = p_in["input_ids"], p_in["attention_mask"].bool()
     comp_ids = comp_ids.to(device)
     t = comp_ids.shape[1]
@@ -237,17 +244,17 @@ class CachedPrefix:
 
 
 def prepare_cached(family: ModelFamily, model: Any, processor: Any, prompts: Sequence[PromptInput],
-                   comp_ids: torch.Tensor, device: torch.device | str = "cpu") -> CachedPrefix:
+                   comp_ids: torch.Tensor, device: torch.device | str = "cpu", processed: Any = None) -> CachedPrefix:
     """Build :class:`CachedPrefix` inputs for rows ``[prompts[r], comp_ids[r]]`` (``comp_ids`` is ``[N, T]``).
 
     Each unique prompt is processed (tokenised, images preprocessed) once, left-padded. Its
     positions are :meth:`~core.interfaces.ModelFamily.prompt_positions` (else ``0 .. len-1``
     over its own tokens); token ``i`` of each completion gets ``n + i`` on every axis, ``n``
-    the prompt's next position, as in :func:`pack`.
+    the prompt's next position, as in :func:`pack`. ``processed``: the unique prompts already
+    processed (:func:`process_unique`).
     """
     segs = segments(prompts)
-    uniq = [prompts[s[0]] for s in segs]
-    p_in = family.process(processor, [p.text for p in uniq], [p.images for p in uniq]).to(device)
+    p_in = processed if processed is not None else process_unique(family, processor, prompts, device)
     ids_p, att = p_in["input_ids"], p_in["attention_mask"]
     comp_ids = comp_ids.to(device)
     n, t = comp_ids.shape
@@ -317,3 +324,26 @@ def cached_logprobs(model: Any, c: CachedPrefix, temperature: float = 1.0) -> to
         raise RuntimeError(f"{type(model).__name__} did not run the completions on the prompt's KV cache "
                            f"(cache holds {cache.get_seq_length()} positions, expected {width + t})")
     return torch.cat([first, rest], dim=1)
+
+
+#: The cached layout's extra forward call per pass, as FLOPs per decoder layer: what its fixed cost
+#: (kernel launches, Python, the cache's row selection) is worth in attention work. An estimate
+#: (~0.2 ms per layer and call at ~250 GFLOP/s on the project's CPU): on the tiny quickstart model
+#: the packed row's wasted attention is worth less than the extra call, and packing was measured
+#: faster there (train_passes.py, tiny config: packed 0.41x, cached 0.49x of the plain rows).
+CACHED_CALL_FLOPS = 5e7
+
+
+def prefer_cached(processed: Any, prompts: Sequence[PromptInput], t: int, hidden: int) -> bool:
+    """Whether the cached layout beats one packed row per prompt for these rows (both apply).
+
+    Per decoder layer, attention scores and values cost ``4 * hidden`` FLOPs per (query, key)
+    pair. A packed row of width ``W = L + k*T`` pays ``W^2`` pairs under its dense mask; the
+    cached layout pays ``L^2`` for the prompt and ``k*T*(L + T)`` for its completions (what the
+    mask lets through, roughly). The cached layout wins where the pairs it saves are worth more
+    than its extra forward call (:data:`CACHED_CALL_FLOPS`).
+    """
+    lens = processed["attention_mask"].sum(dim=1).tolist()
+    sizes = [len(s) for s in segments(prompts)]
+    saved = sum((L + k * t) ** 2 - (L * L + k * t * (L + t)) for L, k in zip(lens, sizes, strict=True))
+    return 4 * hidden * saved >= CACHED_CALL_FLOPS

@@ -27,7 +27,9 @@ from core.grpo.prefix import (
     can_share_prefix,
     pack,
     packed_logprobs,
+    prefer_cached,
     prepare_cached,
+    process_unique,
     segments,
 )
 
@@ -101,7 +103,9 @@ def policy_update(policy: Policy, batch: StepBatch) -> None:
     # block-causal mask; otherwise one [prompt, completion] row per completion.
     unwrapped = accelerator.unwrap_model(model)
     cached = g.prefix_sharing and can_cache_prefix(bundle.family, unwrapped)
-    shared = g.prefix_sharing and not cached and can_share_prefix(bundle.family, unwrapped)
+    can_pack = g.prefix_sharing and can_share_prefix(bundle.family, unwrapped)
+    shared = can_pack and not cached
+    hidden = getattr(unwrapped.config.get_text_config(), "hidden_size", None) or 1024
     mbs = []
     for s in range(0, n, mb_size):
         idx = list(range(s, min(s + mb_size, n)))
@@ -109,10 +113,12 @@ def policy_update(policy: Policy, batch: StepBatch) -> None:
         ids, mask = comp_ids[idx, :t], comp_mask[idx, :t]
         inputs: Any = None
         prompts = [ro.prompts[i] for i in idx]
-        if cached and len(segments(prompts)) < len(idx):  # some prompt has several completions here
-            inputs = prepare_cached(bundle.family, unwrapped, bundle.processor, prompts, ids, dev)
-        elif shared:
-            inputs = pack(bundle.family, unwrapped, bundle.processor, prompts, ids, dev)
+        if (cached or shared) and len(segments(prompts)) < len(idx):  # some prompt has several completions
+            done = process_unique(bundle.family, bundle.processor, prompts, dev)
+            if cached and (not can_pack or prefer_cached(done, prompts, t, hidden)):
+                inputs = prepare_cached(bundle.family, unwrapped, bundle.processor, prompts, ids, dev, processed=done)
+            else:
+                inputs = pack(bundle.family, unwrapped, bundle.processor, prompts, ids, dev, processed=done)
         if inputs is None:
             p_inputs = bundle.family.process(bundle.processor, [ro.prompts[i].text for i in idx],
                                              [ro.prompts[i].images for i in idx]).to(dev)

@@ -12,6 +12,10 @@ PyTorch exposes no switch that sends float32 ``mm`` to oneDNN at full precision 
 backward that computes ``grad @ W`` and ``grad^T @ x`` with the same op. Same FLOPs, float32 all
 the way; results differ from MKL's in float rounding only (summation order).
 
+oneDNN pays ~10 us per call where MKL pays ~3 us, so products smaller than :data:`MIN_WORK`
+(``rows x in x out``; the crossover measured at 1-2 M on that machine) keep MKL: the tiny
+quickstart model's layers, and a decode step's smallest projections.
+
 Falls back to ``nn.Linear.forward`` per call for anything else: not float32, not on CPU, empty,
 under CPU autocast (which would have run the layer in bfloat16), or a DeepSpeed ZeRO-3 parameter
 (``ds_id``: gathered and released by DeepSpeed around the forward).
@@ -23,6 +27,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+#: Smallest ``rows * in_features * out_features`` sent to oneDNN (``benchmarks/linear_kernels.py``: at
+#: 16 x 384 x 128 = 0.8 M oneDNN took 1.2x MKL's time, at 16 x 384 x 384 = 2.4 M 0.74x).
+MIN_WORK = 2**21
 
 
 def onednn_available() -> bool:
@@ -68,7 +76,7 @@ class OneDNNLinear(nn.Linear):
         w = self.weight
         if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" \
                 or w.device.type != "cpu" or hasattr(w, "ds_id") or x.numel() == 0 or w.numel() == 0 \
-                or torch.is_autocast_enabled("cpu"):
+                or torch.is_autocast_enabled("cpu") or x.numel() * w.shape[0] < MIN_WORK:
             return super().forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                         or (self.bias is not None and self.bias.requires_grad)):
