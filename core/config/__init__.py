@@ -156,9 +156,9 @@ class GRPOConfig(Strict):
     prefix_sharing: bool = Field(
         True, description="training passes run each group's prompt and images once (core.grpo.prefix), where the "
                           "model family opted in: a prompt pass whose KV cache its G completions then run on (any "
-                          "attention kernel), or with gradient checkpointing one packed row per group under a "
-                          "block-causal mask (sdpa/eager); else the plain path; false = one [prompt, completion] "
-                          "row per completion")
+                          "attention kernel), or one packed row per group under a block-causal mask (sdpa/eager; "
+                          "with gradient checkpointing, and on small models where that is cheaper); else the plain "
+                          "path; false = one [prompt, completion] row per completion")
     # Rollout correction: TRL's vllm_importance_sampling_* options, with TRL's defaults.
     rollout_is_correction: bool | None = Field(
         None, description="weight each completion's loss by pi_old / q, q being the rollout engine's sampling "
