@@ -186,7 +186,7 @@ def test_cached_layout_positions_and_first_token_reads(qwen):
     assert c.prompt["input_ids"].shape[0] == 3  # one row per unique prompt (p1, p0, p2)
     assert c.select.tolist() == [0, 0, 1, 2, 2, 2]
     assert c.first_cols.tolist() == [0, 1, 0, 0, 1, 2]
-    assert c.first_targets[c.first_rows, c.first_cols].tolist() == ids[:, 0].tolist()
+    assert c.first_targets[c.select, c.first_cols].tolist() == ids[:, 0].tolist()
     width, t = c.prompt["input_ids"].shape[1], ids.shape[1]
     assert (c.first_positions == width - 1).all()  # left padding: every prompt ends at the last column
     assert c.completion["attention_mask"].shape == (6, width + t)

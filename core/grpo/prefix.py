@@ -102,6 +102,11 @@ def process_unique(family: ModelFamily, processor: Any, prompts: Sequence[Prompt
     return family.process(processor, [p.text for p in uniq], [p.images for p in uniq]).to(device)
 
 
+def text_hidden_size(model: Any) -> int:
+    """The language model's hidden size, for the layouts' cost rules (1024 where the config has none)."""
+    return getattr(model.config.get_text_config(), "hidden_size", None) or 1024
+
+
 def layer_cost(rows: int, width: int, hidden: int) -> float:
     """Relative cost of a decoder layer on ``rows x width`` tokens with a dense attention mask.
 
@@ -128,7 +133,7 @@ def pack(family: ModelFamily, model: Any, processor: Any, prompts: Sequence[Prom
     t = comp_ids.shape[1]
     lens = [int(att[s].sum()) + len(seg) * t for s, seg in enumerate(segs)]
     width, n_rows = max(lens), len(segs)
-    hidden = getattr(model.config.get_text_config(), "hidden_size", None) or 1024
+    hidden = text_hidden_size(model)
     if not force and layer_cost(n_rows, width, hidden) >= layer_cost(len(prompts), ids_p.shape[1] + t, hidden):
         return None
     pos = family.prompt_positions(model, p_in)
@@ -227,17 +232,16 @@ class CachedPrefix:
     """Inputs of the cached-prefix forward: the unique prompts once, then every completion on their KV cache.
 
     ``prompt``: model inputs of the ``B`` unique left-padded prompts (images, positions);
+    ``select``: ``[N]`` the unique prompt (cache row) of each completion row;
     ``first_positions``/``first_targets``: ``[B, K]`` read positions (the prompt's last) and the
     first completion token of each of its rows; row ``r``'s first log-prob is
-    ``lp[first_rows[r], first_cols[r]]``. ``select``: ``[N]`` the unique prompt (cache row) of
-    each completion row. ``completion``: model inputs of the ``N`` completion rows
+    ``lp[select[r], first_cols[r]]``. ``completion``: model inputs of the ``N`` completion rows
     (``input_ids [N, T]``, ``attention_mask [N, L + T]``, ``position_ids``), run on the cache.
     """
 
     prompt: dict[str, Any]
     first_positions: torch.Tensor
     first_targets: torch.Tensor
-    first_rows: torch.Tensor
     first_cols: torch.Tensor
     select: torch.Tensor
     completion: dict[str, Any]
@@ -287,7 +291,7 @@ def prepare_cached(family: ModelFamily, model: Any, processor: Any, prompts: Seq
         if isinstance(v, torch.Tensor) and v.shape == ids_p.shape:
             completion[k] = torch.zeros((n, t), dtype=v.dtype, device=device)
     first_positions = torch.full((b, k_max), width - 1, dtype=torch.long, device=device)
-    return CachedPrefix(prompt, first_positions, first_targets, select.clone(), first_cols, select, completion)
+    return CachedPrefix(prompt, first_positions, first_targets, first_cols, select, completion)
 
 
 def cached_logprobs(model: Any, c: CachedPrefix, temperature: float = 1.0) -> torch.Tensor:
@@ -305,7 +309,7 @@ def cached_logprobs(model: Any, c: CachedPrefix, temperature: float = 1.0) -> to
         raise ValueError(f"{type(model).__name__} takes no position_ids and KV cache (see can_cache_prefix)")
     sink: dict[str, Any] = {}
     first = selected_logprobs(model, c.prompt, c.first_positions, c.first_targets, temperature,
-                              use_cache=True, outputs=sink)[c.first_rows, c.first_cols].unsqueeze(1)
+                              use_cache=True, outputs=sink)[c.select, c.first_cols].unsqueeze(1)
     ids = c.completion["input_ids"]
     t = ids.shape[1]
     if t == 1:

@@ -31,6 +31,7 @@ from core.grpo.prefix import (
     prepare_cached,
     process_unique,
     segments,
+    text_hidden_size,
 )
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def policy_update(policy: Policy, batch: StepBatch) -> None:
     cached = g.prefix_sharing and can_cache_prefix(bundle.family, unwrapped)
     can_pack = g.prefix_sharing and can_share_prefix(bundle.family, unwrapped)
     shared = can_pack and not cached
-    hidden = getattr(unwrapped.config.get_text_config(), "hidden_size", None) or 1024
+    hidden = text_hidden_size(unwrapped)
     mbs = []
     for s in range(0, n, mb_size):
         idx = list(range(s, min(s + mb_size, n)))
